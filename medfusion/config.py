@@ -1,0 +1,262 @@
+"""Frozen dataclasses that mirror params.yaml; `load_params(path) -> Params`.
+
+params.yaml is read once, at the entry point, and every check happens here, before any work:
+unknown or missing keys, wrong types, unknown dataset or model names and out-of-range values raise
+`ConfigError` with the dotted key, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfusion.data.registry import DATASETS
+from medfusion.models import MODELS
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with the key that caused it."""
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Generator settings of the `synthetic` (2-D) and `synthetic_volumes` (3-D) datasets."""
+
+    num_images: int
+    num_volumes: int
+    slices_per_volume: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class DataParams:
+    image_size: int
+    sources: dict[str, str | None]
+    synthetic: SyntheticParams
+
+
+@dataclass(frozen=True)
+class CASNetParams:
+    """CASNet's own settings (METHOD.md section 1); read by `casnet`, which the model zoo adds."""
+
+    base_channels: int
+    use_hfe: bool
+    use_attention: bool
+    use_msf: bool
+    use_transformer: bool
+    use_boundary: bool
+    atrous_rates: list[int]
+    transformer_dim: int
+    transformer_layers: int
+    transformer_scales: list[int]
+
+
+@dataclass(frozen=True)
+class UNetParams:
+    base_channels: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    device: str
+    cpu_bf16: bool
+    channels_last: bool
+    optimizer: str
+    scheduler: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    augment: bool
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class LossParams:
+    ce_weight: float
+
+
+@dataclass(frozen=True)
+class CVParams:
+    n_folds: int
+    seeds: list[int]
+    split_seed: int
+    test_fraction: float
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class MLflowParams:
+    tracking_uri: str | None
+    experiment_prefix: str
+
+
+@dataclass(frozen=True)
+class Params:
+    datasets: list[str]
+    models: list[str]
+    data: DataParams
+    model: CASNetParams
+    unet: UNetParams
+    train: TrainParams
+    loss: LossParams
+    cv: CVParams
+    eval: EvalParams
+    mlflow: MLflowParams
+
+    def model_kwargs(self, name: str) -> dict[str, Any]:
+        """Constructor kwargs for model `name` from its params section."""
+        return dataclasses.asdict(getattr(self, model_section(name)))
+
+
+def model_section(name: str) -> str:
+    """The params.yaml section that holds model `name`'s settings (CASNet's is `model`)."""
+    return "model" if name == "casnet" else name
+
+
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("cosine", "constant")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml.
+
+    Raises:
+        ConfigError: naming the dotted key, the value found and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    params = _build(Params, raw, prefix="", source=source)
+    _check_values(params, source)
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; allowed in {where}: {names}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {[prefix + k for k in missing]} in {where}")
+    return cls(**{n: _coerce(hints[n], raw[n], prefix + n, source) for n in names})
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):  # only `X | None` is used
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{source}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _check_values(p: Params, source: str) -> None:
+    def fail(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{source}: {key} = {value!r}; expected {expected}")
+
+    for i, name in enumerate(p.datasets):
+        if name not in DATASETS:
+            fail(f"datasets[{i}]", name, f"one of {sorted(DATASETS)}")
+    for i, name in enumerate(p.models):
+        if name not in MODELS:
+            fail(f"models[{i}]", name, f"one of {sorted(MODELS)}")
+    for key, values in (("datasets", p.datasets), ("models", p.models)):
+        if not values:
+            fail(key, values, "a non-empty list")
+        if len(set(values)) != len(values):
+            fail(key, values, "no duplicates")
+    for name in p.data.sources:
+        if name not in DATASETS:
+            fail(f"data.sources.{name}", name, f"a dataset name, one of {sorted(DATASETS)}")
+    if p.data.image_size < 16 or p.data.image_size % 16:
+        fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16")
+    positive = {
+        "data.synthetic.num_images": p.data.synthetic.num_images,
+        "data.synthetic.num_volumes": p.data.synthetic.num_volumes,
+        "data.synthetic.slices_per_volume": p.data.synthetic.slices_per_volume,
+        "unet.base_channels": p.unet.base_channels,
+        "model.base_channels": p.model.base_channels,
+        "train.epochs": p.train.epochs,
+        "train.batch_size": p.train.batch_size,
+        "train.patience": p.train.patience,
+        "eval.batch_size": p.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            fail(key, value, "an integer >= 1")
+    if p.data.synthetic.num_images < 10 or p.data.synthetic.num_volumes < 4:
+        fail("data.synthetic", p.data.synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
+    if not p.train.lr > 0:
+        fail("train.lr", p.train.lr, "a number > 0")
+    if p.train.weight_decay < 0 or p.loss.ce_weight < 0:
+        fail("train.weight_decay / loss.ce_weight", (p.train.weight_decay, p.loss.ce_weight), ">= 0")
+    if p.train.num_workers < 0:
+        fail("train.num_workers", p.train.num_workers, "an integer >= 0")
+    for key, value, allowed in (
+        ("train.device", p.train.device, DEVICES),
+        ("train.optimizer", p.train.optimizer, OPTIMIZERS),
+        ("train.scheduler", p.train.scheduler, SCHEDULERS),
+    ):
+        if value not in allowed:
+            fail(key, value, f"one of {list(allowed)}")
+    if p.cv.n_folds < 2:
+        fail("cv.n_folds", p.cv.n_folds, "an integer >= 2")
+    if not p.cv.seeds or len(set(p.cv.seeds)) != len(p.cv.seeds):
+        fail("cv.seeds", p.cv.seeds, "a non-empty list of distinct integers")
+    if not 0 < p.cv.test_fraction < 1:
+        fail("cv.test_fraction", p.cv.test_fraction, "a number strictly between 0 and 1")
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-serialisable parts (dataclasses allowed)."""
+    blob = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

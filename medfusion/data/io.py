@@ -1,0 +1,136 @@
+"""Reading and writing images, masks and volumes: the one module that knows file formats.
+
+2-D: PNG/JPEG/TIFF through Pillow. 3-D: NIfTI through nibabel, MetaImage (.mhd + .raw) with a small
+reader of our own (PROMISE12's format). Every reader raises `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A problem with an input file, naming the file and what was expected."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an RGB image as (H, W, 3) uint8."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from err
+
+
+def read_mask(path: Path, threshold: int = 127) -> np.ndarray:
+    """Read a binary mask as (H, W) uint8 in {0, 1}: grey value > `threshold` is foreground.
+
+    JPEG masks (Kvasir-SEG) carry compression noise around 0 and 255, hence the threshold.
+    """
+    try:
+        with Image.open(path) as img:
+            grey = np.asarray(img.convert("L"))
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read mask ({err})") from err
+    return (grey > threshold).astype(np.uint8)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI volume as (D, H, W) float32 (slices first) and its spacing (z, y, x) in mm."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises several unrelated types for bad files
+        raise DataError(f"{path}: cannot read NIfTI ({err})") from err
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    sx, sy, sz = (float(s) for s in img.header.get_zooms()[:3])
+    return np.transpose(data, (2, 1, 0)), (sz, sy, sx)  # (X, Y, Z) -> (Z, Y, X)
+
+
+def write_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """Write (D, H, W) `volume` with spacing (z, y, x) as NIfTI."""
+    import nibabel as nib
+
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), affine), str(path))
+
+
+_MET_TYPES = {
+    "MET_UCHAR": np.uint8,
+    "MET_CHAR": np.int8,
+    "MET_USHORT": np.uint16,
+    "MET_SHORT": np.int16,
+    "MET_UINT": np.uint32,
+    "MET_INT": np.int32,
+    "MET_FLOAT": np.float32,
+    "MET_DOUBLE": np.float64,
+}
+
+
+def read_metaimage(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read an uncompressed MetaImage (.mhd header + raw data file) as (D, H, W) float32 and spacing (z, y, x)."""
+    try:
+        header = dict(
+            (k.strip(), v.strip()) for k, v in (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        )
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read MetaImage header ({err})") from err
+    if header.get("CompressedData", "False").lower() == "true":
+        raise DataError(f"{path}: compressed MetaImage is not supported; expected CompressedData = False")
+    if header.get("ElementType") not in _MET_TYPES:
+        raise DataError(f"{path}: ElementType {header.get('ElementType')!r}; expected one of {sorted(_MET_TYPES)}")
+    dims = [int(v) for v in header.get("DimSize", "").split()]
+    if len(dims) != 3:
+        raise DataError(f"{path}: DimSize {dims}; expected 3 values (a 3-D volume)")
+    spacing = [float(v) for v in header.get("ElementSpacing", "1 1 1").split()]
+    dtype = np.dtype(_MET_TYPES[header["ElementType"]])
+    if header.get("BinaryDataByteOrderMSB", "False").lower() == "true":
+        dtype = dtype.newbyteorder(">")
+    raw_path = path.parent / header.get("ElementDataFile", "")
+    count = dims[0] * dims[1] * dims[2]
+    try:
+        data = np.fromfile(raw_path, dtype=dtype)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read data file {raw_path} ({err})") from err
+    if data.size != count:
+        raise DataError(f"{raw_path}: {data.size} values; header {path.name} says {count} (DimSize {dims})")
+    volume = data.reshape(dims[2], dims[1], dims[0]).astype(np.float32)  # x fastest -> (Z, Y, X)
+    return volume, (spacing[2], spacing[1], spacing[0])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read JSON ({err})") from err

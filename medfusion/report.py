@@ -1,0 +1,57 @@
+"""Tables for reports/: a markdown table per dataset, metrics.json for `dvc metrics show`."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from medfusion.data.registry import DATASETS
+from medfusion.metrics import METRICS
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, image_size: int) -> str:
+    """Markdown: one row per (model, class), mean ± std over runs of the per-run mean over test cases, in %."""
+    spec = DATASETS[dataset]
+    rows = summary[summary["dataset"] == dataset]
+    unit = "volume (slices stacked)" if spec.kind == "volume" else "image"
+    runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
+    cases = ", ".join(sorted({str(c) for c in rows["cases"]}))
+    lines = [
+        f"## {spec.title} (`{dataset}`)",
+        "",
+        f"Per test case = one {unit}, at {image_size}x{image_size} in-plane; foreground classes only; "
+        f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; values in %.",
+        "",
+        "| model | class | " + " | ".join(METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for (model, cls), group in rows.groupby(["model", "class"], sort=False):
+        by_metric = group.set_index("metric")
+        cells = [_fmt(by_metric.loc[m, "mean"], by_metric.loc[m, "std"]) for m in METRICS]
+        lines.append(f"| {model} | {cls} | " + " | ".join(cells) + " |")
+    tests = tests[tests["dataset"] == dataset]
+    lines += ["", "Paired t-test on per-case Dice averaged over runs (reference: first model in `models`):", ""]
+    if tests.empty:
+        lines.append("No comparison: only one model was run.")
+    else:
+        lines += ["| reference | model | class | cases | mean diff (pts) | t | p |", "|---|---|---|---|---|---|---|"]
+        for r in tests.itertuples():
+            p = "n/a" if math.isnan(r.p_value) else f"{r.p_value:.3g}"
+            t = "n/a" if math.isnan(r.t) else f"{r.t:.3f}"
+            lines.append(f"| {r.reference} | {r.model} | {r._2} | {r.n_cases} | {100 * r.mean_diff:.2f} | {t} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_json(summary: pd.DataFrame) -> dict:
+    """{dataset: {model: {class: {metric: mean, metric_std: std}}}} in [0, 1]."""
+    out: dict = {}
+    for r in summary.itertuples():
+        cell = out.setdefault(r.dataset, {}).setdefault(r.model, {}).setdefault(r._3, {})
+        cell[r.metric] = round(float(r.mean), 6)
+        cell[f"{r.metric}_std"] = round(float(r.std), 6)
+    return out

@@ -1,0 +1,113 @@
+"""The training loop as plain functions: `train_one_epoch`, `validate`. No I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from medfusion.metrics import case_metrics
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how to compute: device, autocast dtype (None = fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+
+def resolve_precision(device: str, cpu_bf16: bool, channels_last: bool) -> Precision:
+    """`train.device` auto/cpu/cuda -> Precision: CUDA with fp16 AMP, CPU with bf16 autocast if asked."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return Precision(torch.device("cuda"), torch.float16, channels_last)
+    return Precision(torch.device("cpu"), torch.bfloat16 if cpu_bf16 else None, channels_last)
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None = None,
+    desc: str = "train",
+) -> float:
+    """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss."""
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    for step, batch in enumerate(bar):
+        image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
+        with precision.autocast():
+            logits = model(image)
+        loss = loss_fn(logits.float(), mask)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * len(mask)
+        count += len(mask)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: Tensor, precision: Precision) -> Tensor:
+    """Softmax probabilities (B, K, H, W) float32 on the CPU."""
+    model.eval()
+    with precision.autocast():
+        logits = model(precision.to_device(image))
+    return logits.float().softmax(dim=1).cpu()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, loader: DataLoader, loss_fn: LossFn, precision: Precision, num_classes: int
+) -> tuple[float, float]:
+    """Mean loss and mean Dice over samples and foreground classes (2-D, per sample)."""
+    model.eval()
+    total, count, dices = 0.0, 0, []
+    for batch in loader:
+        image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
+        with precision.autocast():
+            logits = model(image).float()
+        total += loss_fn(logits, mask).item() * len(mask)
+        count += len(mask)
+        pred, target = logits.argmax(1).cpu().numpy(), mask.cpu().numpy()
+        for p, t in zip(pred, target, strict=True):
+            dices += [m["dice"] for m in case_metrics(p, t, num_classes).values()]
+    return total / max(count, 1), float(np.mean(dices))
