@@ -48,10 +48,12 @@ def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, imag
 
 
 def metrics_json(summary: pd.DataFrame) -> dict:
-    """{dataset: {model: {class: {metric: mean, metric_std: std}}}} in [0, 1]."""
+    """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {metric: mean}}}} in [0, 1].
+
+    Means over runs of each run's mean over test cases; the std is in the tables and summary.csv.
+    """
     out: dict = {}
     for r in summary.itertuples():
         cell = out.setdefault(r.dataset, {}).setdefault(r.model, {}).setdefault(r._3, {})
         cell[r.metric] = round(float(r.mean), 6)
-        cell[f"{r.metric}_std"] = round(float(r.std), 6)
     return out

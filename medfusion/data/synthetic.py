@@ -76,12 +76,12 @@ def make_volume(rng: np.random.Generator, slices: int, size: int = 96) -> tuple[
         if len(inside) == 0:
             break
         cz, cy, cx = inside[rng.integers(len(inside))]
-        rad = rng.uniform(0.03, 0.07) * size
+        rad = rng.uniform(0.06, 0.1) * size
         lesion |= ((zz - cz) * 2.5) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= rad**2
     lesion &= organ
     hu = np.where(body, 20.0, -1000.0)
     hu = np.where(organ, 110.0, hu)
-    hu = np.where(lesion, 45.0, hu)
+    hu = np.where(lesion, 30.0, hu)
     hu += 30 * _smooth_noise(rng, hu.shape, 1.0) + rng.normal(0, 15, size=hu.shape)
     labels = organ.astype(np.uint8) + lesion.astype(np.uint8)
     return hu.astype(np.float32), labels

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from medfusion.config import Params, config_hash
 from medfusion.data.dataset import SegDataset
@@ -108,10 +109,10 @@ def run_fold(
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
     best = {"val_loss": float("inf"), "epoch": -1, "val_dice": float("nan")}
-    for epoch in range(t.epochs):
+    epochs = tqdm(range(t.epochs), desc=f"{dataset}/{model_name} {run_name(fold, seed)}", unit="epoch", position=0)
+    for epoch in epochs:
         start = time.perf_counter()
-        desc = f"{dataset}/{model_name} {run_name(fold, seed)} epoch {epoch + 1}/{t.epochs}"
-        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, precision, scaler, desc)
+        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, precision, scaler, f"epoch {epoch + 1}")
         val_loss, val_dice = validate(model, val_loader, loss_fn, precision, spec.num_classes)
         scheduler.step()
         row = {
@@ -123,6 +124,7 @@ def run_fold(
             "seconds": time.perf_counter() - start,
         }
         history.append(row)
+        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_dice=f"{val_dice:.3f}")
         log({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "val_dice": val_dice}
@@ -140,7 +142,9 @@ def run_fold(
             }
             save_checkpoint(out_dir / "model.pt", checkpoint)
         elif epoch - best["epoch"] >= t.patience:
+            epochs.write(f"early stop at epoch {epoch + 1}: no val loss improvement for {t.patience} epochs")
             break
+    epochs.close()
     write_json(out_dir / "history.json", history)
     return {
         "fold": fold,

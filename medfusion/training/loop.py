@@ -63,7 +63,7 @@ def train_one_epoch(
     """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss."""
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", position=1, mininterval=1.0)
     for step, batch in enumerate(bar):
         image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
         with precision.autocast():

@@ -54,6 +54,15 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+
+
 class _RunLogger:
     """The `log(metrics, step)` callback for one run; `run_id` None when tracking is off."""
 
@@ -100,6 +109,7 @@ class Tracker:
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         }
         try:
+            _check_server(uri)
             _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 

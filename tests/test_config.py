@@ -1,0 +1,76 @@
+import copy
+
+import pytest
+from conftest import REPO, raw_params
+
+from medfusion.config import ConfigError, load_params, params_from_dict
+from medfusion.data.registry import DATASETS
+from medfusion.models import MODELS, build_model
+
+
+def test_params_yaml_is_the_paper_protocol():
+    p = load_params(REPO / "params.yaml")
+    assert p.datasets == ["kvasir_seg", "promise12", "chase_db1", "lits17"]
+    assert p.data.image_size == 256
+    assert (p.cv.n_folds, p.cv.seeds) == (5, [0, 1, 2])
+    assert (p.train.optimizer, p.train.scheduler, p.train.lr, p.train.batch_size) == ("adam", "cosine", 1e-4, 16)
+    assert (p.train.epochs, p.train.patience) == (100, 10)
+
+
+def test_every_model_in_params_builds():
+    p = load_params(REPO / "params.yaml")
+    for name in p.models:
+        assert name in MODELS
+        build_model(name, 3, 2, **p.model_kwargs(name))
+    assert set(p.data.sources) <= set(DATASETS)
+
+
+def _with(path: str, value, delete: bool = False) -> dict:
+    raw = copy.deepcopy(raw_params())
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "delete", "message"),
+    [
+        ("train.epoch", 3, False, "unknown key(s) ['train.epoch']"),
+        ("train.epochs", None, True, "missing key(s) ['train.epochs']"),
+        ("train.epochs", "ten", False, "train.epochs: expected int, got str 'ten'"),
+        ("train.epochs", 0, False, "train.epochs = 0; expected an integer >= 1"),
+        ("train.lr", True, False, "train.lr: expected float"),
+        ("models", ["unet", "resnet"], False, "models[1] = 'resnet'; expected one of ['unet']"),
+        ("datasets", ["kvasir"], False, "datasets[0] = 'kvasir'; expected one of"),
+        ("data.image_size", 100, False, "data.image_size = 100; expected a multiple of 16"),
+        ("train.device", "tpu", False, "train.device = 'tpu'; expected one of ['auto', 'cpu', 'cuda']"),
+        ("cv.seeds", [], False, "cv.seeds = []"),
+        ("model.atrous_rates", [1, "two"], False, "model.atrous_rates[1]: expected int"),
+        ("data.sources.kvasir", None, False, "data.sources.kvasir"),
+    ],
+)
+def test_bad_params_name_the_key(path, value, delete, message):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(_with(path, value, delete))
+    assert message in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_are_frozen():
+    p = load_params(REPO / "params.yaml")
+    with pytest.raises(AttributeError):
+        p.train.epochs = 1

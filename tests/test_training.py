@@ -1,0 +1,145 @@
+import contextlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import replace
+
+from medfusion.data.io import write_json
+from medfusion.evaluation import evaluate_run, summarize
+from medfusion.training.cv import run_cv, run_fold
+from medfusion.training.loop import Precision, TrainingError, resolve_precision, train_one_epoch
+from medfusion.training.tracking import Tracker
+
+FP32 = Precision(torch.device("cpu"), None, False)
+
+
+def _fold(params, processed, split, tmp_path, name="run", precision=FP32):
+    logged = []
+    result = run_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / name,
+                      lambda m, step: logged.append((step, m)), precision)  # fmt: skip
+    return result, logged
+
+
+def test_run_fold_trains_logs_and_keeps_the_best_checkpoint(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    result, logged = _fold(tiny_params, processed, split, tmp_path)
+    assert [step for step, _ in logged] == [0, 1]
+    assert {"train_loss", "val_loss", "val_dice", "lr", "seconds"} <= set(logged[0][1])
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert result["best_val_loss"] == min(r["val_loss"] for r in history)
+    checkpoint = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert checkpoint["model"] == "unet" and checkpoint["kwargs"] == {"base_channels": 4}
+    assert checkpoint["epoch"] == result["best_epoch"]
+
+
+def test_same_params_same_numbers_on_cpu(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    a, _ = _fold(tiny_params, processed, split, tmp_path, "a")
+    b, _ = _fold(tiny_params, processed, split, tmp_path, "b")
+    assert a["best_val_loss"] == b["best_val_loss"] and a["best_val_dice"] == b["best_val_dice"]
+
+
+def test_bf16_channels_last_trains_finite(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    precision = resolve_precision("cpu", cpu_bf16=True, channels_last=True)
+    assert precision.amp_dtype == torch.bfloat16
+    result, _ = _fold(tiny_params, processed, split, tmp_path, precision=precision)
+    assert np.isfinite(result["best_val_loss"]) and result["amp_dtype"] == "bfloat16"
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(TrainingError, match="train.device = 'cuda' but no CUDA device"):
+        resolve_precision("cuda", True, True)
+
+
+def test_non_finite_loss_stops_with_step_and_samples(tiny_params, synthetic_processed):
+    from medfusion.data.dataset import SegDataset
+    from medfusion.models import build_model
+
+    processed, split = synthetic_processed
+    loader = torch.utils.data.DataLoader(SegDataset(processed, split["test"]), batch_size=2)
+    model = build_model("unet", 3, 2, base_channels=4)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 0 \(sample indices \[0, 1\]\)"):
+        train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), lambda lg, t: lg.sum() * float("nan"), FP32)
+
+
+class _RecordingTracker:
+    def __init__(self):
+        self.started = []
+
+    @contextlib.contextmanager
+    def __call__(self, fold, seed, run_params):
+        self.started.append((fold, seed))
+        yield lambda metrics, step: None
+
+
+def test_run_cv_skips_finished_runs_and_redoes_changed_ones(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    write_json(tmp_path / "split.json", split)
+    tracker = _RecordingTracker()
+    out = tmp_path / "runs"
+    run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    assert tracker.started == [(0, 0), (1, 0)]
+    (out / "fold1_seed0" / "result.json").unlink()  # as if the stage was killed during fold 1
+    run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    assert tracker.started[2:] == [(1, 0)]  # fold 0 was not redone
+    changed = replace(tiny_params, "unet", base_channels=2)
+    run_cv(changed, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    assert tracker.started[3:] == [(0, 0), (1, 0)]  # a new config retrains everything
+    fewer = replace(changed, "cv", seeds=[0], n_folds=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["fold"], r["seed"]) for r in summary["runs"]] == [(0, 0), (1, 0)]
+    assert fewer.cv.n_folds == 2
+
+
+def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processed, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    processed, split = synthetic_processed
+    write_json(tmp_path / "split.json", split)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_STAGE", "train@synthetic-unet")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "medfusion/synthetic", "unet", {"train.lr": 0.003}, {"dataset": "synthetic"},
+                      tmp_path / "runs" / "mlflow.json")  # fmt: skip
+    results = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child)
+    tracker.finish()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("medfusion/synthetic")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracker.parent_id]
+    assert len(parent) == 1 and len(children) == 2
+    child = children[0]
+    assert child.data.tags["dvc.stage"] == "train@synthetic-unet" and child.data.tags["dvc.exp_name"] == "exp-test"
+    assert "mlflow.source.git.commit" in child.data.tags and child.data.params["train.lr"] == "0.003"
+    assert len(client.get_metric_history(child.info.run_id, "val_dice")) == 2
+    assert {r["mlflow_run_id"] for r in results} == {c.info.run_id for c in children}
+
+
+def test_unreachable_tracking_server_does_not_stop_training(tiny_params, synthetic_processed, tmp_path, capsys):
+    processed, split = synthetic_processed
+    write_json(tmp_path / "split.json", split)
+    tracker = Tracker("http://127.0.0.1:9/", "x", "unet", {}, {})
+    assert tracker.client is None
+    assert "training continues untracked" in capsys.readouterr().err
+    results = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child)
+    assert len(results) == 2
+
+
+def test_evaluation_rows_and_summary(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    _fold(tiny_params, processed, split, tmp_path)
+    rows = evaluate_run(tmp_path / "run" / "model.pt", processed, split["test"], 8, FP32)
+    table = pd.DataFrame(rows).assign(dataset="synthetic", model="unet", run="fold0_seed0")
+    assert set(table["case_id"]) == set(split["test"]) and set(table["class"]) == {"blob"}
+    assert table["value"].between(0, 1).all()
+    summary = summarize(table)
+    assert set(summary["metric"]) == {"dice", "iou", "precision", "recall"}
+    assert (summary["runs"] == 1).all() and (summary["std"] == 0).all()
