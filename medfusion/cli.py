@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedFusion-TransNet segmentation pipeline.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="MedFusion-TransNet segmentation pipeline."
+)
 
 TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
@@ -35,13 +37,33 @@ QUICKSTART_OVERRIDES = [
 
 def _repo_root() -> Path:
     try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         raise typer.BadParameter("run this inside a clone of the medfusion repository (git + DVC)") from None
     root = Path(out.stdout.strip())
     if not (root / "dvc.yaml").exists():
-        raise typer.BadParameter(f"{root} has no dvc.yaml: run this inside a clone of the medfusion repository")
+        raise typer.BadParameter(
+            f"{root} has no dvc.yaml: run this inside a clone of the medfusion repository"
+        )
     return root
+
+
+def _pipeline_env(root: Path) -> dict[str, str]:
+    """Environment for DVC and its stages: this interpreter's bin first (so `dvc` and the stages'
+    `python` are the ones medfusion is installed in, without activating a venv), telemetry off, and a
+    git identity for the experiment commits where the user has none."""
+    env = {**os.environ, **TELEMETRY_OFF}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    has_identity = subprocess.run(
+        ["git", "config", "user.email"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    if not has_identity:
+        for role in ("AUTHOR", "COMMITTER"):
+            env.setdefault(f"GIT_{role}_NAME", "medfusion quickstart")
+            env.setdefault(f"GIT_{role}_EMAIL", "quickstart@medfusion.invalid")
+    return env
 
 
 @app.command()
@@ -63,7 +85,7 @@ def quickstart(
     typer.echo(f"$ {shlex.join(cmd)}")
     start = time.perf_counter()
     try:
-        result = subprocess.run(cmd, cwd=root, env={**os.environ, **TELEMETRY_OFF})
+        result = subprocess.run(cmd, cwd=root, env=_pipeline_env(root))
     finally:
         params_file.write_bytes(saved)  # the paper protocol stays the default for `dvc repro`
     if result.returncode:
@@ -75,7 +97,9 @@ def quickstart(
         typer.echo(f"\n{table.read_text()}")
     typer.echo("Tables:  " + "  ".join(str(t.relative_to(root)) for t in tables))
     typer.echo("Metrics: reports/metrics.json  (`dvc metrics show`, `dvc exp show`)")
-    typer.echo(f"MLflow:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}   then open http://127.0.0.1:5000")
+    typer.echo(
+        f"MLflow:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}   then open http://127.0.0.1:5000"
+    )
     typer.echo("params.yaml is unchanged (paper protocol): `dvc repro` runs the full protocol.")
 
 

@@ -162,7 +162,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; allowed in {where}: {names}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {[prefix + k for k in unknown]}; allowed in {where}: {names}"
+        )
     missing = [n for n in names if n not in raw]
     if missing:
         raise ConfigError(f"{source}: missing key(s) {[prefix + k for k in missing]} in {where}")
@@ -257,6 +259,8 @@ def _check_values(p: Params, source: str) -> None:
 def config_hash(*parts: Any) -> str:
     """Stable short hash of JSON-serialisable parts (dataclasses allowed)."""
     blob = json.dumps(
-        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -27,7 +27,9 @@ def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: not a readable medfusion checkpoint ({err})") from err
-    model = build_model(checkpoint["model"], checkpoint["in_channels"], checkpoint["num_classes"], **checkpoint["kwargs"])
+    model = build_model(
+        checkpoint["model"], checkpoint["in_channels"], checkpoint["num_classes"], **checkpoint["kwargs"]
+    )
     model.load_state_dict(checkpoint["state_dict"])
     model.to(precision.device)
     if precision.channels_last:
@@ -35,7 +37,9 @@ def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, 
     return model.eval(), checkpoint
 
 
-def predict_dataset(model: torch.nn.Module, dataset: SegDataset, batch_size: int, precision: Precision) -> np.ndarray:
+def predict_dataset(
+    model: torch.nn.Module, dataset: SegDataset, batch_size: int, precision: Precision
+) -> np.ndarray:
     """Argmax label maps (N, S, S) uint8 for every sample of `dataset`, in its order."""
     preds = []
     for start in range(0, len(dataset), batch_size):
@@ -65,7 +69,10 @@ def evaluate_run(
     rows = []
     for case_id in sorted(targets):
         for c, values in case_metrics(preds[case_id], targets[case_id], checkpoint["num_classes"]).items():
-            rows += [{"case_id": case_id, "class": class_names[c], "metric": k, "value": v} for k, v in values.items()]
+            rows += [
+                {"case_id": case_id, "class": class_names[c], "metric": k, "value": v}
+                for k, v in values.items()
+            ]
     return rows
 
 

@@ -35,15 +35,24 @@ def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, imag
         cells = [_fmt(by_metric.loc[m, "mean"], by_metric.loc[m, "std"]) for m in METRICS]
         lines.append(f"| {model} | {cls} | " + " | ".join(cells) + " |")
     tests = tests[tests["dataset"] == dataset]
-    lines += ["", "Paired t-test on per-case Dice averaged over runs (reference: first model in `models`):", ""]
+    lines += [
+        "",
+        "Paired t-test on per-case Dice averaged over runs (reference: first model in `models`):",
+        "",
+    ]
     if tests.empty:
         lines.append("No comparison: only one model was run.")
     else:
-        lines += ["| reference | model | class | cases | mean diff (pts) | t | p |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| reference | model | class | cases | mean diff (pts) | t | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in tests.itertuples():
             p = "n/a" if math.isnan(r.p_value) else f"{r.p_value:.3g}"
             t = "n/a" if math.isnan(r.t) else f"{r.t:.3f}"
-            lines.append(f"| {r.reference} | {r.model} | {r._2} | {r.n_cases} | {100 * r.mean_diff:.2f} | {t} | {p} |")
+            lines.append(
+                f"| {r.reference} | {r.model} | {r._2} | {r.n_cases} | {100 * r.mean_diff:.2f} | {t} | {p} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -30,11 +30,15 @@ def main(
     frames = []
     for run in runs:
         name = f"fold{run['fold']}_seed{run['seed']}"
-        rows = evaluate_run(runs_dir / name / "model.pt", processed_dir, test_ids, params.eval.batch_size, precision)
+        rows = evaluate_run(
+            runs_dir / name / "model.pt", processed_dir, test_ids, params.eval.batch_size, precision
+        )
         frame = pd.DataFrame(rows).assign(dataset=dataset, model=model, run=name)
         frames.append(frame)
         means = frame.groupby(["class", "metric"])["value"].mean()
-        tracker.log_test_metrics(run.get("mlflow_run_id"), {f"test_{m}_{c}": v for (c, m), v in means.items()})
+        tracker.log_test_metrics(
+            run.get("mlflow_run_id"), {f"test_{m}_{c}": v for (c, m), v in means.items()}
+        )
     per_case = pd.concat(frames)[["dataset", "model", "run", "case_id", "class", "metric", "value"]]
     summary = summarize(per_case)
     out_dir.mkdir(parents=True, exist_ok=True)

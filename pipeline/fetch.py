@@ -8,7 +8,11 @@ from medfusion.config import load_params
 from medfusion.data.fetch import FetchError, fetch_dataset
 
 
-def main(dataset: str = typer.Option(...), out_dir: Path = typer.Option(...), params_file: Path = Path("params.yaml")):
+def main(
+    dataset: str = typer.Option(...),
+    out_dir: Path = typer.Option(...),
+    params_file: Path = Path("params.yaml"),
+):
     params = load_params(params_file)
     try:
         record = fetch_dataset(dataset, out_dir, params.data.sources.get(dataset), params.data.synthetic)

@@ -17,10 +17,15 @@ def main(
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
-    summary = pd.concat(pd.read_csv(eval_dir / d / m / "summary.csv") for d in params.datasets for m in params.models)
+    summary = pd.concat(
+        pd.read_csv(eval_dir / d / m / "summary.csv") for d in params.datasets for m in params.models
+    )
     tests = pd.read_csv(stats)
     for dataset in params.datasets:
-        atomic_write_text(out_dir / "tables" / f"{dataset}.md", dataset_table(summary, tests, dataset, params.data.image_size))
+        atomic_write_text(
+            out_dir / "tables" / f"{dataset}.md",
+            dataset_table(summary, tests, dataset, params.data.image_size),
+        )
     summary.to_csv(out_dir / "summary.csv", index=False)
     write_json(out_dir / "metrics.json", metrics_json(summary))
     print(f"report: tables in {out_dir / 'tables'}, metrics in {out_dir / 'metrics.json'}")

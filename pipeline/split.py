@@ -21,7 +21,9 @@ def main(
     rule = DATASETS[dataset].test_rule
     split = make_split(case_groups, rule, cv.n_folds, cv.split_seed, cv.test_fraction)
     write_json(out, {"dataset": dataset, "test_rule": rule, "seed": cv.split_seed, **split})
-    print(f"split {dataset}: {len(split['test'])} test cases, {cv.n_folds} folds of the other {len(case_groups) - len(split['test'])}")
+    print(
+        f"split {dataset}: {len(split['test'])} test cases, {cv.n_folds} folds of the other {len(case_groups) - len(split['test'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from medfusion.config import load_params
 from medfusion.stats import paired_tests
 
 
-def main(eval_dir: Path = typer.Option(...), out: Path = typer.Option(...), params_file: Path = Path("params.yaml")):
+def main(
+    eval_dir: Path = typer.Option(...), out: Path = typer.Option(...), params_file: Path = Path("params.yaml")
+):
     params = load_params(params_file)
     per_case = pd.concat(
         pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in params.models

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.update({"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"})
+os.environ.update(
+    {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
+)
 
 from medfusion.config import Params, params_from_dict  # noqa: E402
 

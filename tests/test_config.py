@@ -13,7 +13,12 @@ def test_params_yaml_is_the_paper_protocol():
     assert p.datasets == ["kvasir_seg", "promise12", "chase_db1", "lits17"]
     assert p.data.image_size == 256
     assert (p.cv.n_folds, p.cv.seeds) == (5, [0, 1, 2])
-    assert (p.train.optimizer, p.train.scheduler, p.train.lr, p.train.batch_size) == ("adam", "cosine", 1e-4, 16)
+    assert (p.train.optimizer, p.train.scheduler, p.train.lr, p.train.batch_size) == (
+        "adam",
+        "cosine",
+        1e-4,
+        16,
+    )
     assert (p.train.epochs, p.train.patience) == (100, 10)
 
 

@@ -89,7 +89,9 @@ def test_local_copy_that_is_not_the_release_is_refused(tmp_path):
         fetch_dataset("kvasir_seg", tmp_path / "raw", src, SYNTH)
 
 
-@pytest.mark.skipif(not (SHARED_DATASETS / "chase_db1").is_dir(), reason="../shared/datasets/chase_db1 not present")
+@pytest.mark.skipif(
+    not (SHARED_DATASETS / "chase_db1").is_dir(), reason="../shared/datasets/chase_db1 not present"
+)
 def test_real_chase_db1_copy_verifies_and_preprocesses(tmp_path):
     record = fetch_dataset("chase_db1", tmp_path / "raw", SHARED_DATASETS / "chase_db1", SYNTH)
     assert record["files"] == 84
@@ -108,7 +110,7 @@ def test_zip_slip_and_symlinks_are_refused(tmp_path):
     link = tmp_path / "link.zip"
     with zipfile.ZipFile(link, "w") as zf:
         info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(FetchError, match="is a symlink"):
         safe_extract_zip(link, tmp_path / "out2")

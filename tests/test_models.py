@@ -34,4 +34,6 @@ def test_unet_widths_follow_base_channels():
     small = sum(p.numel() for p in build_model("unet", 3, 2, base_channels=8).parameters())
     large = sum(p.numel() for p in build_model("unet", 3, 2, base_channels=16).parameters())
     assert 3.5 < large / small < 4.1  # conv weights scale with width squared
-    assert sum(p.numel() for p in build_model("unet", 1, 2, base_channels=64).parameters()) > 30e6  # paper size
+    assert (
+        sum(p.numel() for p in build_model("unet", 1, 2, base_channels=64).parameters()) > 30e6
+    )  # paper size

@@ -65,7 +65,9 @@ def test_non_finite_loss_stops_with_step_and_samples(tiny_params, synthetic_proc
     loader = torch.utils.data.DataLoader(SegDataset(processed, split["test"]), batch_size=2)
     model = build_model("unet", 3, 2, base_channels=4)
     with pytest.raises(TrainingError, match=r"loss is nan at step 0 \(sample indices \[0, 1\]\)"):
-        train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), lambda lg, t: lg.sum() * float("nan"), FP32)
+        train_one_epoch(
+            model, loader, torch.optim.Adam(model.parameters()), lambda lg, t: lg.sum() * float("nan"), FP32
+        )
 
 
 class _RecordingTracker:
@@ -108,7 +110,9 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "medfusion/synthetic", "unet", {"train.lr": 0.003}, {"dataset": "synthetic"},
                       tmp_path / "runs" / "mlflow.json")  # fmt: skip
-    results = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child)
+    results = run_cv(
+        tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child
+    )
     tracker.finish()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("medfusion/synthetic")
@@ -117,19 +121,26 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracker.parent_id]
     assert len(parent) == 1 and len(children) == 2
     child = children[0]
-    assert child.data.tags["dvc.stage"] == "train@synthetic-unet" and child.data.tags["dvc.exp_name"] == "exp-test"
+    assert (
+        child.data.tags["dvc.stage"] == "train@synthetic-unet"
+        and child.data.tags["dvc.exp_name"] == "exp-test"
+    )
     assert "mlflow.source.git.commit" in child.data.tags and child.data.params["train.lr"] == "0.003"
     assert len(client.get_metric_history(child.info.run_id, "val_dice")) == 2
     assert {r["mlflow_run_id"] for r in results} == {c.info.run_id for c in children}
 
 
-def test_unreachable_tracking_server_does_not_stop_training(tiny_params, synthetic_processed, tmp_path, capsys):
+def test_unreachable_tracking_server_does_not_stop_training(
+    tiny_params, synthetic_processed, tmp_path, capsys
+):
     processed, split = synthetic_processed
     write_json(tmp_path / "split.json", split)
     tracker = Tracker("http://127.0.0.1:9/", "x", "unet", {}, {})
     assert tracker.client is None
     assert "training continues untracked" in capsys.readouterr().err
-    results = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child)
+    results = run_cv(
+        tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child
+    )
     assert len(results) == 2
 
 

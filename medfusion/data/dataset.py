@@ -17,7 +17,9 @@ def zscore(image: np.ndarray) -> np.ndarray:
     return (image - image.mean()) / max(float(image.std()), 1e-6)
 
 
-def flip_augment(image: np.ndarray, mask: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def flip_augment(
+    image: np.ndarray, mask: np.ndarray, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random horizontal and vertical flips, each with probability 1/2.
 
     The full augmentation list of METHOD.md (rotation, scaling, elastic, noise, intensity, MixUp,
@@ -42,7 +44,9 @@ class SegDataset(Dataset):
     Items: dict(image (C, S, S) float32 z-scored, mask (S, S) int64, index int).
     """
 
-    def __init__(self, processed_dir: Path, case_ids: list[str], augment: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, processed_dir: Path, case_ids: list[str], augment: bool = False, seed: int = 0
+    ) -> None:
         processed_dir = Path(processed_dir)
         self.images = np.load(processed_dir / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
         self.masks = np.load(processed_dir / "masks.npy", mmap_mode="r")  # (N, S, S) uint8

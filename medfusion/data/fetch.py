@@ -64,7 +64,9 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
             root = root / "Kvasir-SEG"  # the official zip has one top folder
         if not (root / "images").is_dir() or not (root / "masks").is_dir():
             raise FetchError(f"{root}: expected {spec.title}'s images/ and masks/ folders")
-        images = [p for p in sorted((root / "images").iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        images = [
+            p for p in sorted((root / "images").iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        ]
         masks = [mask_path(spec, root, image) for image in images]
         for image, mask in zip(images, masks, strict=True):
             if not mask.exists():
@@ -141,9 +143,10 @@ def download(url: str, dest: Path, retries: int = 3, timeout: float = 60.0) -> N
                 if start and response.status != 206:  # server ignored the range: start over
                     start = 0
                 total = int(response.headers.get("Content-Length", 0)) + start or None
-                with open(part, "ab" if start else "wb") as f, tqdm(
-                    total=total, initial=start, unit="B", unit_scale=True, desc=dest.name
-                ) as bar:
+                with (
+                    open(part, "ab" if start else "wb") as f,
+                    tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=dest.name) as bar,
+                ):
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -162,7 +165,9 @@ def safe_extract_zip(archive: Path, dest: Path) -> None:
         for info in zf.infolist():
             target = (dest / info.filename).resolve()
             if not target.is_relative_to(dest.resolve()):
-                raise FetchError(f"{archive}: member {info.filename!r} escapes the target folder; refusing to extract")
+                raise FetchError(
+                    f"{archive}: member {info.filename!r} escapes the target folder; refusing to extract"
+                )
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise FetchError(f"{archive}: member {info.filename!r} is a symlink; refusing to extract")
         zf.extractall(dest)
@@ -236,4 +241,6 @@ def _from_url(spec: DatasetSpec, dest: Path) -> dict:
         return _from_local(spec, archive, dest)
     except FetchError as err:
         archive.unlink(missing_ok=True)  # a bad archive must not be reused
-        raise FetchError(f"dataset {spec.name}: downloaded archive from {spec.url} is not usable: {err}") from err
+        raise FetchError(
+            f"dataset {spec.name}: downloaded archive from {spec.url} is not usable: {err}"
+        ) from err

@@ -85,14 +85,17 @@ def read_metaimage(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Read an uncompressed MetaImage (.mhd header + raw data file) as (D, H, W) float32 and spacing (z, y, x)."""
     try:
         header = dict(
-            (k.strip(), v.strip()) for k, v in (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+            (k.strip(), v.strip())
+            for k, v in (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
         )
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read MetaImage header ({err})") from err
     if header.get("CompressedData", "False").lower() == "true":
         raise DataError(f"{path}: compressed MetaImage is not supported; expected CompressedData = False")
     if header.get("ElementType") not in _MET_TYPES:
-        raise DataError(f"{path}: ElementType {header.get('ElementType')!r}; expected one of {sorted(_MET_TYPES)}")
+        raise DataError(
+            f"{path}: ElementType {header.get('ElementType')!r}; expected one of {sorted(_MET_TYPES)}"
+        )
     dims = [int(v) for v in header.get("DimSize", "").split()]
     if len(dims) != 3:
         raise DataError(f"{path}: DimSize {dims}; expected 3 values (a 3-D volume)")

@@ -55,7 +55,9 @@ def iter_raw_cases(spec: DatasetSpec, raw_dir: Path) -> Iterator[RawCase]:
     elif spec.name == "chase_db1":
         for image_path in [f for f in files if re.fullmatch(r"Image_\d+[LR]\.jpg", f.name)]:
             child = re.fullmatch(r"Image_(\d+)[LR]", image_path.stem).group(1)
-            yield _pair_2d(image_path, image_path.with_name(image_path.stem + "_1stHO.png"), image_path.stem, child)
+            yield _pair_2d(
+                image_path, image_path.with_name(image_path.stem + "_1stHO.png"), image_path.stem, child
+            )
     elif spec.name == "promise12":
         for header in [f for f in files if re.fullmatch(r"Case\d\d\.mhd", f.name)]:
             volume, spacing = read_metaimage(header)
@@ -74,12 +76,19 @@ def iter_raw_cases(spec: DatasetSpec, raw_dir: Path) -> Iterator[RawCase]:
 def _pair_2d(image_path: Path, mask_path: Path, case_id: str, group: str) -> RawCase:
     image, mask = read_image(image_path), read_mask(mask_path)
     if image.shape[:2] != mask.shape:
-        raise DataError(f"{mask_path}: mask size {mask.shape} differs from image {image_path.name} {image.shape[:2]}")
+        raise DataError(
+            f"{mask_path}: mask size {mask.shape} differs from image {image_path.name} {image.shape[:2]}"
+        )
     return RawCase(case_id, group, image, mask, (1.0, 1.0))
 
 
 def _volume_case(
-    path: Path, case_id: str, volume: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], spec: DatasetSpec
+    path: Path,
+    case_id: str,
+    volume: np.ndarray,
+    label: np.ndarray,
+    spacing: tuple[float, ...],
+    spec: DatasetSpec,
 ) -> RawCase:
     if volume.shape != label.shape:
         raise DataError(f"{path}: volume shape {volume.shape} differs from its label's {label.shape}")
@@ -88,7 +97,9 @@ def _volume_case(
     label = np.rint(label).astype(np.int64)
     bad = np.setdiff1d(np.unique(label), np.arange(spec.num_classes))
     if bad.size:
-        raise DataError(f"{path}: label values {bad.tolist()}; expected 0..{spec.num_classes - 1} ({spec.class_names})")
+        raise DataError(
+            f"{path}: label values {bad.tolist()}; expected 0..{spec.num_classes - 1} ({spec.class_names})"
+        )
     return RawCase(case_id, case_id, volume, label.astype(np.uint8), spacing)
 
 
@@ -115,7 +126,9 @@ def case_samples(case: RawCase, spec: DatasetSpec, size: int) -> tuple[np.ndarra
         image = _resize(case.image, size, nearest=False)  # (S, S, 3)
         return image.transpose(2, 0, 1)[None], _resize(case.label, size, nearest=True)[None]
     slices = to_uint8(case.image, spec.modality)
-    images = np.stack([_CLAHE.apply(_resize(s, size, nearest=False)) for s in slices])[:, None]  # (D, 1, S, S)
+    images = np.stack([_CLAHE.apply(_resize(s, size, nearest=False)) for s in slices])[
+        :, None
+    ]  # (D, 1, S, S)
     masks = np.stack([_resize(s, size, nearest=True) for s in case.label])  # (D, S, S)
     return images, masks
 
@@ -130,7 +143,9 @@ def preprocess_dataset(name: str, raw_dir: Path, out_dir: Path, image_size: int)
         images.append(imgs)
         masks.append(msks)
         for k in range(len(imgs)):
-            cases.append({"case_id": case.case_id, "group": case.group, "slice": k if spec.kind == "volume" else None})
+            cases.append(
+                {"case_id": case.case_id, "group": case.group, "slice": k if spec.kind == "volume" else None}
+            )
         per_case[case.case_id] = {"shape": list(case.label.shape), "spacing": list(case.spacing)}
     if not cases:
         raise DataError(f"{raw_dir}: no cases found for {name}")

@@ -16,7 +16,9 @@ class SplitError(ValueError):
     pass
 
 
-def select_test_groups(groups: list[str], rule: str, test_fraction: float, rng: np.random.Generator) -> list[str]:
+def select_test_groups(
+    groups: list[str], rule: str, test_fraction: float, rng: np.random.Generator
+) -> list[str]:
     """Choose the held-out test groups by `rule` ("fraction", "last:N" or "count:N", see DatasetSpec)."""
     groups = sorted(groups)
     kind, _, arg = rule.partition(":")

@@ -28,4 +28,6 @@ def check_input_size(x: Tensor, multiple: int = 16) -> None:
     """Raise a clear error when H or W is not a multiple of `multiple` (the encoders downsample 4x by 2)."""
     h, w = x.shape[-2:]
     if h % multiple or w % multiple:
-        raise ValueError(f"input size {h}x{w} is not a multiple of {multiple}; resize or pad the input (data.image_size)")
+        raise ValueError(
+            f"input size {h}x{w} is not a multiple of {multiple}; resize or pad the input (data.image_size)"
+        )

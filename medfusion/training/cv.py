@@ -51,7 +51,9 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
-def make_loader(dataset: SegDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool) -> DataLoader:
+def make_loader(
+    dataset: SegDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -109,10 +111,14 @@ def run_fold(
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
     best = {"val_loss": float("inf"), "epoch": -1, "val_dice": float("nan")}
-    epochs = tqdm(range(t.epochs), desc=f"{dataset}/{model_name} {run_name(fold, seed)}", unit="epoch", position=0)
+    epochs = tqdm(
+        range(t.epochs), desc=f"{dataset}/{model_name} {run_name(fold, seed)}", unit="epoch", position=0
+    )
     for epoch in epochs:
         start = time.perf_counter()
-        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, precision, scaler, f"epoch {epoch + 1}")
+        train_loss = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, precision, scaler, f"epoch {epoch + 1}"
+        )
         val_loss, val_dice = validate(model, val_loader, loss_fn, precision, spec.num_classes)
         scheduler.step()
         row = {
@@ -124,7 +130,9 @@ def run_fold(
             "seconds": time.perf_counter() - start,
         }
         history.append(row)
-        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_dice=f"{val_dice:.3f}")
+        epochs.set_postfix(
+            train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_dice=f"{val_dice:.3f}"
+        )
         log({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "val_dice": val_dice}
@@ -159,7 +167,9 @@ def run_fold(
     }
 
 
-def fold_hash(params: Params, dataset: str, model_name: str, processed_dir: Path, split: dict, fold: int, seed: int) -> str:
+def fold_hash(
+    params: Params, dataset: str, model_name: str, processed_dir: Path, split: dict, fold: int, seed: int
+) -> str:
     """What a finished run depends on: its settings, the split and the processed data."""
     meta = read_json(Path(processed_dir) / "meta.json")
     return config_hash(

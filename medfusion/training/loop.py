@@ -70,7 +70,9 @@ def train_one_epoch(
             logits = model(image)
         loss = loss_fn(logits.float(), mask)
         if not math.isfinite(loss.item()):
-            raise TrainingError(f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})")
+            raise TrainingError(
+                f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -40,7 +40,9 @@ def resolve_tracking_uri(configured: str | None) -> str:
 
 def _git_commit(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -75,7 +77,9 @@ class _RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
 
 class Tracker:
@@ -120,7 +124,9 @@ class Tracker:
             else:  # artifacts beside the sqlite store, not in the cwd (a DVC temp workspace would lose them)
                 location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            previous = read_json(state_file).get("parent_run_id") if state_file and state_file.exists() else None
+            previous = (
+                read_json(state_file).get("parent_run_id") if state_file and state_file.exists() else None
+            )
             if previous and self._alive(previous):
                 self.parent_id = previous
             else:
@@ -130,7 +136,10 @@ class Tracker:
             if state_file:
                 write_json(state_file, {"parent_run_id": self.parent_id, "tracking_uri": uri})
         except Exception as err:  # tracking must never cost a training run
-            print(f"MLflow tracking at {uri} is unavailable ({err}); training continues untracked", file=sys.stderr)
+            print(
+                f"MLflow tracking at {uri} is unavailable ({err}); training continues untracked",
+                file=sys.stderr,
+            )
             self.client, self.parent_id = None, None
 
     @classmethod
@@ -146,7 +155,10 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=uri)
                 self.client.get_run(parent_id)
             except Exception as err:
-                print(f"MLflow run {parent_id} at {uri} is unavailable ({err}); test metrics not tracked", file=sys.stderr)
+                print(
+                    f"MLflow run {parent_id} at {uri} is unavailable ({err}); test metrics not tracked",
+                    file=sys.stderr,
+                )
                 self.client = None
         return self
 
@@ -175,7 +187,10 @@ class Tracker:
             run_id = run.info.run_id
             self._log_params(run_id, {**self.params, **run_params})
         except Exception as err:
-            print(f"MLflow: cannot create the run for fold {fold} seed {seed} ({err}); untracked", file=sys.stderr)
+            print(
+                f"MLflow: cannot create the run for fold {fold} seed {seed} ({err}); untracked",
+                file=sys.stderr,
+            )
             yield _RunLogger(None, None)
             return
         try:
@@ -189,7 +204,9 @@ class Tracker:
         if self.client is not None:
             self.client.set_terminated(self.parent_id, status="FINISHED")
 
-    def log_test_metrics(self, run_id: str | None, metrics: dict[str, float], artifacts: list[Path] = ()) -> None:
+    def log_test_metrics(
+        self, run_id: str | None, metrics: dict[str, float], artifacts: list[Path] = ()
+    ) -> None:
         """Add test metrics (and files) to an existing run: a child by its id, or the parent with None."""
         if self.client is None:
             return

@@ -1,0 +1,45 @@
+import pytest
+from conftest import REPO
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.training.tracking import resolve_tracking_uri
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["quickstart"], ["fetch"], ["models"], ["check"]])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_check_accepts_params_yaml_and_names_bad_keys(tmp_path):
+    assert runner.invoke(app, ["check", str(REPO / "params.yaml")]).exit_code == 0
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO / "params.yaml").read_text().replace("models: [unet]", "models: [unet, casnet]"))
+    result = runner.invoke(app, ["check", str(bad)])
+    assert result.exit_code == 1 and "models[1] = 'casnet'; expected one of ['unet']" in result.output
+
+
+def test_models_lists_the_registry():
+    result = runner.invoke(app, ["models", "--params-file", str(REPO / "params.yaml")])
+    assert result.exit_code == 0 and "unet" in result.output and "31,03" in result.output
+
+
+def test_fetch_unknown_and_registration_only(tmp_path):
+    result = runner.invoke(app, ["fetch", "lits", "--params-file", str(REPO / "params.yaml")])
+    assert result.exit_code != 0 and "unknown dataset 'lits'" in result.output
+    result = runner.invoke(
+        app, ["fetch", "lits17", "--out-dir", str(tmp_path / "x"), "--params-file", str(REPO / "params.yaml")]
+    )
+    assert result.exit_code == 1 and "data.sources.lits17" in result.output
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # DVC points queued workers at the main repo
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "sqlite:////elsewhere.db"
