@@ -25,6 +25,7 @@ QUICKSTART_OVERRIDES = [
     "data.synthetic.num_volumes=10",
     "data.synthetic.slices_per_volume=16",
     "unet.base_channels=8",
+    "attention_unet.base_channels=8",
     "train.epochs=30",
     "train.batch_size=8",
     "train.lr=0.003",

@@ -65,6 +65,11 @@ class UNetParams:
 
 
 @dataclass(frozen=True)
+class AttentionUNetParams:
+    base_channels: int
+
+
+@dataclass(frozen=True)
 class TrainParams:
     device: str
     cpu_bf16: bool
@@ -111,6 +116,7 @@ class Params:
     data: DataParams
     model: CASNetParams
     unet: UNetParams
+    attention_unet: AttentionUNetParams
     train: TrainParams
     loss: LossParams
     cv: CVParams
@@ -224,6 +230,7 @@ def _check_values(p: Params, source: str) -> None:
         "data.synthetic.num_volumes": p.data.synthetic.num_volumes,
         "data.synthetic.slices_per_volume": p.data.synthetic.slices_per_volume,
         "unet.base_channels": p.unet.base_channels,
+        "attention_unet.base_channels": p.attention_unet.base_channels,
         "model.base_channels": p.model.base_channels,
         "train.epochs": p.train.epochs,
         "train.batch_size": p.train.batch_size,

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from conftest import REPO
 from typer.testing import CliRunner
@@ -17,9 +19,13 @@ def test_every_command_has_help(command):
 def test_check_accepts_params_yaml_and_names_bad_keys(tmp_path):
     assert runner.invoke(app, ["check", str(REPO / "params.yaml")]).exit_code == 0
     bad = tmp_path / "params.yaml"
-    bad.write_text((REPO / "params.yaml").read_text().replace("models: [unet]", "models: [unet, casnet]"))
+    text = (REPO / "params.yaml").read_text()
+    bad.write_text(re.sub(r"(?m)^models: .*$", "models: [unet, casnet]", text))
     result = runner.invoke(app, ["check", str(bad)])
-    assert result.exit_code == 1 and "models[1] = 'casnet'; expected one of ['unet']" in result.output
+    assert (
+        result.exit_code == 1
+        and "models[1] = 'casnet'; expected one of ['attention_unet', 'unet']" in result.output
+    )
 
 
 def test_models_lists_the_registry():

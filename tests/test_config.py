@@ -51,7 +51,12 @@ def _with(path: str, value, delete: bool = False) -> dict:
         ("train.epochs", "ten", False, "train.epochs: expected int, got str 'ten'"),
         ("train.epochs", 0, False, "train.epochs = 0; expected an integer >= 1"),
         ("train.lr", True, False, "train.lr: expected float"),
-        ("models", ["unet", "resnet"], False, "models[1] = 'resnet'; expected one of ['unet']"),
+        (
+            "models",
+            ["unet", "resnet"],
+            False,
+            "models[1] = 'resnet'; expected one of ['attention_unet', 'unet']",
+        ),
         ("datasets", ["kvasir"], False, "datasets[0] = 'kvasir'; expected one of"),
         ("data.image_size", 100, False, "data.image_size = 100; expected a multiple of 16"),
         ("train.device", "tpu", False, "train.device = 'tpu'; expected one of ['auto', 'cpu', 'cuda']"),

@@ -3,7 +3,7 @@ import torch
 
 from medfusion.models import MODELS, build_model
 
-TINY_KWARGS = {"unet": {"base_channels": 4}}
+TINY_KWARGS = {"unet": {"base_channels": 4}, "attention_unet": {"base_channels": 4}}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -26,7 +26,7 @@ def test_input_size_not_multiple_of_16_is_a_clear_error(name):
 
 
 def test_unknown_model_lists_the_registry():
-    with pytest.raises(KeyError, match=r"unknown model 'vnet'; choose from \['unet'\]"):
+    with pytest.raises(KeyError, match=r"unknown model 'vnet'; choose from \['attention_unet', 'unet'\]"):
         build_model("vnet", 1, 2)
 
 
@@ -37,3 +37,20 @@ def test_unet_widths_follow_base_channels():
     assert (
         sum(p.numel() for p in build_model("unet", 1, 2, base_channels=64).parameters()) > 30e6
     )  # paper size
+
+
+def test_attention_gate_coefficients_are_in_unit_range_and_shaped_like_the_skip():
+    from medfusion.models.attention_unet import AttentionGate
+
+    gate = AttentionGate(skip_channels=8, gate_channels=16, inter_channels=4)
+    x, g = torch.randn(2, 8, 32, 32), torch.randn(2, 16, 16, 16)
+    assert gate(x, g).shape == x.shape
+    alpha = gate.coefficients(x, g)
+    assert alpha.shape == (2, 1, 32, 32) and (alpha >= 0).all() and (alpha <= 1).all()
+
+
+def test_attention_unet_adds_only_the_gates_to_unet():
+    unet = sum(p.numel() for p in build_model("unet", 3, 2, base_channels=8).parameters())
+    att = build_model("attention_unet", 3, 2, base_channels=8)
+    gates = sum(p.numel() for p in att.gates.parameters())
+    assert sum(p.numel() for p in att.parameters()) == unet + gates

@@ -62,6 +62,25 @@ def test_quickstart_writes_tables_metrics_and_keeps_params(quickstart_repo):
     values = [v for ds in metrics.values() for m in ds.values() for c in m.values() for v in c.values()]
     assert values and all(0.0 <= v <= 1.0 for v in values)
     assert metrics["synthetic"]["unet"]["blob"]["dice"] > 0.6  # it learned, not just ran
+    assert metrics["synthetic"]["attention_unet"]["blob"]["dice"] > 0.6
+
+
+def test_stats_compare_the_first_model_with_the_others(quickstart_repo):
+    repo, _, _ = quickstart_repo
+    import pandas as pd
+
+    tests = pd.read_csv(repo / "reports" / "stats.csv")
+    assert set(zip(tests["dataset"], tests["class"], strict=True)) == {
+        ("synthetic", "blob"),
+        ("synthetic_volumes", "organ"),
+        ("synthetic_volumes", "lesion"),
+    }
+    assert (tests["reference"] == "unet").all() and (tests["model"] == "attention_unet").all()
+    assert tests.loc[tests["dataset"] == "synthetic", "n_cases"].item() == 20
+    assert tests["p_value"].dropna().between(0, 1).all()
+    assert (
+        "| unet | attention_unet | blob | 20 |" in (repo / "reports" / "tables" / "synthetic.md").read_text()
+    )
 
 
 def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quickstart_repo):
@@ -70,9 +89,9 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
     experiments = {name for (name,) in db.execute("select name from experiments")}
     assert {"medfusion/synthetic", "medfusion/synthetic_volumes"} <= experiments
     tags = db.execute("select run_uuid, key, value from tags").fetchall()
-    parents = {r for r, k, v in tags if k == "mlflow.runName" and v == "unet"}
+    parents = {r for r, k, v in tags if k == "mlflow.runName" and v in ("unet", "attention_unet")}
     children = {r for r, k, _ in tags if k == "mlflow.parentRunId"}
-    assert len(parents) == 2 and len(children) == 4  # 2 datasets x (1 parent, 2 folds x 1 seed)
+    assert len(parents) == 4 and len(children) == 8  # 2 datasets x 2 models x (1 parent, 2 folds x 1 seed)
     assert {v for r, k, v in tags if k == "dvc.exp_name"} == {"qs-test"}
     metric_keys = {(r, k) for r, k in db.execute("select run_uuid, key from metrics")}
     assert all((p, "test_dice_organ") in metric_keys or (p, "test_dice_blob") in metric_keys for p in parents)

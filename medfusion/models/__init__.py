@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from medfusion.models.attention_unet import AttentionUNet
 from medfusion.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
     "unet": UNet,
+    "attention_unet": AttentionUNet,
 }
 
 
