@@ -9,6 +9,8 @@ import pandas as pd
 from medfusion.data.registry import DATASETS
 from medfusion.metrics import METRICS
 
+HEADLINE = ("dice", "iou")
+
 
 def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
@@ -57,12 +59,13 @@ def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, imag
 
 
 def metrics_json(summary: pd.DataFrame) -> dict:
-    """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {metric: mean}}}} in [0, 1].
+    """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {dice, iou}}}} in [0, 1].
 
-    Means over runs of each run's mean over test cases; the std is in the tables and summary.csv.
+    Means over runs of each run's mean over test cases. Precision, recall and every std are in the
+    tables and summary.csv; keeping them out keeps `dvc exp show` readable.
     """
     out: dict = {}
-    for r in summary.itertuples():
+    for r in summary[summary["metric"].isin(HEADLINE)].itertuples():
         cell = out.setdefault(r.dataset, {}).setdefault(r.model, {}).setdefault(r._3, {})
         cell[r.metric] = round(float(r.mean), 6)
     return out

@@ -154,3 +154,11 @@ def test_evaluation_rows_and_summary(tiny_params, synthetic_processed, tmp_path)
     summary = summarize(table)
     assert set(summary["metric"]) == {"dice", "iou", "precision", "recall"}
     assert (summary["runs"] == 1).all() and (summary["std"] == 0).all()
+
+
+def test_params_are_flattened_for_tracking(tiny_params):
+    from medfusion.training.cv import asdict_flat
+
+    flat = asdict_flat({"train": tiny_params.train, "model_kwargs": {"base_channels": 4}})
+    assert flat["train.lr"] == 0.003 and flat["train.epochs"] == 2 and flat["model_kwargs.base_channels"] == 4
+    assert not any(isinstance(v, dict) for v in flat.values())

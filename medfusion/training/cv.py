@@ -238,6 +238,8 @@ def asdict_flat(obj: Any, prefix: str = "") -> dict[str, Any]:
         obj = dataclasses.asdict(obj)
     flat: dict[str, Any] = {}
     for key, value in obj.items():
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
         if isinstance(value, dict):
             flat.update(asdict_flat(value, f"{prefix}{key}."))
         else:
