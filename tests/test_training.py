@@ -162,3 +162,11 @@ def test_params_are_flattened_for_tracking(tiny_params):
     flat = asdict_flat({"train": tiny_params.train, "model_kwargs": {"base_channels": 4}})
     assert flat["train.lr"] == 0.003 and flat["train.epochs"] == 2 and flat["model_kwargs.base_channels"] == 4
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_resumed_stage_reuses_its_parent_run_only_for_the_same_params(tmp_path):
+    uri, state = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow.json"
+    first = Tracker(uri, "e", "unet", {"train.lr": 0.1}, {}, state)
+    again = Tracker(uri, "e", "unet", {"train.lr": 0.1}, {}, state)
+    changed = Tracker(uri, "e", "unet", {"train.lr": 0.2}, {}, state)
+    assert first.parent_id == again.parent_id != changed.parent_id

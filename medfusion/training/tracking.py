@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medfusion.config import config_hash
 from medfusion.data.io import read_json, write_json
 
 
@@ -124,9 +125,10 @@ class Tracker:
             else:  # artifacts beside the sqlite store, not in the cwd (a DVC temp workspace would lose them)
                 location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            previous = (
-                read_json(state_file).get("parent_run_id") if state_file and state_file.exists() else None
-            )
+            # a resumed stage with the same params continues its parent run; changed params start a new one
+            params_hash = config_hash(params)
+            state = read_json(state_file) if state_file and state_file.exists() else {}
+            previous = state.get("parent_run_id") if state.get("params_hash") == params_hash else None
             if previous and self._alive(previous):
                 self.parent_id = previous
             else:
@@ -134,7 +136,10 @@ class Tracker:
                 self.parent_id = run.info.run_id
                 self._log_params(self.parent_id, params)
             if state_file:
-                write_json(state_file, {"parent_run_id": self.parent_id, "tracking_uri": uri})
+                write_json(
+                    state_file,
+                    {"parent_run_id": self.parent_id, "params_hash": params_hash, "tracking_uri": uri},
+                )
         except Exception as err:  # tracking must never cost a training run
             print(
                 f"MLflow tracking at {uri} is unavailable ({err}); training continues untracked",
