@@ -83,7 +83,7 @@ def train_one_epoch(
             optimizer.step()
         total += loss.item() * len(mask)
         count += len(mask)
-        bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     return total / max(count, 1)
 
 
