@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medfusion.models.blocks import DoubleConv, check_input_size
+from medfusion.models.blocks import DoubleConv, UNetEncoder, check_input_size
 
 
 class AttentionGate(nn.Module):
@@ -67,13 +67,8 @@ class AttentionUNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, base_channels: int = 64) -> None:
         super().__init__()
-        widths = [base_channels * 2**i for i in range(5)]
-        self.encoders = nn.ModuleList()
-        prev = in_channels
-        for width in widths:
-            self.encoders.append(DoubleConv(prev, width))
-            prev = width
-        self.pool = nn.MaxPool2d(2)
+        self.encoder = UNetEncoder(in_channels, base_channels)
+        widths = self.encoder.widths
         skips = list(reversed(widths[:-1]))  # 8w, 4w, 2w, w
         self.gates = nn.ModuleList(AttentionGate(w, w * 2, max(w // 2, 1)) for w in skips)
         self.ups = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in skips)
@@ -82,10 +77,7 @@ class AttentionUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input_size(x)
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            x = encoder(x if i == 0 else self.pool(x))
-            skips.append(x)
+        skips = self.encoder(x)
         x = skips.pop()  # bottleneck (B, 16w, H/16, W/16): the first gating signal
         for gate, up, decoder in zip(self.gates, self.ups, self.decoders, strict=True):
             skip = gate(skips.pop(), x)  # (B, w_i, 2h, 2w)

@@ -31,3 +31,31 @@ def check_input_size(x: Tensor, multiple: int = 16) -> None:
         raise ValueError(
             f"input size {h}x{w} is not a multiple of {multiple}; resize or pad the input (data.image_size)"
         )
+
+
+class UNetEncoder(nn.Module):
+    """Five `DoubleConv` stages of widths w, 2w, 4w, 8w, 16w with 2x2 max-pooling between them.
+
+    Args:
+        in_channels: input channels.
+        base_channels: width w of the first stage.
+
+    Shape:
+        forward: (B, C_in, H, W) -> 5 feature maps, stage i of shape (B, w * 2**i, H / 2**i, W / 2**i).
+    """
+
+    def __init__(self, in_channels: int, base_channels: int) -> None:
+        super().__init__()
+        self.widths = [base_channels * 2**i for i in range(5)]
+        self.stages = nn.ModuleList(
+            DoubleConv(c_in, c_out)
+            for c_in, c_out in zip([in_channels, *self.widths[:-1]], self.widths, strict=True)
+        )
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x if i == 0 else self.pool(x))
+            features.append(x)
+        return features

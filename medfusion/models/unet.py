@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from medfusion.models.blocks import DoubleConv, check_input_size
+from medfusion.models.blocks import DoubleConv, UNetEncoder, check_input_size
 
 
 class UNet(nn.Module):
@@ -31,23 +31,15 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, base_channels: int = 64) -> None:
         super().__init__()
-        widths = [base_channels * 2**i for i in range(5)]
-        self.encoders = nn.ModuleList()
-        prev = in_channels
-        for width in widths:
-            self.encoders.append(DoubleConv(prev, width))
-            prev = width
-        self.pool = nn.MaxPool2d(2)
+        self.encoder = UNetEncoder(in_channels, base_channels)
+        widths = self.encoder.widths
         self.ups = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths[:-1]))
         self.decoders = nn.ModuleList(DoubleConv(w * 2, w) for w in reversed(widths[:-1]))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input_size(x)
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            x = encoder(x if i == 0 else self.pool(x))
-            skips.append(x)
+        skips = self.encoder(x)
         x = skips.pop()  # bottleneck (B, 16w, H/16, W/16)
         for up, decoder in zip(self.ups, self.decoders, strict=True):
             x = up(x)  # (B, w_i, 2h, 2w)
