@@ -63,7 +63,7 @@ def evaluate_run(
     """Metric rows (case_id, class, metric, value) of one trained run on the test cases."""
     model, checkpoint = load_checkpoint(checkpoint_path, precision)
     dataset = SegDataset(processed_dir, test_ids)
-    targets = group_cases(dataset, np.asarray(dataset.masks)[dataset.indices])
+    targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only the test rows
     preds = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
     class_names = DATASETS[checkpoint["dataset"]].class_names
     rows = []

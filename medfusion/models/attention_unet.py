@@ -42,15 +42,13 @@ class AttentionGate(nn.Module):
         self.out = nn.Sequential(nn.Conv2d(skip_channels, skip_channels, 1), nn.BatchNorm2d(skip_channels))
 
     def forward(self, x: Tensor, g: Tensor) -> Tensor:
-        joint = F.relu(self.theta_x(x) + self.phi_g(g))  # (B, Ci, H/2, W/2)
-        alpha = torch.sigmoid(self.psi(joint))  # (B, 1, H/2, W/2)
-        alpha = F.interpolate(alpha, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
-        return self.out(x * alpha)
+        return self.out(x * self.coefficients(x, g))
 
     def coefficients(self, x: Tensor, g: Tensor) -> Tensor:
-        """The attention map (B, 1, H, W) in [0, 1], for inspection."""
-        alpha = torch.sigmoid(self.psi(F.relu(self.theta_x(x) + self.phi_g(g))))
-        return F.interpolate(alpha, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        """The attention map (B, 1, H, W) in [0, 1]."""
+        joint = F.relu(self.theta_x(x) + self.phi_g(g))  # (B, Ci, H/2, W/2)
+        alpha = torch.sigmoid(self.psi(joint))  # (B, 1, H/2, W/2)
+        return F.interpolate(alpha, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
 
 
 class AttentionUNet(nn.Module):
