@@ -24,8 +24,23 @@ QUICKSTART_OVERRIDES = [
     "data.synthetic.num_images=100",
     "data.synthetic.num_volumes=10",
     "data.synthetic.slices_per_volume=16",
+    "model.base_channels=8",
+    "model.transformer_dim=32",
+    "model.transformer_layers=1",
     "unet.base_channels=8",
+    "segnet.base_channels=8",
+    "deeplabv3.base_channels=8",
+    "deeplabv3.depth=18",
+    "deeplabv3.aspp_channels=32",
     "attention_unet.base_channels=8",
+    "transunet.base_channels=8",
+    "transunet.hidden_size=64",
+    "transunet.num_layers=2",
+    "transunet.num_heads=4",
+    "transunet.mlp_dim=128",
+    "transunet.decoder_scale=0.25",
+    "medt.base_channels=16",
+    "medt.heads=4",
     "train.epochs=30",
     "train.batch_size=8",
     "train.lr=0.003",
@@ -133,20 +148,26 @@ def fetch(
 
 @app.command()
 def models(
+    size: int = typer.Option(256, help="input side for FLOPs and timing"),
     in_channels: int = typer.Option(3, help="input channels"),
-    num_classes: int = typer.Option(2, help="output classes"),
+    timed: bool = typer.Option(True, "--time/--no-time", help="also time inference (ms/image, batch 1)"),
     params_file: Path = typer.Option(Path("params.yaml"), help="model widths come from here"),
 ) -> None:
-    """List registered models with their parameter counts at the widths in params.yaml."""
-    from medfusion.config import load_params, model_section
-    from medfusion.models import MODELS, build_model
+    """Every model entry of params.yaml: parameters, forward GFLOPs and inference ms/image at SIZE."""
+    from medfusion.config import ConfigError, load_params
+    from medfusion.efficiency import efficiency_markdown, efficiency_table
+    from medfusion.training.loop import resolve_precision
 
-    params = load_params(params_file)
-    typer.echo(f"{'model':<16}{'params section':<16}{'parameters':>14}")
-    for name in MODELS:
-        model = build_model(name, in_channels, num_classes, **params.model_kwargs(name))
-        count = sum(p.numel() for p in model.parameters())
-        typer.echo(f"{name:<16}{model_section(name):<16}{count:>14,}")
+    try:
+        params = load_params(params_file)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    if size < 16 or size % 16:
+        raise typer.BadParameter(f"--size {size}: expected a multiple of 16")
+    precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
+    rows = efficiency_table(params, precision, size, in_channels, timed=timed)
+    typer.echo(efficiency_markdown(rows, precision, size, in_channels))
 
 
 @app.command()
@@ -159,7 +180,7 @@ def check(params_file: Path = typer.Argument(Path("params.yaml"), help="params f
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"{params_file}: ok ({len(params.datasets)} datasets x {len(params.models)} models)")
+    typer.echo(f"{params_file}: ok ({len(params.datasets)} datasets x {len(params.model_names)} models)")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m medfusion.cli`

@@ -44,8 +44,18 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class ModelsParams:
+    """Which models the pipeline trains: `casnet` (CASNet and its ablation variants, each a key of
+    `ablations`) and `baselines` (registry names). Two lists because their DVC stages depend on
+    different params sections: CASNet entries on `model` (+ their override), a baseline on its own."""
+
+    casnet: list[str]
+    baselines: list[str]
+
+
+@dataclass(frozen=True)
 class CASNetParams:
-    """CASNet's own settings (METHOD.md section 1); read by `casnet`, which the model zoo adds."""
+    """CASNet's settings (METHOD.md section 1), the `model` section; ablation variants override keys."""
 
     base_channels: int
     use_hfe: bool
@@ -57,6 +67,7 @@ class CASNetParams:
     transformer_dim: int
     transformer_layers: int
     transformer_scales: list[int]
+    modalities: int | None
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,38 @@ class UNetParams:
 
 
 @dataclass(frozen=True)
+class SegNetParams:
+    base_channels: int
+
+
+@dataclass(frozen=True)
+class DeepLabV3Params:
+    base_channels: int
+    depth: int
+    output_stride: int
+    aspp_channels: int
+
+
+@dataclass(frozen=True)
 class AttentionUNetParams:
     base_channels: int
+
+
+@dataclass(frozen=True)
+class TransUNetParams:
+    base_channels: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    decoder_scale: float
+
+
+@dataclass(frozen=True)
+class MedTParams:
+    base_channels: int
+    heads: int
+    local_grid: int
 
 
 @dataclass(frozen=True)
@@ -112,25 +153,50 @@ class MLflowParams:
 @dataclass(frozen=True)
 class Params:
     datasets: list[str]
-    models: list[str]
+    models: ModelsParams
+    ablations: dict[str, dict[str, Any]]
     data: DataParams
     model: CASNetParams
     unet: UNetParams
+    segnet: SegNetParams
+    deeplabv3: DeepLabV3Params
     attention_unet: AttentionUNetParams
+    transunet: TransUNetParams
+    medt: MedTParams
     train: TrainParams
     loss: LossParams
     cv: CVParams
     eval: EvalParams
     mlflow: MLflowParams
 
-    def model_kwargs(self, name: str) -> dict[str, Any]:
-        """Constructor kwargs for model `name` from its params section."""
-        return dataclasses.asdict(getattr(self, model_section(name)))
+    @property
+    def model_names(self) -> list[str]:
+        """Every model entry the pipeline runs: CASNet and its ablations first, then the baselines."""
+        return [*self.models.casnet, *self.models.baselines]
 
+    def architecture(self, name: str) -> str:
+        """The registry name that builds entry `name` (`casnet` for CASNet's ablation variants)."""
+        return "casnet" if name in self.ablations else name
 
-def model_section(name: str) -> str:
-    """The params.yaml section that holds model `name`'s settings (CASNet's is `model`)."""
-    return "model" if name == "casnet" else name
+    def model_kwargs(self, name: str, dataset: str | None = None) -> dict[str, Any]:
+        """Constructor kwargs for model entry `name`: its params section; for CASNet entries `model`
+        with the entry's `ablations` override, without the loss-side `use_boundary`, and with
+        `modalities` from the dataset when `model.modalities` is null; `image_size` for the models
+        whose position tables are learned at a reference size."""
+        if self.architecture(name) == "casnet":
+            kwargs = {**dataclasses.asdict(self.model), **self.ablations.get(name, {})}
+            kwargs.pop("use_boundary")
+            if kwargs["modalities"] is None:
+                kwargs["modalities"] = DATASETS[dataset].modalities if dataset else 1
+            return kwargs
+        kwargs = dataclasses.asdict(getattr(self, name))
+        if name in ("transunet", "medt"):
+            kwargs["image_size"] = self.data.image_size
+        return kwargs
+
+    def casnet_settings(self, name: str) -> dict[str, Any]:
+        """The full `model` section as entry `name` sees it (ablation override applied), incl. use_boundary."""
+        return {**dataclasses.asdict(self.model), **self.ablations.get(name, {})}
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -180,6 +246,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", source)
+    if tp is Any:
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (types.UnionType, typing.Union):  # only `X | None` is used
         if value is None:
@@ -212,10 +280,24 @@ def _check_values(p: Params, source: str) -> None:
     for i, name in enumerate(p.datasets):
         if name not in DATASETS:
             fail(f"datasets[{i}]", name, f"one of {sorted(DATASETS)}")
-    for i, name in enumerate(p.models):
-        if name not in MODELS:
-            fail(f"models[{i}]", name, f"one of {sorted(MODELS)}")
-    for key, values in (("datasets", p.datasets), ("models", p.models)):
+    baselines = sorted(set(MODELS) - {"casnet"})
+    for i, name in enumerate(p.models.baselines):
+        if name not in baselines:
+            fail(f"models.baselines[{i}]", name, f"one of {baselines}")
+    for i, name in enumerate(p.models.casnet):
+        if name not in p.ablations:
+            fail(f"models.casnet[{i}]", name, f"a key of `ablations` ({sorted(p.ablations)})")
+    for name, override in p.ablations.items():
+        if name in MODELS and name != "casnet":
+            fail(f"ablations.{name}", name, "a name that is not a baseline's")
+        if not isinstance(override, dict):
+            fail(f"ablations.{name}", override, "a mapping of `model` keys to values, e.g. {use_hfe: false}")
+        hints = typing.get_type_hints(CASNetParams)
+        for key, value in override.items():
+            if key not in hints:
+                fail(f"ablations.{name}.{key}", value, f"a key of `model`: {sorted(hints)}")
+            _coerce(hints[key], value, f"ablations.{name}.{key}", source)
+    for key, values in (("datasets", p.datasets), ("models", p.model_names)):
         if not values:
             fail(key, values, "a non-empty list")
         if len(set(values)) != len(values):
@@ -230,8 +312,21 @@ def _check_values(p: Params, source: str) -> None:
         "data.synthetic.num_volumes": p.data.synthetic.num_volumes,
         "data.synthetic.slices_per_volume": p.data.synthetic.slices_per_volume,
         "unet.base_channels": p.unet.base_channels,
+        "segnet.base_channels": p.segnet.base_channels,
+        "deeplabv3.base_channels": p.deeplabv3.base_channels,
+        "deeplabv3.aspp_channels": p.deeplabv3.aspp_channels,
         "attention_unet.base_channels": p.attention_unet.base_channels,
+        "transunet.base_channels": p.transunet.base_channels,
+        "transunet.hidden_size": p.transunet.hidden_size,
+        "transunet.num_layers": p.transunet.num_layers,
+        "transunet.num_heads": p.transunet.num_heads,
+        "transunet.mlp_dim": p.transunet.mlp_dim,
+        "medt.base_channels": p.medt.base_channels,
+        "medt.heads": p.medt.heads,
+        "medt.local_grid": p.medt.local_grid,
         "model.base_channels": p.model.base_channels,
+        "model.transformer_dim": p.model.transformer_dim,
+        "model.transformer_layers": p.model.transformer_layers,
         "train.epochs": p.train.epochs,
         "train.batch_size": p.train.batch_size,
         "train.patience": p.train.patience,
@@ -242,6 +337,32 @@ def _check_values(p: Params, source: str) -> None:
             fail(key, value, "an integer >= 1")
     if p.data.synthetic.num_images < 10 or p.data.synthetic.num_volumes < 4:
         fail("data.synthetic", p.data.synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
+    if p.model.modalities is not None and p.model.modalities < 1:
+        fail("model.modalities", p.model.modalities, "null (from the dataset) or an integer >= 1")
+    if p.model.transformer_dim % 8:
+        fail("model.transformer_dim", p.model.transformer_dim, "a multiple of 8 (8 attention heads)")
+    if not p.model.atrous_rates or min(p.model.atrous_rates) < 1:
+        fail("model.atrous_rates", p.model.atrous_rates, "a non-empty list of integers >= 1")
+    if not p.model.transformer_scales or not set(p.model.transformer_scales) <= {8, 16}:
+        fail("model.transformer_scales", p.model.transformer_scales, "a non-empty subset of [8, 16]")
+    if p.transunet.hidden_size % p.transunet.num_heads:
+        fail(
+            "transunet.hidden_size",
+            p.transunet.hidden_size,
+            f"a multiple of transunet.num_heads ({p.transunet.num_heads})",
+        )
+    if p.deeplabv3.depth not in (18, 34, 50, 101):
+        fail("deeplabv3.depth", p.deeplabv3.depth, "one of [18, 34, 50, 101]")
+    if p.deeplabv3.output_stride not in (8, 16):
+        fail("deeplabv3.output_stride", p.deeplabv3.output_stride, "8 or 16")
+    if p.medt.base_channels % 4 or (p.medt.base_channels // 2) % (2 * p.medt.heads):
+        fail(
+            "medt.base_channels",
+            p.medt.base_channels,
+            f"a multiple of 4 with base_channels / 2 divisible by 2 x medt.heads ({p.medt.heads})",
+        )
+    if not p.transunet.decoder_scale > 0:
+        fail("transunet.decoder_scale", p.transunet.decoder_scale, "a number > 0")
     if not p.train.lr > 0:
         fail("train.lr", p.train.lr, "a number > 0")
     if p.train.weight_decay < 0 or p.loss.ce_weight < 0:

@@ -28,7 +28,10 @@ def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, 
     except Exception as err:
         raise ValueError(f"{path}: not a readable medfusion checkpoint ({err})") from err
     model = build_model(
-        checkpoint["model"], checkpoint["in_channels"], checkpoint["num_classes"], **checkpoint["kwargs"]
+        checkpoint.get("architecture", checkpoint["model"]),
+        checkpoint["in_channels"],
+        checkpoint["num_classes"],
+        **checkpoint["kwargs"],
     )
     model.load_state_dict(checkpoint["state_dict"])
     model.to(precision.device)

@@ -18,7 +18,7 @@ def main(
 ):
     params = load_params(params_file)
     summary = pd.concat(
-        pd.read_csv(eval_dir / d / m / "summary.csv") for d in params.datasets for m in params.models
+        pd.read_csv(eval_dir / d / m / "summary.csv") for d in params.datasets for m in params.model_names
     )
     tests = pd.read_csv(stats)
     for dataset in params.datasets:

@@ -1,4 +1,4 @@
-"""Stage stats: paired t-tests of the first model against each other one, per dataset and class."""
+"""Stage stats: paired t-tests of CASNet (the first model entry) against each other one, per dataset and class."""
 
 from pathlib import Path
 
@@ -14,9 +14,9 @@ def main(
 ):
     params = load_params(params_file)
     per_case = pd.concat(
-        pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in params.models
+        pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in params.model_names
     )
-    tests = paired_tests(per_case, params.models)
+    tests = paired_tests(per_case, params.model_names)
     out.parent.mkdir(parents=True, exist_ok=True)
     tests.to_csv(out, index=False)
     print(tests.to_string(index=False) if len(tests) else "stats: one model only, no comparison")

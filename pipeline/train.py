@@ -22,7 +22,7 @@ def main(
         "dataset": dataset,
         "model": model,
         "data.image_size": params.data.image_size,
-        **asdict_flat({"model_kwargs": params.model_kwargs(model)}),
+        **asdict_flat({"model_kwargs": params.model_kwargs(model, dataset)}),
         **asdict_flat({"train": params.train, "loss": params.loss, "cv": params.cv}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

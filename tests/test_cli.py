@@ -20,17 +20,26 @@ def test_check_accepts_params_yaml_and_names_bad_keys(tmp_path):
     assert runner.invoke(app, ["check", str(REPO / "params.yaml")]).exit_code == 0
     bad = tmp_path / "params.yaml"
     text = (REPO / "params.yaml").read_text()
-    bad.write_text(re.sub(r"(?m)^models: .*$", "models: [unet, casnet]", text))
+    bad.write_text(re.sub(r"(?m)^  baselines: .*$", "  baselines: [unet, casnet]", text))
     result = runner.invoke(app, ["check", str(bad)])
+    assert result.exit_code == 1
     assert (
-        result.exit_code == 1
-        and "models[1] = 'casnet'; expected one of ['attention_unet', 'unet']" in result.output
+        "models.baselines[1] = 'casnet'; expected one of ['attention_unet', 'deeplabv3', 'medt'"
+        in result.output
     )
 
 
-def test_models_lists_the_registry():
-    result = runner.invoke(app, ["models", "--params-file", str(REPO / "params.yaml")])
-    assert result.exit_code == 0 and "unet" in result.output and "31,03" in result.output
+def test_models_prints_every_entry_with_parameters_and_flops():
+    result = runner.invoke(
+        app, ["models", "--no-time", "--size", "64", "--params-file", str(REPO / "params.yaml")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split("|")[1].strip(): line for line in result.output.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"model", "casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "segnet",
+                         "deeplabv3", "attention_unet", "transunet", "medt"}  # fmt: skip
+    assert "| unet | unet | 31.04 |" in rows["unet"]  # U-Net at the paper's width 64
+    assert "| casnet_wo_hfe | casnet |" in rows["casnet_wo_hfe"]
+    assert "RTX 3090" in result.output
 
 
 def test_fetch_unknown_and_registration_only(tmp_path):

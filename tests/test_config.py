@@ -24,10 +24,25 @@ def test_params_yaml_is_the_paper_protocol():
 
 def test_every_model_in_params_builds():
     p = load_params(REPO / "params.yaml")
-    for name in p.models:
-        assert name in MODELS
-        build_model(name, 3, 2, **p.model_kwargs(name))
+    assert set(p.models.baselines) == set(MODELS) - {"casnet"}
+    assert p.model_names[:4] == ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br"]
+    for name in p.model_names:
+        assert p.architecture(name) in MODELS
+        build_model(p.architecture(name), 3, 2, **p.model_kwargs(name))
     assert set(p.data.sources) <= set(DATASETS)
+
+
+def test_ablation_entries_override_the_model_section():
+    p = load_params(REPO / "params.yaml")
+    assert p.model_kwargs("casnet_wo_hfe")["use_hfe"] is False and p.model_kwargs("casnet")["use_hfe"] is True
+    assert p.model_kwargs("casnet_wo_ca")["use_attention"] is False
+    assert "use_boundary" not in p.model_kwargs("casnet_wo_br")  # a loss setting, not the network's
+    assert (
+        p.casnet_settings("casnet_wo_br")["use_boundary"] is False
+        and p.casnet_settings("casnet")["use_boundary"]
+    )
+    assert p.model_kwargs("casnet", "kvasir_seg")["modalities"] == 1
+    assert p.model_kwargs("transunet")["image_size"] == 256
 
 
 def _with(path: str, value, delete: bool = False) -> dict:
@@ -52,11 +67,36 @@ def _with(path: str, value, delete: bool = False) -> dict:
         ("train.epochs", 0, False, "train.epochs = 0; expected an integer >= 1"),
         ("train.lr", True, False, "train.lr: expected float"),
         (
-            "models",
+            "models.baselines",
             ["unet", "resnet"],
             False,
-            "models[1] = 'resnet'; expected one of ['attention_unet', 'unet']",
+            "models.baselines[1] = 'resnet'; expected one of ['attention_unet', 'deeplabv3', 'medt', 'segnet'",
         ),
+        (
+            "models.casnet",
+            ["casnet", "casnet_wo_x"],
+            False,
+            "models.casnet[1] = 'casnet_wo_x'; expected a key of",
+        ),
+        ("ablations.casnet_wo_hfe", {"use_hfee": False}, False, "ablations.casnet_wo_hfe.use_hfee = False"),
+        (
+            "ablations.casnet_wo_hfe",
+            {"use_hfe": "no"},
+            False,
+            "ablations.casnet_wo_hfe.use_hfe: expected bool",
+        ),
+        ("ablations.unet", {"use_hfe": False}, False, "ablations.unet = 'unet'; expected a name that is not"),
+        ("model.transformer_dim", 100, False, "model.transformer_dim = 100; expected a multiple of 8"),
+        ("model.transformer_scales", [4], False, "model.transformer_scales = [4]"),
+        ("model.modalities", 0, False, "model.modalities = 0"),
+        ("deeplabv3.output_stride", 32, False, "deeplabv3.output_stride = 32; expected 8 or 16"),
+        (
+            "transunet.num_heads",
+            5,
+            False,
+            "transunet.hidden_size = 768; expected a multiple of transunet.num_heads",
+        ),
+        ("medt.heads", 16, False, "medt.base_channels = 32; expected a multiple of 4 with"),
         ("datasets", ["kvasir"], False, "datasets[0] = 'kvasir'; expected one of"),
         ("data.image_size", 100, False, "data.image_size = 100; expected a multiple of 16"),
         ("train.device", "tpu", False, "train.device = 'tpu'; expected one of ['auto', 'cpu', 'cuda']"),

@@ -27,6 +27,9 @@ class DatasetSpec:
         test_rule: how the held-out test set is chosen, by patient group:
             "fraction" (cv.test_fraction of the groups, seeded), "last:N" (the last N groups in sorted
             order: the paper's fixed CHASE_DB1 split) or "count:N" (N groups, seeded).
+        modalities: how many imaging modalities the in_channels hold, as equal consecutive groups
+            (RGB is one modality of 3 channels; T2 + ADC would be 2 of 1). CASNet encodes each
+            modality separately and fuses them in its transformer.
     """
 
     name: str
@@ -39,6 +42,7 @@ class DatasetSpec:
     checksum: str | None
     access: str
     test_rule: str
+    modalities: int = 1
 
     @property
     def num_classes(self) -> int:

@@ -7,11 +7,21 @@ from typing import Any
 from torch import nn
 
 from medfusion.models.attention_unet import AttentionUNet
+from medfusion.models.casnet import CASNet
+from medfusion.models.deeplabv3 import DeepLabV3
+from medfusion.models.medt import MedT
+from medfusion.models.segnet import SegNet
+from medfusion.models.transunet import TransUNet
 from medfusion.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
+    "casnet": CASNet,
     "unet": UNet,
+    "segnet": SegNet,
+    "deeplabv3": DeepLabV3,
     "attention_unet": AttentionUNet,
+    "transunet": TransUNet,
+    "medt": MedT,
 }
 
 

@@ -1,8 +1,8 @@
 """Cross-validated training: `run_fold` trains one (fold, seed); `run_cv` runs them all, resumably.
 
 Layout written under out_dir (data/runs/<dataset>/<model>/):
-    fold<k>_seed<s>/model.pt       best checkpoint (lowest validation loss): state_dict, model name,
-                                   kwargs, in_channels, num_classes, image_size, fold, seed
+    fold<k>_seed<s>/model.pt       best checkpoint (lowest validation loss): state_dict, model entry
+                                   name, architecture (registry name), kwargs, in_channels, num_classes, image_size, fold, seed
     fold<k>_seed<s>/history.json   per-epoch train/val loss, val Dice, seconds
     fold<k>_seed<s>/result.json    completion record: config hash, best epoch, best val loss/Dice
     summary.json                   every run's result, for the evaluate stage
@@ -94,8 +94,9 @@ def run_fold(
     train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, seed, pin)
     val_loader = make_loader(val_set, params.eval.batch_size, False, t.num_workers, seed, pin)
 
-    kwargs = params.model_kwargs(model_name)
-    model = build_model(model_name, spec.in_channels, spec.num_classes, **kwargs).to(precision.device)
+    kwargs = params.model_kwargs(model_name, dataset)
+    architecture = params.architecture(model_name)
+    model = build_model(architecture, spec.in_channels, spec.num_classes, **kwargs).to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer_cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
@@ -138,6 +139,7 @@ def run_fold(
             best = {"val_loss": val_loss, "epoch": epoch, "val_dice": val_dice}
             checkpoint = {
                 "model": model_name,
+                "architecture": architecture,
                 "kwargs": kwargs,
                 "in_channels": spec.in_channels,
                 "num_classes": spec.num_classes,
@@ -175,7 +177,8 @@ def fold_hash(
     return config_hash(
         dataset,
         model_name,
-        params.model_kwargs(model_name),
+        params.model_kwargs(model_name, dataset),
+        params.casnet_settings(model_name) if params.architecture(model_name) == "casnet" else None,
         params.train,
         params.loss,
         params.eval,

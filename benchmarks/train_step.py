@@ -1,0 +1,66 @@
+"""One training step of every registered model at the same base width, relative to U-Net.
+
+    python benchmarks/train_step.py --base 32 --batch 8 --size 256
+
+Forward + soft-Dice loss + backward + Adam on random data, CPU with channels_last + bf16 autocast
+(the pipeline's CPU setting; `--fp32` to compare), median of --repeats steps after one warm-up.
+"Same base width": U-Net, Attention U-Net, SegNet and CASNet use w = --base for their first stage;
+DeepLabV3 and TransUNet use it as their ResNet width; MedT as its first axial stage width. Every other
+setting is the model's default (the paper's depth: DeepLabV3 ResNet-50, TransUNet 12 x 768 ViT, CASNet
+4 x 256 transformer). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from medfusion.efficiency import count_parameters, hardware_name, train_step_seconds
+from medfusion.models import MODELS, build_model
+from medfusion.training.loop import Precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--in-channels", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--fp32", action="store_true", help="fp32 NCHW instead of bf16 autocast + channels_last")
+    ap.add_argument("--cuda", action="store_true", help="run on CUDA with fp16 AMP + channels_last")
+    args = ap.parse_args()
+
+    if args.cuda:
+        precision = Precision(torch.device("cuda"), torch.float16, True)
+    elif args.fp32:
+        precision = Precision(torch.device("cpu"), None, False)
+    else:
+        precision = Precision(torch.device("cpu"), torch.bfloat16, True)
+    names = ["unet"] + [m for m in args.models if m != "unet"]
+    print(
+        f"# train step, batch {args.batch}, {args.size}x{args.size}, {args.in_channels} channels, base width {args.base}"
+    )
+    print(
+        f"# {hardware_name(precision.device)}; torch {torch.__version__}; {precision}; {time.strftime('%Y-%m-%d')}"
+    )
+    print("| model | parameters | s/step | relative to U-Net |\n|---|---|---|---|")
+    reference = None
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, args.in_channels, 2, base_channels=args.base)
+        seconds = train_step_seconds(
+            model, args.in_channels, 2, args.size, args.batch, precision, repeats=args.repeats
+        )
+        reference = reference or seconds
+        print(
+            f"| {name} | {count_parameters(model) / 1e6:.2f} M | {seconds:.3f} | {seconds / reference:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
