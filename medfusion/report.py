@@ -69,3 +69,40 @@ def metrics_json(summary: pd.DataFrame) -> dict:
         cell = out.setdefault(r.dataset, {}).setdefault(r.model, {}).setdefault(r._3, {})
         cell[r.metric] = round(float(r.mean), 6)
     return out
+
+
+def ablation_table(
+    summary: pd.DataFrame, tests: pd.DataFrame, entries: list[str], settings: dict[str, dict]
+) -> str:
+    """Markdown: the CASNet entries (full model first, then its ablations) per dataset and class, as the
+    paper's Tables 3-4: Dice and IoU mean ± std over runs, the Dice change against the full model and the
+    paired t-test p-value from the stats stage. `settings` maps an entry to its override of `model`."""
+    rows = summary[summary["model"].isin(entries)]
+    lines = [
+        "## CASNet ablations",
+        "",
+        "Each variant is CASNet with one part switched off (its override of the `model` section in "
+        "params.yaml), trained under the same protocol. Values in %: mean ± std over runs of each run's "
+        "mean over the test cases; Δ Dice = variant - full model on per-case Dice averaged over runs; "
+        "p = paired t-test (stats stage).",
+        "",
+        "| dataset | class | model | switched off | Dice | IoU | Δ Dice (pts) | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    reference = entries[0]
+    for (dataset, cls), group in rows.groupby(["dataset", "class"], sort=False):
+        stats_rows = tests[(tests["dataset"] == dataset) & (tests["class"] == cls)]
+        for entry in entries:
+            cell = group[group["model"] == entry].set_index("metric")
+            if cell.empty:
+                continue
+            test = stats_rows[(stats_rows["reference"] == reference) & (stats_rows["model"] == entry)]
+            delta = p = "-"
+            if len(test):
+                delta = f"{-100 * test['mean_diff'].item():.2f}"
+                p = "n/a" if math.isnan(test["p_value"].item()) else f"{test['p_value'].item():.3g}"
+            off = ", ".join(f"{k}={v}" for k, v in settings.get(entry, {}).items()) or "(full model)"
+            dice = _fmt(cell.loc["dice", "mean"], cell.loc["dice", "std"])
+            iou = _fmt(cell.loc["iou", "mean"], cell.loc["iou", "std"])
+            lines.append(f"| {dataset} | {cls} | {entry} | {off} | {dice} | {iou} | {delta} | {p} |")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Stage report: reports/tables/<dataset>.md, reports/summary.csv and reports/metrics.json."""
+"""Stage report: reports/tables/<dataset>.md, tables/ablations.md, reports/summary.csv and reports/metrics.json."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import typer
 
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text, write_json
-from medfusion.report import dataset_table, metrics_json
+from medfusion.report import ablation_table, dataset_table, metrics_json
 
 
 def main(
@@ -26,6 +26,12 @@ def main(
             out_dir / "tables" / f"{dataset}.md",
             dataset_table(summary, tests, dataset, params.data.image_size),
         )
+    atomic_write_text(
+        out_dir / "tables" / "ablations.md",
+        ablation_table(
+            summary, tests, params.models.casnet, {n: params.ablations[n] for n in params.models.casnet}
+        ),
+    )
     summary.to_csv(out_dir / "summary.csv", index=False)
     write_json(out_dir / "metrics.json", metrics_json(summary))
     print(f"report: tables in {out_dir / 'tables'}, metrics in {out_dir / 'metrics.json'}")

@@ -16,6 +16,9 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+ENTRIES = ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "segnet", "deeplabv3",
+           "attention_unet", "transunet", "medt"]  # fmt: skip
+
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
@@ -53,19 +56,22 @@ def test_quickstart_writes_tables_metrics_and_keeps_params(quickstart_repo):
     assert "reports/tables/synthetic.md" in stdout and "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert (repo / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
     table = (repo / "reports" / "tables" / "synthetic_volumes.md").read_text()
-    assert (
-        "| unet | organ |" in table
-        and "| unet | lesion |" in table
-        and "per test case = one volume" in table.lower()
-    )
+    assert "per test case = one volume" in table.lower()
+    for model in ENTRIES:
+        assert f"| {model} | organ |" in table and f"| {model} | lesion |" in table
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     values = [v for ds in metrics.values() for m in ds.values() for c in m.values() for v in c.values()]
     assert values and all(0.0 <= v <= 1.0 for v in values)
+    assert set(metrics["synthetic"]) == set(ENTRIES)
     assert metrics["synthetic"]["unet"]["blob"]["dice"] > 0.6  # it learned, not just ran
-    assert metrics["synthetic"]["attention_unet"]["blob"]["dice"] > 0.6
+    assert metrics["synthetic"]["casnet"]["blob"]["dice"] > 0.6
+    ablations = (repo / "reports" / "tables" / "ablations.md").read_text()
+    assert "| synthetic | blob | casnet_wo_hfe | use_hfe=False |" in ablations
+    efficiency = (repo / "reports" / "efficiency.md").read_text()
+    assert all(f"| {m} |" in efficiency for m in ENTRIES) and "RTX 3090" in efficiency
 
 
-def test_stats_compare_the_first_model_with_the_others(quickstart_repo):
+def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
     repo, _, _ = quickstart_repo
     import pandas as pd
 
@@ -75,12 +81,11 @@ def test_stats_compare_the_first_model_with_the_others(quickstart_repo):
         ("synthetic_volumes", "organ"),
         ("synthetic_volumes", "lesion"),
     }
-    assert (tests["reference"] == "unet").all() and (tests["model"] == "attention_unet").all()
-    assert tests.loc[tests["dataset"] == "synthetic", "n_cases"].item() == 20
+    assert (tests["reference"] == "casnet").all()
+    assert sorted(tests.loc[tests["dataset"] == "synthetic", "model"]) == sorted(ENTRIES[1:])
+    assert (tests.loc[tests["dataset"] == "synthetic", "n_cases"] == 16).all()
     assert tests["p_value"].dropna().between(0, 1).all()
-    assert (
-        "| unet | attention_unet | blob | 20 |" in (repo / "reports" / "tables" / "synthetic.md").read_text()
-    )
+    assert "| casnet | medt | blob | 16 |" in (repo / "reports" / "tables" / "synthetic.md").read_text()
 
 
 def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quickstart_repo):
@@ -89,9 +94,11 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
     experiments = {name for (name,) in db.execute("select name from experiments")}
     assert {"medfusion/synthetic", "medfusion/synthetic_volumes"} <= experiments
     tags = db.execute("select run_uuid, key, value from tags").fetchall()
-    parents = {r for r, k, v in tags if k == "mlflow.runName" and v in ("unet", "attention_unet")}
+    parents = {r for r, k, v in tags if k == "mlflow.runName" and v in ENTRIES}
     children = {r for r, k, _ in tags if k == "mlflow.parentRunId"}
-    assert len(parents) == 4 and len(children) == 8  # 2 datasets x 2 models x (1 parent, 2 folds x 1 seed)
+    assert (
+        len(parents) == 20 and len(children) == 40
+    )  # 2 datasets x 10 entries x (1 parent, 2 folds x 1 seed)
     assert {v for r, k, v in tags if k == "dvc.exp_name"} == {"qs-test"}
     metric_keys = {(r, k) for r, k in db.execute("select run_uuid, key from metrics")}
     assert all((p, "test_dice_organ") in metric_keys or (p, "test_dice_blob") in metric_keys for p in parents)
@@ -110,8 +117,19 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     params["unet"]["base_channels"] += 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
-    assert changed == {"train@synthetic-unet", "train@synthetic_volumes-unet"}
+    assert changed == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency"}
     dry = _run(["dvc", "repro", "--dry"], repo, env).stdout
     would_run = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     # evaluate, stats and report follow when the train outputs change; nothing upstream reruns
-    assert would_run == {"train@synthetic-unet", "train@synthetic_volumes-unet"}
+    assert would_run == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency"}
+
+    # the ablation switch users type: only the CASNet entries (and efficiency) are out of date
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    _run(["dvc", "exp", "apply", "qs-test"], repo, env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["use_boundary"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
+    assert changed == {
+        f"train_casnet@{d}-{m}" for d in ("synthetic", "synthetic_volumes") for m in ENTRIES[:4]
+    } | {"efficiency"}

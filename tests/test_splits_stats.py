@@ -68,3 +68,27 @@ def test_single_model_has_no_comparison():
         columns=["dataset", "model", "run", "case_id", "class", "metric", "value"],
     )
     assert paired_tests(table, ["unet"]).empty
+
+
+def test_ablation_table_lists_variants_with_delta_and_p():
+    from medfusion.report import ablation_table
+
+    summary = pd.DataFrame(
+        [("ds", m, "fg", metric, mean, 0.01, 2, 10)
+         for m, mean in (("casnet", 0.8), ("casnet_wo_ca", 0.7), ("unet", 0.6)) for metric in ("dice", "iou")],
+        columns=["dataset", "model", "class", "metric", "mean", "std", "runs", "cases"],
+    )  # fmt: skip
+    tests = pd.DataFrame(
+        [("ds", "fg", "dice", "casnet", "casnet_wo_ca", 10, 0.8, 0.7, 0.1, 3.0, 0.004)],
+        columns=["dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
+                 "mean_diff", "t", "p_value"],
+    )  # fmt: skip
+    table = ablation_table(
+        summary, tests, ["casnet", "casnet_wo_ca"], {"casnet": {}, "casnet_wo_ca": {"use_attention": False}}
+    )
+    assert "| ds | fg | casnet | (full model) | 80.00 ± 1.00 | 80.00 ± 1.00 | - | - |" in table
+    assert (
+        "| ds | fg | casnet_wo_ca | use_attention=False | 70.00 ± 1.00 | 70.00 ± 1.00 | -10.00 | 0.004 |"
+        in table
+    )
+    assert "unet" not in table.split("|---|")[-1]
