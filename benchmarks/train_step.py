@@ -7,7 +7,8 @@ Forward + soft-Dice loss + backward + Adam on random data, CPU with channels_las
 "Same base width": U-Net, Attention U-Net, SegNet and CASNet use w = --base for their first stage;
 DeepLabV3 and TransUNet use it as their ResNet width; MedT as its first axial stage width. Every other
 setting is the model's default (the paper's depth: DeepLabV3 ResNet-50, TransUNet 12 x 768 ViT, CASNet
-4 x 256 transformer). Prints a markdown table.
+4 x 256 transformer). `--casnet-parts` adds CASNet with each part switched off, to show where its
+time goes. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--fp32", action="store_true", help="fp32 NCHW instead of bf16 autocast + channels_last")
     ap.add_argument("--cuda", action="store_true", help="run on CUDA with fp16 AMP + channels_last")
+    ap.add_argument(
+        "--casnet-parts", action="store_true", help="also time CASNet with each part switched off"
+    )
     args = ap.parse_args()
 
     if args.cuda:
@@ -41,6 +45,11 @@ def main() -> None:
     else:
         precision = Precision(torch.device("cpu"), torch.bfloat16, True)
     names = ["unet"] + [m for m in args.models if m != "unet"]
+    entries = [(name, name, {}) for name in names]
+    if args.casnet_parts:
+        switches = ("use_hfe", "use_attention", "use_msf", "use_transformer")
+        entries += [(f"casnet {s}=false", "casnet", {s: False}) for s in switches]
+        entries.append(("casnet, all four off", "casnet", dict.fromkeys(switches, False)))
     print(
         f"# train step, batch {args.batch}, {args.size}x{args.size}, {args.in_channels} channels, base width {args.base}"
     )
@@ -49,15 +58,15 @@ def main() -> None:
     )
     print("| model | parameters | s/step | relative to U-Net |\n|---|---|---|---|")
     reference = None
-    for name in names:
+    for label, name, switches in entries:
         torch.manual_seed(0)
-        model = build_model(name, args.in_channels, 2, base_channels=args.base)
+        model = build_model(name, args.in_channels, 2, base_channels=args.base, **switches)
         seconds = train_step_seconds(
             model, args.in_channels, 2, args.size, args.batch, precision, repeats=args.repeats
         )
         reference = reference or seconds
         print(
-            f"| {name} | {count_parameters(model) / 1e6:.2f} M | {seconds:.3f} | {seconds / reference:.2f} |",
+            f"| {label} | {count_parameters(model) / 1e6:.2f} M | {seconds:.3f} | {seconds / reference:.2f} |",
             flush=True,
         )
 

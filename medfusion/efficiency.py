@@ -57,8 +57,8 @@ def inference_ms_per_image(
     size: int,
     batch: int,
     precision: Precision,
-    warmup: int = 1,
-    repeats: int = 3,
+    warmup: int = 2,
+    repeats: int = 10,
 ) -> float:
     """Median wall time of one eval-mode forward pass of a batch, divided by the batch size, in ms."""
     model = model.to(precision.device).eval()
@@ -166,7 +166,7 @@ def efficiency_markdown(rows: list[dict], precision: Precision, size: int, in_ch
         f"Widths from params.yaml; {in_channels}-channel {size}x{size} input, 2 classes. GFLOPs: one forward pass "
         "of one image (torch.utils.flop_counter, a multiply-add = 2 FLOPs)."
         + (
-            f" ms/image: median of 5 eval-mode forward passes at batch 1 after 2 warm-ups, on {hardware_name(precision.device)}, "
+            f" ms/image: median of 10 eval-mode forward passes at batch 1 after 2 warm-ups, on {hardware_name(precision.device)}, "
             f"{'autocast ' + str(precision.amp_dtype).replace('torch.', '') if precision.amp_dtype else 'fp32'}"
             f"{', channels_last' if precision.channels_last else ''}; torch {torch.__version__}."
             if timed

@@ -39,7 +39,7 @@ def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, imag
     tests = tests[tests["dataset"] == dataset]
     lines += [
         "",
-        "Paired t-test on per-case Dice averaged over runs (reference: first model in `models`):",
+        "Paired t-test on per-case Dice averaged over runs (reference: the first model entry, CASNet by default):",
         "",
     ]
     if tests.empty:
@@ -89,6 +89,8 @@ def ablation_table(
         "| dataset | class | model | switched off | Dice | IoU | Δ Dice (pts) | p |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if not entries:
+        return "\n".join(lines[:2] + ["No CASNet entry was run (`models.casnet` is empty)."]) + "\n"
     reference = entries[0]
     for (dataset, cls), group in rows.groupby(["dataset", "class"], sort=False):
         stats_rows = tests[(tests["dataset"] == dataset) & (tests["class"] == cls)]

@@ -21,6 +21,7 @@ def main(
     flat = {
         "dataset": dataset,
         "model": model,
+        "architecture": params.architecture(model),
         "data.image_size": params.data.image_size,
         **asdict_flat({"model_kwargs": params.model_kwargs(model, dataset)}),
         **asdict_flat({"train": params.train, "loss": params.loss, "cv": params.cv}),
@@ -31,7 +32,7 @@ def main(
         f"{params.mlflow.experiment_prefix}/{dataset}",
         run_name=model,
         params=flat,
-        tags={"dataset": dataset, "model": model},
+        tags={"dataset": dataset, "model": model, "architecture": params.architecture(model)},
         state_file=out_dir / "mlflow.json",
     )
     results = run_cv(params, dataset, model, processed_dir, split, out_dir, tracker.child)

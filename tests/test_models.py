@@ -144,7 +144,7 @@ def test_contextual_attention_matches_the_formula():
         ca.theta.fill_(0.3)
     f = torch.randn(2, 16, 8, 12)
     with torch.no_grad():
-        a_c = torch.sigmoid(ca.channel(f))
+        a_c = torch.sigmoid(ca.channel(f.mean((2, 3), keepdim=True)))
         z_h = ca.axis_shared(f.mean(3, keepdim=True))
         z_w = ca.axis_shared(f.mean(2, keepdim=True))  # the shared 1x1 conv-BN(eval)-ReLU is pointwise
         a_h, a_w = torch.sigmoid(ca.axis_h(z_h)), torch.sigmoid(ca.axis_w(z_w))

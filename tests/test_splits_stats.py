@@ -92,3 +92,4 @@ def test_ablation_table_lists_variants_with_delta_and_p():
         in table
     )
     assert "unet" not in table.split("|---|")[-1]
+    assert "No CASNet entry was run" in ablation_table(summary, tests, [], {})

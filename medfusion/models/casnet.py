@@ -61,8 +61,7 @@ class ContextualAttention(nn.Module):
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
         hidden = max(1, channels // reduction)
-        self.channel = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+        self.channel = nn.Sequential(  # the MLP on GAP(F), as 1x1 convolutions
             nn.Conv2d(channels, hidden, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1),
@@ -79,8 +78,9 @@ class ContextualAttention(nn.Module):
 
     def forward(self, f: Tensor) -> Tensor:
         h, w = f.shape[-2:]
-        a_c = torch.sigmoid(self.channel(f))  # (B, C, 1, 1)
-        z = torch.cat([f.mean(dim=3, keepdim=True), f.mean(dim=2, keepdim=True).transpose(2, 3)], dim=2)
+        z_h = f.mean(dim=3, keepdim=True)  # (B, C, H, 1)
+        a_c = torch.sigmoid(self.channel(z_h.mean(dim=2, keepdim=True)))  # GAP(F) = mean_H z_h: (B, C, 1, 1)
+        z = torch.cat([z_h, f.mean(dim=2, keepdim=True).transpose(2, 3)], dim=2)
         z_h, z_w = self.axis_shared(z).split([h, w], dim=2)  # (B, hidden, H, 1), (B, hidden, W, 1)
         a_h = torch.sigmoid(self.axis_h(z_h))  # (B, C, H, 1)
         a_w = torch.sigmoid(self.axis_w(z_w)).transpose(2, 3)  # (B, C, 1, W)
