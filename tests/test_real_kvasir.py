@@ -20,7 +20,12 @@ KVASIR = SHARED_DATASETS / "kvasir_seg"
 pytestmark = pytest.mark.skipif(not KVASIR.is_dir(), reason=f"{KVASIR} not present (real-data test)")
 
 
-def test_unet_learns_on_40_real_kvasir_pairs(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "section", "widths"),
+    [("unet", "unet", {"base_channels": 8}),
+     ("casnet", "model", {"base_channels": 8, "transformer_dim": 32, "transformer_layers": 1})],
+)  # fmt: skip
+def test_model_learns_on_40_real_kvasir_pairs(tmp_path, model, section, widths):
     raw = tmp_path / "raw"
     for sub in ("images", "masks"):
         (raw / sub).mkdir(parents=True)
@@ -33,13 +38,13 @@ def test_unet_learns_on_40_real_kvasir_pairs(tmp_path):
 
     params = params_from_dict(tiny_raw_params())
     params = replace(params, "data", image_size=64)
-    params = replace(params, "unet", base_channels=8)
+    params = replace(params, section, **widths)
     params = replace(params, "train", epochs=25, batch_size=8, lr=3e-3, patience=25)
     precision = resolve_precision("cpu", cpu_bf16=True, channels_last=True)
     run_fold(
         params,
         "kvasir_seg",
-        "unet",
+        model,
         tmp_path / "proc",
         split,
         0,
@@ -56,6 +61,6 @@ def test_unet_learns_on_40_real_kvasir_pairs(tmp_path):
     cases = read_json(tmp_path / "proc" / "cases.json")
     test_masks = [masks[i] for i, c in enumerate(cases) if c["case_id"] in set(split["test"])]
     trivial = np.mean([2 * m.sum() / (m.sum() + m.size) for m in test_masks])
-    print(f"Dice {dice:.3f} vs all-foreground {trivial:.3f}")
+    print(f"{model}: Dice {dice:.3f} vs all-foreground {trivial:.3f}")
     assert dice > trivial + 0.05, f"Dice {dice:.3f} vs all-foreground {trivial:.3f}"
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["dataset"] == "kvasir_seg"
