@@ -68,9 +68,10 @@ def main() -> None:
         warm = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(args.batch)), batch_size=args.batch
         )
-        train_one_epoch(model, warm, optimizer, segmentation_loss, precision, desc="warm-up")
+        objective = lambda logits, target, batch: segmentation_loss(logits, target)  # noqa: E731
+        train_one_epoch(model, warm, optimizer, objective, precision, desc="warm-up")
         start = time.perf_counter()
-        train_one_epoch(model, loader, optimizer, segmentation_loss, precision, desc=name)
+        train_one_epoch(model, loader, optimizer, objective, precision, desc=name)
         seconds = time.perf_counter() - start
         baseline = baseline or seconds
         print(f"| {name} | {seconds:.1f} | {baseline / seconds:.2f}x |", flush=True)

@@ -41,6 +41,7 @@ QUICKSTART_OVERRIDES = [
     "transunet.decoder_scale=0.25",
     "medt.base_channels=16",
     "medt.heads=4",
+    "drgo.region_size=16",
     "train.epochs=20",
     "train.batch_size=8",
     "train.lr=0.003",

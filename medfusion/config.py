@@ -68,16 +68,19 @@ class CASNetParams:
     transformer_layers: int
     transformer_scales: list[int]
     modalities: int | None
+    drgo: bool
 
 
 @dataclass(frozen=True)
 class UNetParams:
     base_channels: int
+    drgo: bool
 
 
 @dataclass(frozen=True)
 class SegNetParams:
     base_channels: int
+    drgo: bool
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,13 @@ class DeepLabV3Params:
     depth: int
     output_stride: int
     aspp_channels: int
+    drgo: bool
 
 
 @dataclass(frozen=True)
 class AttentionUNetParams:
     base_channels: int
+    drgo: bool
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class TransUNetParams:
     num_heads: int
     mlp_dim: int
     decoder_scale: float
+    drgo: bool
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,26 @@ class MedTParams:
     base_channels: int
     heads: int
     local_grid: int
+    drgo: bool
+
+
+@dataclass(frozen=True)
+class DRGOParams:
+    """DRGO (METHOD.md section 2) for the entries whose section says `drgo: true`."""
+
+    use_sampling: bool
+    use_adaptive: bool
+    alpha: float
+    beta: float
+    delta: float
+    smooth_weight: float
+    gamma0: float
+    confidence_momentum: float
+    region_size: int
+    regions_per_image: int
+    tau: float
+    eps: float
+    importance_weights: list[float]
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,7 @@ class Params:
     attention_unet: AttentionUNetParams
     transunet: TransUNetParams
     medt: MedTParams
+    drgo: DRGOParams
     train: TrainParams
     loss: LossParams
     cv: CVParams
@@ -184,21 +211,36 @@ class Params:
         `modalities` from the dataset when `model.modalities` is null; `image_size` for the models
         whose position tables are learned at a reference size."""
         if self.architecture(name) == "casnet":
-            kwargs = {**dataclasses.asdict(self.model), **self.ablations.get(name, {})}
-            kwargs.pop("use_boundary")
+            kwargs = self.casnet_settings(name)
+            for key in LOSS_KEYS:
+                kwargs.pop(key)
             if kwargs["modalities"] is None:
                 kwargs["modalities"] = DATASETS[dataset].modalities if dataset else 1
             return kwargs
         kwargs = dataclasses.asdict(getattr(self, name))
+        kwargs.pop("drgo")
         if name in ("transunet", "medt"):
             kwargs["image_size"] = self.data.image_size
         return kwargs
+
+    def uses_drgo(self, name: str) -> bool:
+        """Whether entry `name` trains with DRGO (its section's `drgo`; CASNet entries read `model`)."""
+        if self.architecture(name) == "casnet":
+            return bool(self.casnet_settings(name)["drgo"])
+        return getattr(self, name).drgo
+
+    def use_boundary(self, name: str) -> bool:
+        """DRGO's boundary term: CASNet's `use_boundary` (with the entry's override); on for baselines with DRGO."""
+        return (
+            bool(self.casnet_settings(name)["use_boundary"]) if self.architecture(name) == "casnet" else True
+        )
 
     def casnet_settings(self, name: str) -> dict[str, Any]:
         """The full `model` section as entry `name` sees it (ablation override applied), incl. use_boundary."""
         return {**dataclasses.asdict(self.model), **self.ablations.get(name, {})}
 
 
+LOSS_KEYS = ("use_boundary", "drgo")  # settings of the loss, not constructor arguments
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
@@ -360,6 +402,26 @@ def _check_values(p: Params, source: str) -> None:
             "medt.base_channels",
             p.medt.base_channels,
             f"a multiple of 4 with base_channels / 2 divisible by 2 x medt.heads ({p.medt.heads})",
+        )
+    d = p.drgo
+    for key in ("alpha", "beta", "delta", "smooth_weight", "gamma0"):
+        if getattr(d, key) < 0:
+            fail(f"drgo.{key}", getattr(d, key), "a number >= 0")
+    if not 0 <= d.confidence_momentum < 1:
+        fail("drgo.confidence_momentum", d.confidence_momentum, "a number in [0, 1)")
+    if not 0 <= d.eps <= 1:
+        fail("drgo.eps", d.eps, "a number in [0, 1]")
+    if not d.tau > 0:
+        fail("drgo.tau", d.tau, "a number > 0")
+    if d.region_size < 1 or p.data.image_size % d.region_size:
+        fail("drgo.region_size", d.region_size, f"a divisor of data.image_size ({p.data.image_size})")
+    if d.regions_per_image < 1:
+        fail("drgo.regions_per_image", d.regions_per_image, "an integer >= 1")
+    if len(d.importance_weights) != 3 or min(d.importance_weights) < 0 or not sum(d.importance_weights) > 0:
+        fail(
+            "drgo.importance_weights",
+            d.importance_weights,
+            "3 numbers >= 0 (frequency, boundary, entropy), not all 0",
         )
     if not p.transunet.decoder_scale > 0:
         fail("transunet.decoder_scale", p.transunet.decoder_scale, "a number > 0")

@@ -40,3 +40,34 @@ def overlap_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
 def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict[str, float]]:
     """Metrics per foreground class (1..num_classes-1) of label maps `pred` and `target`."""
     return {c: overlap_metrics(pred == c, target == c) for c in range(1, num_classes)}
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """The boundary voxels of a binary mask: foreground voxels with a background face-neighbour
+    (the image border counts as background)."""
+    from scipy import ndimage
+
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between the surfaces of two binary masks.
+
+    The distances from every surface voxel of each mask to the other mask's surface are pooled
+    (both directions) and their 95th percentile is taken; in units of `spacing` (pixels if None).
+    Both empty: 0. Exactly one empty: NaN (undefined; tables report how many cases were undefined).
+    """
+    from scipy import ndimage
+
+    pred, target = pred.astype(bool), target.astype(bool)
+    if not pred.any() and not target.any():
+        return 0.0
+    if not pred.any() or not target.any():
+        return float("nan")
+    s_pred, s_target = surface(pred), surface(target)
+    spacing = spacing or (1.0,) * pred.ndim
+    to_target = ndimage.distance_transform_edt(~s_target, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)
+    distances = np.concatenate([to_target[s_pred], to_pred[s_target]])
+    return float(np.percentile(distances, 95))

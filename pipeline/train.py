@@ -26,6 +26,9 @@ def main(
         **asdict_flat({"model_kwargs": params.model_kwargs(model, dataset)}),
         **asdict_flat({"train": params.train, "loss": params.loss, "cv": params.cv}),
     }
+    if params.uses_drgo(model):  # only then: a baseline's parent run stays the same when drgo changes
+        flat.update(asdict_flat({"drgo": params.drgo}))
+        flat["drgo.use_boundary"] = params.use_boundary(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(
         resolve_tracking_uri(params.mlflow.tracking_uri),

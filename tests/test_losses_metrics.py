@@ -67,3 +67,22 @@ def test_case_metrics_per_foreground_class_and_shape_check():
     assert m[1]["dice"] == 1.0 and m[2]["dice"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="differs from target shape"):
         overlap_metrics(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_hd95_of_a_shifted_square_and_against_brute_force():
+    from medfusion.metrics import hd95, surface
+
+    a = np.zeros((32, 32), bool)
+    a[8:20, 8:20] = True
+    b = np.roll(a, 3, axis=1)  # shifted by 3 pixels
+    # the left/right sides are 3 apart, top/bottom surface points match or are within 3: 95th pct = 3
+    assert hd95(a, b) == pytest.approx(3.0)
+    assert hd95(a, a) == 0.0 and hd95(a, np.zeros_like(a)) != hd95(a, np.zeros_like(a))  # NaN
+    assert hd95(np.zeros_like(a), np.zeros_like(a)) == 0.0
+    assert hd95(a, b, spacing=(1.0, 2.0)) == pytest.approx(6.0)
+    rng = np.random.default_rng(0)
+    p, t = rng.random((20, 20)) > 0.7, rng.random((20, 20)) > 0.6
+    sp, st = np.argwhere(surface(p)), np.argwhere(surface(t))
+    d = np.sqrt(((sp[:, None, :] - st[None, :, :]) ** 2).sum(-1))
+    brute = np.percentile(np.concatenate([d.min(1), d.min(0)]), 95)
+    assert hd95(p, t) == pytest.approx(brute)

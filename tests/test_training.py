@@ -66,7 +66,11 @@ def test_non_finite_loss_stops_with_step_and_samples(tiny_params, synthetic_proc
     model = build_model("unet", 3, 2, base_channels=4)
     with pytest.raises(TrainingError, match=r"loss is nan at step 0 \(sample indices \[0, 1\]\)"):
         train_one_epoch(
-            model, loader, torch.optim.Adam(model.parameters()), lambda lg, t: lg.sum() * float("nan"), FP32
+            model,
+            loader,
+            torch.optim.Adam(model.parameters()),
+            lambda lg, t, b: lg.sum() * float("nan"),
+            FP32,
         )
 
 
@@ -170,3 +174,43 @@ def test_resumed_stage_reuses_its_parent_run_only_for_the_same_params(tmp_path):
     again = Tracker(uri, "e", "unet", {"train.lr": 0.1}, {}, state)
     changed = Tracker(uri, "e", "unet", {"train.lr": 0.2}, {}, state)
     assert first.parent_id == again.parent_id != changed.parent_id
+
+
+def test_casnet_trains_with_drgo_and_the_switches_change_the_run(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    params = replace(tiny_params, "model", base_channels=4, transformer_dim=16, transformer_layers=1)
+    params = replace(params, "drgo", region_size=8)
+    assert params.uses_drgo("casnet") and params.use_boundary("casnet") and not params.use_boundary("casnet_wo_br")
+    results = {}
+    for name in ("casnet", "casnet_wo_br"):
+        results[name] = run_fold(params, "synthetic", name, processed, split, 0, 0, tmp_path / name,
+                                 lambda m, step: None, FP32)  # fmt: skip
+        assert np.isfinite(results[name]["best_val_loss"])
+    history = [json.loads((tmp_path / n / "history.json").read_text()) for n in results]
+    assert history[0][0]["train_loss"] != history[1][0]["train_loss"]  # the boundary term is in one only
+    checkpoint = torch.load(tmp_path / "casnet_wo_br" / "model.pt", weights_only=True)
+    assert checkpoint["architecture"] == "casnet" and "use_boundary" not in checkpoint["kwargs"]
+
+
+def test_drgo_is_a_setting_of_each_model(tiny_params, synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    with_drgo = replace(replace(tiny_params, "unet", drgo=True), "drgo", region_size=8)
+    assert with_drgo.uses_drgo("unet") and not tiny_params.uses_drgo("unet")
+    a, _ = _fold(tiny_params, processed, split, tmp_path, "plain")
+    b, _ = _fold(with_drgo, processed, split, tmp_path, "drgo")
+    history = [json.loads((tmp_path / n / "history.json").read_text()) for n in ("plain", "drgo")]
+    assert history[0][0]["train_loss"] < history[1][0]["train_loss"]  # extra non-negative terms
+    assert history[0][0]["val_loss"] == pytest.approx(history[1][0]["val_loss"], rel=0.5)  # both L_seg
+
+
+def test_dataset_distance_maps_follow_the_augmented_mask(synthetic_processed):
+    from medfusion.data.dataset import SegDataset
+    from medfusion.losses.drgo import distance_map
+
+    processed, split = synthetic_processed
+    dataset = SegDataset(processed, split["test"], augment=True, seed=1, distance=True)
+    for i in range(4):
+        item = dataset[i]
+        assert item["distance"].shape == item["mask"].shape
+        assert np.array_equal(item["distance"].numpy(), distance_map(item["mask"].numpy()))
+    assert "distance" not in SegDataset(processed, split["test"])[0]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medfusion.data.io import read_json
+from medfusion.losses.drgo import distance_map
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -40,12 +41,19 @@ class SegDataset(Dataset):
         case_ids: the test cases to include.
         augment: apply `flip_augment`.
         seed: seeds the augmentation stream (mixed with the worker id and the epoch-independent index).
+        distance: also return d(x), the distance of each pixel to the nearest label edge after
+            augmentation (DRGO's boundary weights), computed here in the loader workers.
 
-    Items: dict(image (C, S, S) float32 z-scored, mask (S, S) int64, index int).
+    Items: dict(image (C, S, S) float32 z-scored, mask (S, S) int64, index int[, distance (S, S) float32]).
     """
 
     def __init__(
-        self, processed_dir: Path, case_ids: list[str], augment: bool = False, seed: int = 0
+        self,
+        processed_dir: Path,
+        case_ids: list[str],
+        augment: bool = False,
+        seed: int = 0,
+        distance: bool = False,
     ) -> None:
         processed_dir = Path(processed_dir)
         self.images = np.load(processed_dir / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
@@ -58,6 +66,7 @@ class SegDataset(Dataset):
         self.indices = [i for i, c in enumerate(cases) if c["case_id"] in wanted]
         self.samples = [cases[i] for i in self.indices]
         self.augment = augment
+        self.distance = distance
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -68,8 +77,11 @@ class SegDataset(Dataset):
         image, mask = np.asarray(self.images[j]), np.asarray(self.masks[j])
         if self.augment:
             image, mask = flip_augment(image, mask, self.generator)
-        return {
+        item = {
             "image": torch.from_numpy(zscore(np.ascontiguousarray(image))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
             "index": i,
         }
+        if self.distance:
+            item["distance"] = torch.from_numpy(distance_map(mask))
+        return item

@@ -31,9 +31,10 @@ from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_json, write_json
 from medfusion.data.registry import DATASETS
 from medfusion.losses import segmentation_loss
+from medfusion.losses.drgo import DRGOSettings, class_frequencies
 from medfusion.models import build_model
 from medfusion.seed import seed_everything, worker_init_fn
-from medfusion.training.loop import Precision, resolve_precision, train_one_epoch, validate
+from medfusion.training.loop import DRGOObjective, Precision, resolve_precision, train_one_epoch, validate
 
 LogFn = Callable[[dict[str, float], int], None]
 # (fold, seed, run params) -> context manager yielding a log callback; the pipeline passes MLflow's
@@ -88,7 +89,11 @@ def run_fold(
     t = params.train
     precision = precision or resolve_precision(t.device, t.cpu_bf16, t.channels_last)
     seed_everything(seed * 1000 + fold)
-    train_set = SegDataset(processed_dir, split["folds"][fold]["train"], augment=t.augment, seed=seed)
+    drgo = params.uses_drgo(model_name)
+    boundary = drgo and params.use_boundary(model_name)
+    train_set = SegDataset(
+        processed_dir, split["folds"][fold]["train"], augment=t.augment, seed=seed, distance=boundary
+    )
     val_set = SegDataset(processed_dir, split["folds"][fold]["val"])
     pin = precision.device.type == "cuda"
     train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, seed, pin)
@@ -108,6 +113,17 @@ def run_fold(
     )
     scaler = torch.amp.GradScaler("cuda") if precision.amp_dtype == torch.float16 else None
     loss_fn = lambda logits, target: segmentation_loss(logits, target, params.loss.ce_weight)  # noqa: E731
+    if drgo:  # METHOD.md section 2; validation (early stopping) keeps L_seg, comparable across models
+        class_freq = class_frequencies(train_set.masks[train_set.indices], spec.num_classes)
+        objective = DRGOObjective(
+            drgo_settings(params, model_name),
+            class_freq,
+            params.loss.ce_weight,
+            params.drgo.confidence_momentum,
+            seed,
+        )
+    else:
+        objective = lambda logits, target, batch: loss_fn(logits, target)  # noqa: E731
 
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
@@ -118,7 +134,7 @@ def run_fold(
     for epoch in epochs:
         start = time.perf_counter()
         train_loss = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, precision, scaler, f"epoch {epoch + 1}"
+            model, train_loader, optimizer, objective, precision, scaler, f"epoch {epoch + 1}"
         )
         val_loss, val_dice = validate(model, val_loader, loss_fn, precision, spec.num_classes)
         scheduler.step()
@@ -169,6 +185,26 @@ def run_fold(
     }
 
 
+def drgo_settings(params: Params, model_name: str) -> DRGOSettings:
+    """The DRGO settings entry `model_name` trains with: the `drgo` section plus its `use_boundary`."""
+    d = params.drgo
+    return DRGOSettings(
+        use_sampling=d.use_sampling,
+        use_adaptive=d.use_adaptive,
+        use_boundary=params.use_boundary(model_name),
+        alpha=d.alpha,
+        beta=d.beta,
+        delta=d.delta,
+        smooth_weight=d.smooth_weight,
+        gamma0=d.gamma0,
+        region_size=d.region_size,
+        regions_per_image=d.regions_per_image,
+        tau=d.tau,
+        eps=d.eps,
+        importance_weights=tuple(d.importance_weights),
+    )
+
+
 def fold_hash(
     params: Params, dataset: str, model_name: str, processed_dir: Path, split: dict, fold: int, seed: int
 ) -> str:
@@ -179,6 +215,7 @@ def fold_hash(
         model_name,
         params.model_kwargs(model_name, dataset),
         params.casnet_settings(model_name) if params.architecture(model_name) == "casnet" else None,
+        (params.drgo, params.drgo.confidence_momentum) if params.uses_drgo(model_name) else None,
         params.train,
         params.loss,
         params.eval,

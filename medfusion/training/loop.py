@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from medfusion.losses.drgo import DRGOSettings, drgo_loss
 from medfusion.metrics import case_metrics
 
 
@@ -49,18 +50,62 @@ def resolve_precision(device: str, cpu_bf16: bool, channels_last: bool) -> Preci
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# training objective: (logits fp32, target, batch on the device) -> loss
+Objective = Callable[[Tensor, Tensor, dict], Tensor]
+
+
+class DRGOObjective:
+    """The DRGO objective for the training loop, which holds what DRGO's pure functions must not:
+    the moving average c_t of the batches' mean max-probability (it drives gamma), and the generator
+    of the region draws. `last_terms` keeps the last batch's loss terms for logging."""
+
+    def __init__(
+        self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, momentum: float, seed: int
+    ) -> None:
+        self.settings, self.class_freq, self.ce_weight, self.momentum = (
+            settings,
+            class_freq,
+            ce_weight,
+            momentum,
+        )
+        self.confidence = 0.0
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self.last_terms: dict[str, float] = {}
+
+    def __call__(self, logits: Tensor, target: Tensor, batch: dict) -> Tensor:
+        device = logits.device
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        distance = batch.get("distance")
+        loss, terms = drgo_loss(
+            logits,
+            target,
+            self.class_freq.to(device),
+            self.settings,
+            self.confidence,
+            None if distance is None else distance.to(device, non_blocking=True),
+            self.ce_weight,
+            self.generators[device],
+        )
+        self.confidence = self.momentum * self.confidence + (1 - self.momentum) * terms["confidence"]
+        self.last_terms = terms
+        return loss
 
 
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
+    loss_fn: Objective,
     precision: Precision,
     scaler: torch.amp.GradScaler | None = None,
     desc: str = "train",
 ) -> float:
-    """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss."""
+    """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss.
+
+    `loss_fn(logits, target, batch)` gets fp32 logits and the whole batch (DRGO reads its distance maps).
+    """
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, unit="batch", position=1, mininterval=1.0)
@@ -68,7 +113,7 @@ def train_one_epoch(
         image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
         with precision.autocast():
             logits = model(image)
-        loss = loss_fn(logits.float(), mask)
+        loss = loss_fn(logits.float(), mask, batch)
         if not math.isfinite(loss.item()):
             raise TrainingError(
                 f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})"
