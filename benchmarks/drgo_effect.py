@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument(
         "--region-size", type=int, default=16, help="16 at 128x128 keeps the paper's N = 64 regions"
     )
-    ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temp folder)")
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temp folder); "
+                    "a variant whose scores.npz is there is not retrained")  # fmt: skip
+    ap.add_argument("--variants", nargs="+", default=["CASNet + DRGO", "CASNet, no DRGO"],
+                    help="first one is compared with each other one; also 'CASNet + DRGO without boundary'")  # fmt: skip
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="drgo_effect_"))
@@ -72,18 +75,25 @@ def main() -> None:
         f"# data ready in {time.perf_counter() - start:.0f} s: {len(split['test'])} test images", flush=True
     )
 
+    no_boundary = dataclasses.replace(params, model=dataclasses.replace(params.model, use_boundary=False))
     variants = {
         "CASNet + DRGO": params,
         "CASNet, no DRGO": dataclasses.replace(
-            params,
-            model=dataclasses.replace(params.model, use_boundary=False),
-            drgo=dataclasses.replace(params.drgo, use_sampling=False, use_adaptive=False),
+            no_boundary, drgo=dataclasses.replace(params.drgo, use_sampling=False, use_adaptive=False)
         ),
+        "CASNet + DRGO without boundary": no_boundary,
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants}
     scores: dict[str, dict[str, np.ndarray]] = {}
     seconds = {}
     for name, p in variants.items():
         out = work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+        if (out / "scores.npz").exists():
+            cached = np.load(out / "scores.npz")
+            scores[name] = {"dice": cached["dice"], "hd95": cached["hd95"]}
+            seconds[name] = float(cached["seconds"])
+            print(f"# {name}: scores from {out / 'scores.npz'}", flush=True)
+            continue
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         result = run_fold(
@@ -99,10 +109,11 @@ def main() -> None:
         )
         dist = np.array([hd95(pr == 1, t == 1) for pr, t in zip(preds, targets, strict=True)])
         scores[name] = {"dice": dice, "hd95": dist}
+        np.savez(out / "scores.npz", dice=dice, hd95=dist, seconds=seconds[name])
         print(f"# {name}: best epoch {result['best_epoch'] + 1}, val Dice {result['best_val_dice']:.3f}, "
               f"{seconds[name] / 60:.1f} min", flush=True)  # fmt: skip
 
-    (a, sa), (b, sb) = scores.items()
+    names = list(scores)
     print(f"\n{len(split['test'])} Kvasir-SEG test images at {args.size}x{args.size}, CASNet base width {args.base}, "
           f"fold 0 (of 5) seed 0, {args.epochs} epochs, Adam lr {args.lr}, batch {params.train.batch_size}, "
           f"DRGO regions {args.region_size}x{args.region_size}; {hardware_name(precision.device)}; "
@@ -115,13 +126,16 @@ def main() -> None:
         d, h = s["dice"], s["hd95"]
         print(f"| {name} | {100 * d.mean():.2f} ± {100 * d.std(ddof=1):.2f} | {np.nanmean(h):.2f} ± {np.nanstd(h, ddof=1):.2f} "
               f"| {int(np.isnan(h).sum())} | {seconds[name] / 60:.1f} |")  # fmt: skip
-    w_dice = stats.wilcoxon(sa["dice"], sb["dice"])
-    both = ~np.isnan(sa["hd95"]) & ~np.isnan(sb["hd95"])
-    w_hd = stats.wilcoxon(sa["hd95"][both], sb["hd95"][both])
-    print(f"\nPaired Wilcoxon signed-rank over images, {a} vs {b}: Dice difference "
-          f"{100 * (sa['dice'] - sb['dice']).mean():+.2f} points, p = {w_dice.pvalue:.3g} (n = {len(sa['dice'])}); "
-          f"HD95 difference {np.mean(sa['hd95'][both] - sb['hd95'][both]):+.2f} px, p = {w_hd.pvalue:.3g} "
-          f"(n = {int(both.sum())}, images where both are defined).")  # fmt: skip
+    a, sa = names[0], scores[names[0]]
+    for b in names[1:]:
+        sb = scores[b]
+        w_dice = stats.wilcoxon(sa["dice"], sb["dice"])
+        both = ~np.isnan(sa["hd95"]) & ~np.isnan(sb["hd95"])
+        w_hd = stats.wilcoxon(sa["hd95"][both], sb["hd95"][both])
+        print(f"\nPaired Wilcoxon signed-rank over images, {a} vs {b}: Dice difference "
+              f"{100 * (sa['dice'] - sb['dice']).mean():+.2f} points, p = {w_dice.pvalue:.3g} (n = {len(sa['dice'])}); "
+              f"HD95 difference {np.mean(sa['hd95'][both] - sb['hd95'][both]):+.2f} px, p = {w_hd.pvalue:.3g} "
+              f"(n = {int(both.sum())}, images where both are defined).")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ def test_each_switch_removes_exactly_its_term(switch, term, weight):
         logits, target, freq, off, 0.0, distance, generator=torch.Generator().manual_seed(1)
     )
     assert term not in ablated_terms
-    assert float((full - ablated).detach()) == pytest.approx(getattr(SETTINGS, weight) * terms[term], rel=1e-5)
+    assert float((full - ablated).detach()) == pytest.approx(
+        getattr(SETTINGS, weight) * terms[term], rel=1e-5
+    )
     plain, _ = drgo.drgo_loss(
         logits, target, freq, DRGOSettings(use_sampling=False, use_adaptive=False, use_boundary=False, region_size=4),
         0.0, distance,

@@ -180,7 +180,11 @@ def test_casnet_trains_with_drgo_and_the_switches_change_the_run(tiny_params, sy
     processed, split = synthetic_processed
     params = replace(tiny_params, "model", base_channels=4, transformer_dim=16, transformer_layers=1)
     params = replace(params, "drgo", region_size=8)
-    assert params.uses_drgo("casnet") and params.use_boundary("casnet") and not params.use_boundary("casnet_wo_br")
+    assert (
+        params.uses_drgo("casnet")
+        and params.use_boundary("casnet")
+        and not params.use_boundary("casnet_wo_br")
+    )
     results = {}
     for name in ("casnet", "casnet_wo_br"):
         results[name] = run_fold(params, "synthetic", name, processed, split, 0, 0, tmp_path / name,
@@ -188,6 +192,8 @@ def test_casnet_trains_with_drgo_and_the_switches_change_the_run(tiny_params, sy
         assert np.isfinite(results[name]["best_val_loss"])
     history = [json.loads((tmp_path / n / "history.json").read_text()) for n in results]
     assert history[0][0]["train_loss"] != history[1][0]["train_loss"]  # the boundary term is in one only
+    assert {"drgo_seg", "drgo_ada", "drgo_drs", "drgo_bnd", "drgo_gamma"} <= set(history[0][0])
+    assert "drgo_bnd" not in history[1][0] and "drgo_ada" in history[1][0]
     checkpoint = torch.load(tmp_path / "casnet_wo_br" / "model.pt", weights_only=True)
     assert checkpoint["architecture"] == "casnet" and "use_boundary" not in checkpoint["kwargs"]
 

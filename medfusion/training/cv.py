@@ -145,6 +145,7 @@ def run_fold(
             "val_dice": val_dice,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - start,
+            **(objective.epoch_terms() if drgo else {}),  # DRGO's terms, c_t and gamma, epoch means
         }
         history.append(row)
         epochs.set_postfix(

@@ -72,6 +72,8 @@ class DRGOObjective:
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
         self.last_terms: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+        self._count = 0
 
     def __call__(self, logits: Tensor, target: Tensor, batch: dict) -> Tensor:
         device = logits.device
@@ -90,7 +92,16 @@ class DRGOObjective:
         )
         self.confidence = self.momentum * self.confidence + (1 - self.momentum) * terms["confidence"]
         self.last_terms = terms
+        for key, value in terms.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
         return loss
+
+    def epoch_terms(self) -> dict[str, float]:
+        """Mean of each loss term over the batches since the last call, as drgo_<term>; then resets."""
+        means = {f"drgo_{k}": v / max(self._count, 1) for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
 
 
 def train_one_epoch(
