@@ -139,10 +139,9 @@ def efficiency_table(
     rows = []
     for name in params.model_names:
         torch.manual_seed(0)
-        kwargs = {
-            **params.model_kwargs(name),
-            **({"image_size": size} if "image_size" in params.model_kwargs(name) else {}),
-        }
+        kwargs = params.model_kwargs(name)
+        if "image_size" in kwargs:  # position tables learned at the measured size
+            kwargs["image_size"] = size
         model = build_model(params.architecture(name), in_channels, num_classes, **kwargs)
         row = {
             "model": name,
