@@ -3,7 +3,7 @@
     python benchmarks/cpu_precision.py --kvasir ../shared/datasets/kvasir_seg --images 64 --size 256 --base 32
 
 Preprocesses the first --images pairs at --size, then times one epoch (batch 16, Adam, Dice loss,
-flip augmentation, the pipeline's own train_one_epoch) per setting after one warm-up step, and
+the training augmentation, the pipeline's own train_one_epoch) per setting after one warm-up step, and
 prints a markdown table with seconds per epoch and the speed-up over fp32 NCHW.
 """
 

@@ -17,10 +17,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream, derived from the loader's generator."""
-    info = torch.utils.data.get_worker_info()
+    """Seed a DataLoader worker's global numpy and python streams from the loader's generator.
+
+    Augmentation does not use them: it draws from generators derived from (seed, epoch, index)
+    (medfusion/data/augment.py), so that it does not depend on the number of workers; this only keeps
+    any other library's global draws reproducible. (OpenCV's thread count is left alone here: calling
+    cv2.setNumThreads in a forked worker after the parent has used OpenCV's thread pool deadlocks.)
+    """
     seed = torch.initial_seed() % 2**63  # base seed from the loader's generator + worker id
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    if hasattr(info.dataset, "generator"):
-        info.dataset.generator.manual_seed(seed)

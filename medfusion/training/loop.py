@@ -54,10 +54,36 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Objective = Callable[[Tensor, Tensor, dict], Tensor]
 
 
+def mixup_loss(loss_of: Callable[[Tensor, Tensor | None], Tensor], target: Tensor, batch: dict) -> Tensor:
+    """L(y), or lam L(y_a) + (1 - lam) L(y_b) on a MixUp batch (medfusion/data/augment.py).
+
+    Args:
+        loss_of: (target (B, H, W) int64, distance (B, H, W) float or None) -> scalar loss.
+        target: y_a, the batch's `mask` on the training device.
+        batch: the loader's batch; a MixUp batch has mix_lambda, mix_mask (y_b) and, with distance
+            maps, mix_distance (d(x) of y_b).
+    """
+    if "mix_lambda" not in batch:
+        return loss_of(target, batch.get("distance"))
+    lam = float(batch["mix_lambda"])
+    loss_a = loss_of(target, batch.get("distance"))
+    loss_b = loss_of(batch["mix_mask"].to(target.device, non_blocking=True), batch.get("mix_distance"))
+    return lam * loss_a + (1 - lam) * loss_b
+
+
+def plain_objective(loss_fn: LossFn) -> Objective:
+    """`loss_fn(logits, target)` as a training objective that handles MixUp batches (`mixup_loss`)."""
+    return lambda logits, target, batch: mixup_loss(lambda y, _: loss_fn(logits, y), target, batch)
+
+
 class DRGOObjective:
     """The DRGO objective for the training loop, which holds what DRGO's pure functions must not:
     the moving average c_t of the batches' mean max-probability (it drives gamma), and the generator
-    of the region draws. `last_terms` keeps the last batch's loss terms for logging."""
+    of the region draws. `last_terms` keeps the last batch's loss terms for logging.
+
+    A MixUp batch gives lam L(y_a, d_a) + (1 - lam) L(y_b, d_b): both terms see the same c_t, and c_t
+    is updated once per batch (the batch confidence depends on the logits only, so it is the same in
+    both); the logged terms are the lam-weighted means of the two."""
 
     def __init__(
         self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, momentum: float, seed: int
@@ -79,17 +105,27 @@ class DRGOObjective:
         device = logits.device
         if device not in self.generators:
             self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        distance = batch.get("distance")
-        loss, terms = drgo_loss(
-            logits,
-            target,
-            self.class_freq.to(device),
-            self.settings,
-            self.confidence,
-            None if distance is None else distance.to(device, non_blocking=True),
-            self.ce_weight,
-            self.generators[device],
-        )
+        calls: list[dict[str, float]] = []
+
+        def loss_of(y: Tensor, distance: Tensor | None) -> Tensor:
+            loss, terms = drgo_loss(
+                logits,
+                y,
+                self.class_freq.to(device),
+                self.settings,
+                self.confidence,
+                None if distance is None else distance.to(device, non_blocking=True),
+                self.ce_weight,
+                self.generators[device],
+            )
+            calls.append(terms)
+            return loss
+
+        loss = mixup_loss(loss_of, target, batch)
+        terms = calls[0]
+        if len(calls) == 2:  # MixUp
+            lam = float(batch["mix_lambda"])
+            terms = {k: lam * v + (1 - lam) * calls[1][k] for k, v in terms.items()}
         self.confidence = self.momentum * self.confidence + (1 - self.momentum) * terms["confidence"]
         self.last_terms = terms
         for key, value in terms.items():
