@@ -129,18 +129,30 @@ def fetch(
 ) -> None:
     """Fetch one dataset into data/raw/DATASET: generate it, verify and copy a local copy, or download it.
 
-    Layouts: kvasir_seg images/ + masks/; chase_db1 Image_NNX.jpg + Image_NNX_1stHO.png (+ _2ndHO);
-    promise12 CaseNN.mhd/.raw + CaseNN_segmentation.mhd/.raw; lits17 volume-N.nii + segmentation-N.nii.
+    Local copies are verified like downloads (archive checksum or file fingerprint). Layouts:
+    kvasir_seg Kvasir-SEG/images + masks; chase_db1 Image_NNX.jpg + Image_NNX_1stHO.png (+ _2ndHO);
+    promise12 CaseNN.mhd/.raw + CaseNN_segmentation.mhd/.raw; lits17 volume-N.nii + segmentation-N.nii;
+    msd_prostate / msd_liver the Decathlon's Task folder or .tar (imagesTr + labelsTr);
+    custom images/ + masks/ (or labels/) with matching stems, described by data.custom.
     """
-    from medfusion.config import load_params
-    from medfusion.data.fetch import FetchError, fetch_dataset
-    from medfusion.data.registry import DATASETS
+    import dataclasses
 
-    if dataset not in DATASETS:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
-    params = load_params(params_file)
+    from medfusion.config import ConfigError, load_params
+    from medfusion.data.fetch import FetchError, fetch_dataset
+    from medfusion.data.registry import DATASET_NAMES
+
+    if dataset not in DATASET_NAMES:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_NAMES)}")
     try:
-        record = fetch_dataset(dataset, out_dir or Path("data/raw") / dataset, source, params.data.synthetic)
+        params = load_params(params_file)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    custom = dataclasses.asdict(params.data.custom)
+    try:
+        record = fetch_dataset(
+            dataset, out_dir or Path("data/raw") / dataset, source, params.data.synthetic, custom
+        )
     except FetchError as err:
         typer.echo(f"fetch {dataset}: {err}", err=True)
         raise typer.Exit(1) from None

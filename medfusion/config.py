@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from medfusion.data.registry import DATASETS
+from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DatasetSpec, dataset_spec
 from medfusion.models import MODELS
 
 
@@ -37,10 +38,28 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class CustomDataParams:
+    """The user's own dataset (`datasets: [custom]`, files under data.sources.custom)."""
+
+    kind: str  # image | volume
+    modality: str  # rgb | gray (2-D); ct | mri (volumes)
+    class_names: list[str]  # index 0 is background; masks hold these indices (or 0/255 for 2 classes)
+    group_pattern: (
+        str | None
+    )  # regex with one group: the patient id in a file stem; null = one file, one patient
+    title: str
+
+
+@dataclass(frozen=True)
 class DataParams:
     image_size: int
     sources: dict[str, str | None]
     synthetic: SyntheticParams
+    n4: bool  # N4 bias-field correction of MRI (SimpleITK)
+    ct_window: list[float]  # Hounsfield window [low, high] for CT
+    clahe_clip: float  # CLAHE clip limit for grayscale images and slices (8x8 tiles)
+    workers: int  # preprocessing processes
+    custom: CustomDataParams
 
 
 @dataclass(frozen=True)
@@ -153,6 +172,35 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation, the `augment` section (on when `train.augment`); medfusion/data/augment.py
+    says what each key does and why its default is what it is. Probabilities are per sample, except
+    `mixup_p` (per batch). The defaults equal params.yaml's and serve callers without params
+    (`SegDataset(augment=True)` in tests and benchmarks); the pipeline always reads params.yaml."""
+
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rotate_p: float = 0.5
+    rotate_limit: float = 30.0  # degrees, uniform in [-limit, limit]
+    scale_p: float = 0.5
+    scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.8, 1.2])
+    elastic_p: float = 0.2
+    elastic_alpha: float = 200.0  # pixels at data.image_size
+    elastic_sigma: float = 10.0  # pixels
+    brightness_contrast_p: float = 0.3
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    gamma_p: float = 0.3
+    gamma_range: list[float] = dataclasses.field(default_factory=lambda: [0.8, 1.25])
+    noise_p: float = 0.2
+    noise_std_range: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.05])  # of 255
+    mixup_p: float = 0.2
+    mixup_alpha: float = 0.4
+    cutmix_p: float = 0.2
+    cutmix_area_range: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.3])
+
+
+@dataclass(frozen=True)
 class LossParams:
     ce_weight: float
 
@@ -191,6 +239,7 @@ class Params:
     medt: MedTParams
     drgo: DRGOParams
     train: TrainParams
+    augment: AugmentParams
     loss: LossParams
     cv: CVParams
     eval: EvalParams
@@ -215,13 +264,17 @@ class Params:
             for key in LOSS_KEYS:
                 kwargs.pop(key)
             if kwargs["modalities"] is None:
-                kwargs["modalities"] = DATASETS[dataset].modalities if dataset else 1
+                kwargs["modalities"] = self.spec(dataset).modalities if dataset else 1
             return kwargs
         kwargs = dataclasses.asdict(getattr(self, name))
         kwargs.pop("drgo")
         if name in ("transunet", "medt"):
             kwargs["image_size"] = self.data.image_size
         return kwargs
+
+    def spec(self, dataset: str) -> DatasetSpec:
+        """The DatasetSpec of `dataset`; `custom` is defined by data.custom."""
+        return dataset_spec(dataset, dataclasses.asdict(self.data.custom))
 
     def uses_drgo(self, name: str) -> bool:
         """Whether entry `name` trains with DRGO (its section's `drgo`; CASNet entries read `model`)."""
@@ -315,13 +368,48 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     return float(value) if tp is float else value
 
 
+def _check_data(p: Params, fail: typing.Callable[[str, Any, str], None]) -> None:
+    d, c = p.data, p.data.custom
+    if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
+        fail("data.ct_window", d.ct_window, "[low, high] in Hounsfield units with low < high")
+    if d.clahe_clip <= 0:
+        fail("data.clahe_clip", d.clahe_clip, "a positive clip limit (2.0 is usual)")
+    if d.workers < 0:
+        fail("data.workers", d.workers, "an integer >= 0 (0 = one per CPU core)")
+    if c.kind not in ("image", "volume"):
+        fail("data.custom.kind", c.kind, "image (2-D files) or volume (NIfTI)")
+    allowed = ("rgb", "gray") if c.kind == "image" else ("ct", "mri")
+    if c.modality not in allowed:
+        fail("data.custom.modality", c.modality, f"one of {list(allowed)} for kind {c.kind}")
+    assert set(allowed) <= set(CUSTOM_MODALITIES)
+    if len(c.class_names) < 2 or len(set(c.class_names)) != len(c.class_names):
+        fail("data.custom.class_names", c.class_names, "at least 2 distinct names, background first")
+    if c.group_pattern is not None:
+        try:
+            groups = re.compile(c.group_pattern).groups
+        except re.error as err:
+            fail("data.custom.group_pattern", c.group_pattern, f"a regular expression ({err})")
+        if groups != 1:
+            fail(
+                "data.custom.group_pattern",
+                c.group_pattern,
+                "a regex with exactly one (group): the patient id",
+            )
+    if "custom" in p.datasets and not d.sources.get("custom"):
+        fail(
+            "data.sources.custom",
+            d.sources.get("custom"),
+            "the folder of your data (images/ + masks/) because `datasets` includes custom",
+        )
+
+
 def _check_values(p: Params, source: str) -> None:
     def fail(key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{source}: {key} = {value!r}; expected {expected}")
 
     for i, name in enumerate(p.datasets):
-        if name not in DATASETS:
-            fail(f"datasets[{i}]", name, f"one of {sorted(DATASETS)}")
+        if name not in DATASET_NAMES:
+            fail(f"datasets[{i}]", name, f"one of {sorted(DATASET_NAMES)}")
     baselines = sorted(set(MODELS) - {"casnet"})
     for i, name in enumerate(p.models.baselines):
         if name not in baselines:
@@ -345,8 +433,9 @@ def _check_values(p: Params, source: str) -> None:
         if len(set(values)) != len(values):
             fail(key, values, "no duplicates")
     for name in p.data.sources:
-        if name not in DATASETS:
-            fail(f"data.sources.{name}", name, f"a dataset name, one of {sorted(DATASETS)}")
+        if name not in DATASET_NAMES:
+            fail(f"data.sources.{name}", name, f"a dataset name, one of {sorted(DATASET_NAMES)}")
+    _check_data(p, fail)
     if p.data.image_size < 16 or p.data.image_size % 16:
         fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16")
     positive = {
@@ -444,6 +533,34 @@ def _check_values(p: Params, source: str) -> None:
         fail("cv.seeds", p.cv.seeds, "a non-empty list of distinct integers")
     if not 0 < p.cv.test_fraction < 1:
         fail("cv.test_fraction", p.cv.test_fraction, "a number strictly between 0 and 1")
+    _check_augment(p.augment, fail)
+
+
+def _check_augment(a: AugmentParams, fail: typing.Callable[[str, Any, str], None]) -> None:
+    for field in dataclasses.fields(a):
+        if field.name.endswith("_p") and not 0 <= getattr(a, field.name) <= 1:
+            fail(f"augment.{field.name}", getattr(a, field.name), "a probability in [0, 1]")
+    ranges = {  # key: (low end must be > 0, high end at most)
+        "scale_range": (True, float("inf")),
+        "gamma_range": (True, float("inf")),
+        "noise_std_range": (False, 1.0),
+        "cutmix_area_range": (True, 1.0),
+    }
+    for key, (positive, most) in ranges.items():
+        value = getattr(a, key)
+        if len(value) != 2 or not (0 <= value[0] <= value[1] <= most) or (positive and value[0] == 0):
+            fail(f"augment.{key}", value, f"[low, high], 0 {'<' if positive else '<='} low <= high <= {most}")
+    if not 0 <= a.rotate_limit <= 180:
+        fail("augment.rotate_limit", a.rotate_limit, "degrees in [0, 180]")
+    if a.elastic_alpha < 0:
+        fail("augment.elastic_alpha", a.elastic_alpha, "a number >= 0 (pixels)")
+    if not a.elastic_sigma > 0:
+        fail("augment.elastic_sigma", a.elastic_sigma, "a number > 0 (pixels)")
+    for key in ("brightness_limit", "contrast_limit"):
+        if not 0 <= getattr(a, key) <= 1:
+            fail(f"augment.{key}", getattr(a, key), "a number in [0, 1]")
+    if not a.mixup_alpha > 0:
+        fail("augment.mixup_alpha", a.mixup_alpha, "a number > 0 (the Beta distribution's parameter)")
 
 
 def config_hash(*parts: Any) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from medfusion.data.dataset import SegDataset
-from medfusion.data.registry import DATASETS
+from medfusion.data.io import read_json
 from medfusion.metrics import case_metrics
 from medfusion.models import build_model
 from medfusion.training.loop import Precision, predict_probs
@@ -68,7 +68,7 @@ def evaluate_run(
     dataset = SegDataset(processed_dir, test_ids)
     targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only the test rows
     preds = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
-    class_names = DATASETS[checkpoint["dataset"]].class_names
+    class_names = read_json(Path(processed_dir) / "meta.json")["class_names"]
     rows = []
     for case_id in sorted(targets):
         for c, values in case_metrics(preds[case_id], targets[case_id], checkpoint["num_classes"]).items():

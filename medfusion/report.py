@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from medfusion.data.registry import DATASETS
+from medfusion.data.registry import DatasetSpec
 from medfusion.metrics import METRICS
 
 HEADLINE = ("dice", "iou")
@@ -16,9 +16,10 @@ def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, image_size: int) -> str:
+def dataset_table(
+    summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, image_size: int, spec: DatasetSpec
+) -> str:
     """Markdown: one row per (model, class), mean ± std over runs of the per-run mean over test cases, in %."""
-    spec = DATASETS[dataset]
     rows = summary[summary["dataset"] == dataset]
     unit = "volume (slices stacked)" if spec.kind == "volume" else "image"
     runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
@@ -26,6 +27,7 @@ def dataset_table(summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, imag
     lines = [
         f"## {spec.title} (`{dataset}`)",
         "",
+        *([spec.note, ""] if spec.note else []),
         f"Per test case = one {unit}, at {image_size}x{image_size} in-plane; foreground classes only; "
         f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; values in %.",
         "",

@@ -1,5 +1,6 @@
 """Stage fetch@<dataset>: data/raw/<dataset> from a generator, a local copy or the official URL."""
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -15,7 +16,13 @@ def main(
 ):
     params = load_params(params_file)
     try:
-        record = fetch_dataset(dataset, out_dir, params.data.sources.get(dataset), params.data.synthetic)
+        record = fetch_dataset(
+            dataset,
+            out_dir,
+            params.data.sources.get(dataset),
+            params.data.synthetic,
+            dataclasses.asdict(params.data.custom),
+        )
     except FetchError as err:
         raise SystemExit(f"fetch {dataset}: {err}") from None
     print(f"fetch {dataset}: {record} -> {out_dir}")

@@ -1,11 +1,14 @@
-"""Stage preprocess@<dataset>: data/raw/<dataset> -> data/processed/<dataset> arrays."""
+"""Stage preprocess@<dataset>: data/raw/<dataset> -> data/processed/<dataset> arrays, every input validated."""
 
+import dataclasses
+import time
 from pathlib import Path
 
 import typer
 
 from medfusion.config import load_params
-from medfusion.data.preprocess import preprocess_dataset
+from medfusion.data.io import DataError
+from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
 
 
 def main(
@@ -14,9 +17,26 @@ def main(
     out_dir: Path = typer.Option(...),
     params_file: Path = Path("params.yaml"),
 ):
-    params = load_params(params_file)
-    meta = preprocess_dataset(dataset, raw_dir, out_dir, params.data.image_size)
-    print(f"preprocess {dataset}: {meta['num_cases']} cases, {meta['num_samples']} 2-D samples -> {out_dir}")
+    d = load_params(params_file).data
+    settings = PreprocessSettings(
+        image_size=d.image_size,
+        n4=d.n4,
+        ct_window=(d.ct_window[0], d.ct_window[1]),
+        clahe_clip=d.clahe_clip,
+        group_pattern=d.custom.group_pattern if dataset == "custom" else None,
+    )
+    start = time.perf_counter()
+    try:
+        meta = preprocess_dataset(
+            dataset, raw_dir, out_dir, settings, dataclasses.asdict(d.custom), workers=d.workers
+        )
+    except DataError as err:
+        raise SystemExit(f"preprocess {dataset}: {err}") from None
+    print(
+        f"preprocess {dataset}: {meta['num_cases']} cases ({meta['num_groups']} patients), "
+        f"{meta['num_samples']} 2-D samples at {d.image_size}x{d.image_size}, "
+        f"{meta['empty_samples']} with an empty mask, in {time.perf_counter() - start:.1f} s -> {out_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(
     for dataset in params.datasets:
         atomic_write_text(
             out_dir / "tables" / f"{dataset}.md",
-            dataset_table(summary, tests, dataset, params.data.image_size),
+            dataset_table(summary, tests, dataset, params.data.image_size, params.spec(dataset)),
         )
     atomic_write_text(
         out_dir / "tables" / "ablations.md",

@@ -6,7 +6,6 @@ import typer
 
 from medfusion.config import load_params
 from medfusion.data.io import read_json, write_json
-from medfusion.data.registry import DATASETS
 from medfusion.data.splits import make_split
 
 
@@ -16,9 +15,10 @@ def main(
     out: Path = typer.Option(...),
     params_file: Path = Path("params.yaml"),
 ):
-    cv = load_params(params_file).cv
+    params = load_params(params_file)
+    cv = params.cv
     case_groups = {c["case_id"]: c["group"] for c in read_json(processed_dir / "cases.json")}
-    rule = DATASETS[dataset].test_rule
+    rule = params.spec(dataset).test_rule
     split = make_split(case_groups, rule, cv.n_folds, cv.split_seed, cv.test_fraction)
     write_json(out, {"dataset": dataset, "test_rule": rule, "seed": cv.split_seed, **split})
     print(

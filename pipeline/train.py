@@ -29,6 +29,8 @@ def main(
     if params.uses_drgo(model):  # only then: a baseline's parent run stays the same when drgo changes
         flat.update(asdict_flat({"drgo": params.drgo}))
         flat["drgo.use_boundary"] = params.use_boundary(model)
+    if params.train.augment:
+        flat.update(asdict_flat({"augment": params.augment}))
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(
         resolve_tracking_uri(params.mlflow.tracking_uri),

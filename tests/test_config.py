@@ -4,7 +4,7 @@ import pytest
 from conftest import REPO, raw_params
 
 from medfusion.config import ConfigError, load_params, params_from_dict
-from medfusion.data.registry import DATASETS
+from medfusion.data.registry import DATASET_NAMES
 from medfusion.models import MODELS, build_model
 
 
@@ -29,7 +29,7 @@ def test_every_model_in_params_builds():
     for name in p.model_names:
         assert p.architecture(name) in MODELS
         build_model(p.architecture(name), 3, 2, **p.model_kwargs(name))
-    assert set(p.data.sources) <= set(DATASETS)
+    assert set(p.data.sources) <= set(DATASET_NAMES)
 
 
 def test_ablation_entries_override_the_model_section():

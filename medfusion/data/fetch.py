@@ -9,8 +9,10 @@ the URL tried and the params key / CLI option that points it at a local copy.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from medfusion.config import SyntheticParams
 from medfusion.data.io import write_json
-from medfusion.data.registry import DATASETS, DatasetSpec
+from medfusion.data.registry import CUSTOM_LAYOUT, DatasetSpec, dataset_spec
 from medfusion.data.synthetic import write_synthetic_images, write_synthetic_volumes
 
 # sha256 of the sorted "<sha256>  <relative path>" lines of the image and label files; no official
@@ -47,10 +49,70 @@ def _pairs_flat(root: Path, image_glob: str, label_for: Callable[[Path], Path]) 
     return files
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _visible(paths) -> list[Path]:
+    """Sorted files, without hidden ones (macOS `._name` resource forks ship inside some archives)."""
+    return sorted(p for p in paths if p.is_file() and not p.name.startswith("."))
+
+
+def file_stem(path: Path) -> str:
+    """A file's name without its image or NIfTI suffix ('liver_3.nii.gz' -> 'liver_3')."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
 def mask_path(spec: DatasetSpec, root: Path, image: Path) -> Path:
     """The mask of a 2-D image: same name under masks/ (Kvasir-SEG's JPEG), PNG for `synthetic`."""
     name = image.stem + ".png" if spec.name == "synthetic" else image.name
     return root / "masks" / name
+
+
+def custom_pairs(root: Path, kind: str) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of a custom dataset: images/ + masks/ (or labels/) matched by file stem.
+
+    Raises:
+        FetchError: no such folders, an image without its mask, or a file of the wrong kind.
+    """
+    image_dir = root / "images"
+    mask_dir = next((root / d for d in ("masks", "labels") if (root / d).is_dir()), None)
+    if not image_dir.is_dir() or mask_dir is None:
+        raise FetchError(f"{root}: expected images/ and masks/ (or labels/) folders; layout: {CUSTOM_LAYOUT}")
+    wanted = NIFTI_SUFFIXES if kind == "volume" else IMAGE_SUFFIXES
+    masks = {file_stem(m): m for m in _visible(mask_dir.iterdir())}
+    pairs = []
+    for image in _visible(image_dir.iterdir()):
+        if not image.name.lower().endswith(wanted):
+            raise FetchError(
+                f"{image}: not a {'NIfTI volume' if kind == 'volume' else '2-D image'} ({', '.join(wanted)}), "
+                f"as data.custom.kind = {kind} expects"
+            )
+        mask = masks.get(file_stem(image))
+        if mask is None:
+            raise FetchError(f"{image}: no mask with stem {file_stem(image)!r} in {mask_dir}")
+        pairs.append((image, mask))
+    if not pairs:
+        raise FetchError(f"{image_dir}: no images found; layout: {CUSTOM_LAYOUT}")
+    return pairs
+
+
+def msd_pairs(root: Path, prefix: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of a Decathlon task: imagesTr/<prefix>_N.nii.gz + labelsTr/ with the same name."""
+    image_dirs = sorted(p for p in root.rglob("imagesTr") if p.is_dir())
+    if not image_dirs:
+        raise FetchError(f"{root}: no imagesTr/ folder (a Medical Segmentation Decathlon task)")
+    pairs = []
+    for image in _visible(image_dirs[0].glob(f"{prefix}_*.nii*")):
+        label = image.parent.parent / "labelsTr" / image.name
+        if not label.exists():
+            raise FetchError(f"{image}: no label {label.relative_to(root)}")
+        pairs.append((image, label))
+    return pairs
 
 
 def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
@@ -64,9 +126,7 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
             root = root / "Kvasir-SEG"  # the official zip has one top folder
         if not (root / "images").is_dir() or not (root / "masks").is_dir():
             raise FetchError(f"{root}: expected {spec.title}'s images/ and masks/ folders")
-        images = [
-            p for p in sorted((root / "images").iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-        ]
+        images = [p for p in _visible((root / "images").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         masks = [mask_path(spec, root, image) for image in images]
         for image, mask in zip(images, masks, strict=True):
             if not mask.exists():
@@ -88,15 +148,19 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
             files += group
     elif spec.name in ("lits17", "synthetic_volumes"):
         files = []
-        for volume in sorted(root.rglob("volume-*.nii*")):
+        for volume in _visible(root.rglob("volume-*.nii*")):
             label = volume.with_name(volume.name.replace("volume-", "segmentation-"))
             if not label.exists():
                 raise FetchError(f"{volume}: no label {label.name} beside it")
             files += [volume, label]
+    elif spec.name in ("msd_prostate", "msd_liver"):
+        files = [f for pair in msd_pairs(root, spec.name.removeprefix("msd_")) for f in pair]
+    elif spec.name == "custom":
+        files = [f for pair in custom_pairs(root, spec.kind) for f in pair]
     else:
         raise FetchError(f"dataset {spec.name!r} has no file layout")
     if not files:
-        raise FetchError(f"{root}: no {spec.title} files found; see `medfusion fetch --help` for the layouts")
+        raise FetchError(f"{root}: no {spec.title} files found; expected layout: {spec.layout}")
     return root, files
 
 
@@ -104,34 +168,72 @@ def fingerprint(root: Path, files: list[Path]) -> str:
     """sha256 of the sorted '<sha256>  <path relative to root>' lines of `files`."""
     lines = []
     for f in files:
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        lines.append(f"{digest}  {f.relative_to(root).as_posix()}\n")
+        lines.append(f"{file_digest(f, 'sha256')}  {f.relative_to(root).as_posix()}\n")
     lines.sort(key=lambda line: line.split("  ", 1)[1])
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _copy_files(spec: DatasetSpec, source: Path, dest: Path) -> dict:
-    root, files = dataset_files(spec, source)
-    digest = fingerprint(root, files)
-    expected = FINGERPRINTS.get(spec.name)
-    if expected and digest != expected:
-        raise FetchError(
-            f"{spec.name}: the files under {source} do not match the official release (fingerprint {digest[:12]}..., "
-            f"expected {expected[:12]}...): a changed, partial or re-encoded copy. Point data.sources.{spec.name} "
-            "at an unmodified copy."
-        )
-    for f in tqdm(files, desc=f"copy {spec.name}", unit="file", leave=False):
-        target = dest / f.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-    return {"files": len(files), "fingerprint": digest}
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in 1 MiB chunks (archives of tens of GB)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def download(url: str, dest: Path, retries: int = 3, timeout: float = 60.0) -> None:
-    """Download `url` to `dest` with a progress bar, resuming a partial `dest.part` and retrying.
+def verify_checksum(path: Path, checksum: str) -> None:
+    """Check `path` against "md5:<hex>" or "sha256:<hex>".
 
     Raises:
-        FetchError: after `retries` failed attempts, with the last reason.
+        FetchError: on a mismatch, with both digests.
+    """
+    algorithm, _, expected = checksum.partition(":")
+    actual = file_digest(path, algorithm)
+    if actual != expected:
+        raise FetchError(
+            f"{path}: {algorithm} checksum {actual}, expected {expected}: the file is corrupt, "
+            "truncated or not the official release"
+        )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where source and target share a file system (no second copy of 28 GB), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_files(spec: DatasetSpec, source: Path, dest: Path) -> dict:
+    root, files = dataset_files(spec, source)
+    record: dict = {"files": len(files)}
+    expected = FINGERPRINTS.get(spec.name)
+    if expected:
+        digest = fingerprint(root, files)
+        if digest != expected:
+            raise FetchError(
+                f"{spec.name}: the files under {source} do not match the official release (fingerprint "
+                f"{digest[:12]}..., expected {expected[:12]}...): a changed, partial or re-encoded copy. "
+                f"Point data.sources.{spec.name} at an unmodified copy."
+            )
+        record["fingerprint"] = digest
+    for f in tqdm(files, desc=f"copy {spec.name}", unit="file", leave=False):
+        _link_or_copy(f, dest / f.relative_to(root))
+    return record
+
+
+def download(
+    url: str, dest: Path, checksum: str | None = None, retries: int = 3, timeout: float = 60.0
+) -> None:
+    """Download `url` to `dest` with a progress bar, resuming a partial `dest.part` and retrying.
+
+    `dest` appears only complete and, when `checksum` is given, verified: a mismatching download is
+    deleted (and a resumed one cannot be trusted either), so the next attempt starts from zero.
+
+    Raises:
+        FetchError: after `retries` failed attempts, with the last reason; or on a checksum mismatch.
     """
     part = dest.with_name(dest.name + ".part")
     last = ""
@@ -150,12 +252,31 @@ def download(url: str, dest: Path, retries: int = 3, timeout: float = 60.0) -> N
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
-            part.replace(dest)
-            return
+                if total is not None and part.stat().st_size < total:
+                    raise OSError(f"connection closed at {part.stat().st_size} of {total} bytes")
+        except urllib.error.HTTPError as err:
+            if (
+                err.code == 416 and start
+            ):  # range beyond the end: the part is complete (or bad: checked below)
+                pass
+            else:
+                last = f"HTTP {err.code} {err.reason}"
+                if attempt < retries:
+                    time.sleep(2 * attempt)
+                continue
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             last = str(getattr(err, "reason", err))
             if attempt < retries:
                 time.sleep(2 * attempt)
+            continue
+        if checksum:
+            try:
+                verify_checksum(part, checksum)
+            except FetchError:
+                part.unlink(missing_ok=True)
+                raise
+        part.replace(dest)
+        return
     raise FetchError(last)
 
 
@@ -173,16 +294,46 @@ def safe_extract_zip(archive: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
-def fetch_dataset(name: str, out_dir: Path, source: str | Path | None, synthetic: SyntheticParams) -> dict:
+def safe_extract_tar(archive: Path, dest: Path) -> None:
+    """Extract a tar (any compression) into `dest`, refusing absolute paths, '..' escapes, links and devices.
+
+    Every member is checked before anything is written, so a refused archive leaves nothing extracted.
+    """
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                target = (dest / m.name).resolve()
+                if Path(m.name).is_absolute() or not target.is_relative_to(dest.resolve()):
+                    raise FetchError(
+                        f"{archive}: member {m.name!r} escapes the target folder; refusing to extract"
+                    )
+                if m.issym() or m.islnk():
+                    raise FetchError(f"{archive}: member {m.name!r} is a link; refusing to extract")
+                if not (m.isfile() or m.isdir()):
+                    raise FetchError(f"{archive}: member {m.name!r} is a device or pipe; refusing to extract")
+            tf.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as err:
+        raise FetchError(f"{archive}: not a readable tar archive ({err})") from err
+
+
+def fetch_dataset(
+    name: str,
+    out_dir: Path,
+    source: str | Path | None,
+    synthetic: SyntheticParams,
+    custom: dict | None = None,
+) -> dict:
     """Fill `out_dir` with dataset `name`; returns the record written to out_dir/FETCHED.json.
 
     Args:
-        name: a key of DATASETS.
+        name: a dataset name (medfusion.data.registry).
         out_dir: data/raw/<name>; replaced atomically.
         source: a local copy (folder or the official archive), or None to generate / download.
         synthetic: generator settings for the synthetic datasets.
+        custom: params.yaml's data.custom, for the `custom` dataset.
     """
-    spec = DATASETS[name]
+    spec = dataset_spec(name, custom)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,7 +348,7 @@ def fetch_dataset(name: str, out_dir: Path, source: str | Path | None, synthetic
         elif source is not None:
             record = {"source": str(source), **_from_local(spec, Path(source), tmp)}
         else:
-            record = {"source": spec.url, **_from_url(spec, tmp)}
+            record = _from_url(spec, tmp)
         write_json(tmp / "FETCHED.json", record)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.replace(out_dir)
@@ -206,39 +357,83 @@ def fetch_dataset(name: str, out_dir: Path, source: str | Path | None, synthetic
     return record
 
 
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
 def _from_local(spec: DatasetSpec, source: Path, dest: Path) -> dict:
     if not source.exists():
         raise FetchError(f"{spec.name}: local copy {source} does not exist (data.sources.{spec.name})")
-    if source.is_file() and zipfile.is_zipfile(source):
-        unpacked = dest.with_name(dest.name + ".unzipped")
+    if source.is_file():
+        is_zip, is_tar = zipfile.is_zipfile(source), _is_tar(source)
+        if not (is_zip or is_tar):
+            raise FetchError(f"{spec.name}: local copy {source} is neither a folder nor a zip or tar archive")
+        record = {}
+        if spec.checksum:
+            verify_checksum(source, spec.checksum)  # before extracting anything
+            record["checksum"] = spec.checksum
+        unpacked = dest.with_name(dest.name + ".unpacked")
         shutil.rmtree(unpacked, ignore_errors=True)
         try:
-            safe_extract_zip(source, unpacked)
-            return _copy_files(spec, unpacked, dest)
+            (safe_extract_zip if is_zip else safe_extract_tar)(source, unpacked)
+            record.update(_copy_files(spec, unpacked, dest))
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
-    if not source.is_dir():
-        raise FetchError(f"{spec.name}: local copy {source} is neither a folder nor a zip archive")
-    return _copy_files(spec, source, dest)
+    else:
+        record = _copy_files(spec, source, dest)
+    if spec.cases is not None:
+        found = _count_cases(spec, dest)
+        record["cases"] = found
+        if found != spec.cases:
+            print(
+                f"fetch {spec.name}: {source} holds {found} labelled cases; the official release has "
+                f"{spec.cases}. Using what is there; results are not comparable to the full dataset's."
+            )
+    return record
+
+
+def _count_cases(spec: DatasetSpec, root: Path) -> int:
+    _, files = dataset_files(spec, root)
+    per_case = {"promise12": 4, "chase_db1": None}.get(spec.name, 2)
+    if per_case is None:  # CHASE_DB1: image + 1stHO (+ 2ndHO)
+        return sum(1 for f in files if re.fullmatch(r"Image_\d+[LR]\.jpg", f.name))
+    return len(files) // per_case
 
 
 def _from_url(spec: DatasetSpec, dest: Path) -> dict:
     how = (
         f"Point it at a local copy: set data.sources.{spec.name} in params.yaml "
-        f"(or `dvc exp run -S data.sources.{spec.name}=PATH`), or run `medfusion fetch {spec.name} --source PATH`."
+        f"(or `dvc exp run -S data.sources.{spec.name}=PATH`), or run `medfusion fetch {spec.name} --source PATH`. "
+        f"Expected layout: {spec.layout}."
     )
     if spec.url is None:
         raise FetchError(f"dataset {spec.name} ({spec.title}) cannot be downloaded: {spec.access}. {how}")
     downloads = dest.parent / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     archive = downloads / re.sub(r"[^A-Za-z0-9._-]", "_", spec.url.rsplit("/", 1)[-1])
-    if not archive.exists():
+    expected = spec.checksum or (
+        f"files fingerprint sha256:{FINGERPRINTS[spec.name]}"
+        if spec.name in FINGERPRINTS
+        else "none published"
+    )
+    errors = []
+    for url in (spec.url, *spec.mirrors):
+        if archive.exists():
+            break
         try:
-            download(spec.url, archive)
+            download(url, archive, spec.checksum)
         except FetchError as err:
-            raise FetchError(f"dataset {spec.name}: could not download {spec.url} ({err}). {how}") from err
+            errors.append(f"{url}: {err}")
+    else:
+        if not archive.exists():
+            raise FetchError(
+                f"dataset {spec.name}: could not download ({'; '.join(errors)}). Expected checksum: {expected}. {how}"
+            )
     try:
-        return _from_local(spec, archive, dest)
+        return {"source": spec.url, **_from_local(spec, archive, dest)}
     except FetchError as err:
         archive.unlink(missing_ok=True)  # a bad archive must not be reused
         raise FetchError(

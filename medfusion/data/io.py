@@ -20,34 +20,49 @@ class DataError(ValueError):
     """A problem with an input file, naming the file and what was expected."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an RGB image as (H, W, 3) uint8."""
+def read_image(path: Path, gray: bool = False) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB, or (H, W) uint8 when `gray`. 16-bit grayscale is scaled to 8 bits."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError) as err:
+            if img.mode in ("I;16", "I;16B", "I"):
+                arr = np.asarray(img, dtype=np.float32)
+                hi = float(arr.max()) or 1.0
+                arr = np.rint(arr / hi * 255).astype(np.uint8)
+                return arr if gray else np.repeat(arr[..., None], 3, axis=2)
+            return np.asarray(img.convert("L" if gray else "RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from err
 
 
-def read_mask(path: Path, threshold: int = 127) -> np.ndarray:
-    """Read a binary mask as (H, W) uint8 in {0, 1}: grey value > `threshold` is foreground.
-
-    JPEG masks (Kvasir-SEG) carry compression noise around 0 and 255, hence the threshold.
-    """
+def read_label_image(path: Path) -> np.ndarray:
+    """Read a 2-D label image as (H, W) uint8 grey values (no thresholding: see preprocess.read_label_2d)."""
     try:
         with Image.open(path) as img:
-            grey = np.asarray(img.convert("L"))
-    except (OSError, SyntaxError) as err:
+            if img.mode == "P":  # palette masks store the class index
+                return np.asarray(img).astype(np.uint8)
+            if img.mode in ("I;16", "I;16B", "I"):
+                arr = np.asarray(img)
+                if arr.max(initial=0) > 255:
+                    raise DataError(f"{path}: 16-bit label values up to {arr.max()}; expected class indices")
+                return arr.astype(np.uint8)
+            return np.asarray(img.convert("L"))
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read mask ({err})") from err
-    return (grey > threshold).astype(np.uint8)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI volume as (D, H, W) float32 (slices first) and its spacing (z, y, x) in mm."""
+def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False):
+    """Read a NIfTI volume as (D, H, W) float32 (slices first) and its spacing (z, y, x) in mm.
+
+    ndim=4 reads a multi-modal volume (X, Y, Z, M) as (M, D, H, W). `with_affine` also returns the
+    4x4 affine as nested lists (to write predictions in the same space).
+
+    Raises:
+        DataError: unreadable, or not `ndim`-dimensional (e.g. a 4-D volume where 3-D is expected).
+    """
     import nibabel as nib
 
     try:
@@ -55,18 +70,30 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises several unrelated types for bad files
         raise DataError(f"{path}: cannot read NIfTI ({err})") from err
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    if data.ndim != ndim:
+        what = "3-D volume" if ndim == 3 else f"{ndim}-D volume (x, y, z, modality)"
+        raise DataError(f"{path}: expected a {what}, got shape {data.shape}")
     sx, sy, sz = (float(s) for s in img.header.get_zooms()[:3])
-    return np.transpose(data, (2, 1, 0)), (sz, sy, sx)  # (X, Y, Z) -> (Z, Y, X)
+    if ndim == 4:
+        volume = np.transpose(data, (3, 2, 1, 0))  # (X, Y, Z, M) -> (M, Z, Y, X)
+    else:
+        volume = np.transpose(data, (2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
+    if with_affine:
+        return volume, (sz, sy, sx), np.asarray(img.affine, dtype=float).tolist()
+    return volume, (sz, sy, sx)
 
 
-def write_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
-    """Write (D, H, W) `volume` with spacing (z, y, x) as NIfTI."""
+def write_nifti(
+    path: Path, volume: np.ndarray, spacing: tuple[float, float, float], affine: list | None = None
+) -> None:
+    """Write (D, H, W) `volume` (or (M, D, H, W) modalities) with spacing (z, y, x) as NIfTI.
+
+    `affine` (4x4), when given, is written as is (a prediction in its image's space)."""
     import nibabel as nib
 
-    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-    nib.save(nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), affine), str(path))
+    affine = np.asarray(affine) if affine is not None else np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    axes = (2, 1, 0) if volume.ndim == 3 else (3, 2, 1, 0)
+    nib.save(nib.Nifti1Image(np.transpose(volume, axes), affine), str(path))
 
 
 _MET_TYPES = {

@@ -1,174 +1,456 @@
-"""data/raw/<name> -> data/processed/<name>: every 2-D sample resized to image_size, stored as arrays.
+"""data/raw/<name> -> data/processed/<name>: every input validated, every 2-D sample resized and stored.
 
-Output (memory-mappable, read by `SegDataset`):
-    images.npy  (N, C, S, S) uint8      masks.npy (N, S, S) uint8 class indices
-    cases.json  per sample: case_id (the test case: an image, or the volume a slice came from),
-                group (the patient: folds and the test split never divide a group), slice index
-    meta.json   dataset facts, per-case spacing and original shape, and a content hash
+Output (memory-mapped by `SegDataset`; loading is a page-cache read, never a decode):
+    images.npy    (N, C, S, S) uint8     masks.npy (N, S, S) uint8 class indices
+    observer2.npy (N, S, S) uint8        CHASE_DB1 only: the second observer's labels
+    cases.json    the index, one record per sample: case_id (the test case: an image, or the volume a
+                  slice came from), group (the patient: folds and the test split never divide a group),
+                  slice (index in the volume, None for 2-D), empty (no foreground)
+    meta.json     dataset facts; per case the original shape, spacing (mm, None where unknown) and
+                  NIfTI affine, so that evaluation and prediction can rebuild volumes; a content hash
 
-Intensity (METHOD.md section 3): RGB is kept as is; CT is clipped to the Hounsfield window
-[-100, 400] and scaled to [0, 255]; MRI is clipped to its 0.5-99.5 percentiles per volume and
-scaled. CLAHE (clip 2.0, 8x8 tiles) is applied to grayscale slices. The z-score per image happens
-at load time in `SegDataset`. N4 bias-field correction for MRI is not applied here (it needs
-SimpleITK, which the data layer adds with the real PROMISE12 reader).
-Geometry: every 2-D image or slice is resized to S x S (area interpolation for images, nearest
-for labels), ignoring the aspect ratio, as the paper's fixed 256x256 input implies. Evaluation in
-this pipeline is at that resolution and says so.
+Validation (before anything is written; the first bad file stops the stage with its path and the
+problem): unreadable files, image/mask size mismatch, missing masks (see fetch.dataset_files),
+mask values that are not labels (a lossless mask must hold class indices, or 0/255 for a binary
+task; a JPEG mask is binarised at > 127 and refused when over 5% of its pixels are mid-grey, i.e. it
+is not a mask), NaN or infinite voxels, volumes of the wrong dimension, label values beyond the
+classes. Empty masks are allowed and counted in meta.json (`empty_samples`, `empty_cases`).
+
+Intensity (METHOD.md section 3; the z-score per image happens at load time in `SegDataset`):
+    rgb       kept as is.
+    gray      2-D grayscale (custom): CLAHE.
+    ct        clipped to data.ct_window (liver [-100, 400] HU), scaled to [0, 255], CLAHE per slice.
+    mri       N4 bias-field correction (SimpleITK, data.n4) of the T2 volume, then clipped to its
+              0.5-99.5 percentiles per volume and scaled, CLAHE per slice. For msd_prostate's second
+              channel (ADC, a quantitative map) only the percentile scaling: neither N4 nor CLAHE, which
+              would distort its values (our choice; METHOD.md names only T2-type corrections).
+    CLAHE: clip data.clahe_clip, 8x8 tiles, on the resized slice.
+N4 (our settings; METHOD.md names the method only): Otsu foreground mask, the fit on a copy shrunk 4x
+in-plane, 4 levels x 50 iterations, the bias field then evaluated at full resolution.
+
+Geometry: every 2-D image or slice is resized to S x S (area interpolation for images, nearest for
+labels), ignoring the aspect ratio, as the paper's fixed 256x256 input implies. Evaluation in this
+pipeline is at that resolution and says so. Volumes are sliced along their first array axis (NIfTI z).
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from medfusion.data.fetch import dataset_files, mask_path
-from medfusion.data.io import DataError, read_image, read_mask, read_metaimage, read_nifti, write_json
-from medfusion.data.registry import DATASETS, DatasetSpec
+from medfusion.data.fetch import custom_pairs, dataset_files, file_stem, mask_path, msd_pairs
+from medfusion.data.io import (
+    DataError,
+    read_image,
+    read_label_image,
+    read_metaimage,
+    read_nifti,
+    write_json,
+)
+from medfusion.data.registry import DatasetSpec, dataset_spec
 
 CT_WINDOW = (-100.0, 400.0)
+JPEG_MASK_MAX_GREY = 0.05  # a JPEG "mask" with more mid-grey pixels than this is not a mask
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    image_size: int
+    n4: bool = True
+    ct_window: tuple[float, float] = CT_WINDOW
+    clahe_clip: float = 2.0
+    group_pattern: str | None = None  # custom datasets: regex whose group 1 is the patient id
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """Where one case's files are; cheap to pass to a worker process."""
+
+    case_id: str
+    group: str
+    image: Path
+    label: Path
+    observer2: Path | None = None
 
 
 @dataclass
 class RawCase:
     case_id: str
     group: str
-    image: np.ndarray  # (H, W, 3) uint8 for 2-D, (D, H, W) float32 for volumes
-    label: np.ndarray  # (H, W) or (D, H, W) integer classes
-    spacing: tuple[float, ...]
+    image: np.ndarray  # (H, W, C) uint8 for 2-D; (M, D, H, W) float32 for volumes (M modalities)
+    label: np.ndarray  # (H, W) or (D, H, W) uint8 classes
+    spacing: tuple[float, ...] | None  # mm, (z, y, x) for volumes; None where unknown
+    affine: list | None = None
+    observer2: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
 
 
-def iter_raw_cases(spec: DatasetSpec, raw_dir: Path) -> Iterator[RawCase]:
-    """Yield the cases of a fetched dataset in sorted order."""
+def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None) -> list[CaseRef]:
+    """The cases of a fetched dataset in sorted order, as file references (nothing is read)."""
     root, files = dataset_files(spec, raw_dir)
     if spec.name in ("kvasir_seg", "synthetic"):
-        for image_path in [f for f in files if f.parent.name == "images"]:
-            # no patient ids are published for Kvasir-SEG: each image is its own group
-            yield _pair_2d(image_path, mask_path(spec, root, image_path), image_path.stem, image_path.stem)
-    elif spec.name == "chase_db1":
-        for image_path in [f for f in files if re.fullmatch(r"Image_\d+[LR]\.jpg", f.name)]:
-            child = re.fullmatch(r"Image_(\d+)[LR]", image_path.stem).group(1)
-            yield _pair_2d(
-                image_path, image_path.with_name(image_path.stem + "_1stHO.png"), image_path.stem, child
+        # no patient ids are published for Kvasir-SEG: each image is its own group
+        return [
+            CaseRef(f.stem, f.stem, f, mask_path(spec, root, f)) for f in files if f.parent.name == "images"
+        ]
+    if spec.name == "chase_db1":
+        refs = []
+        for f in files:
+            m = re.fullmatch(r"Image_(\d+)[LR]\.jpg", f.name)
+            if m:  # the child is the group: both eyes stay together
+                second = f.with_name(f.stem + "_2ndHO.png")
+                refs.append(
+                    CaseRef(
+                        f.stem,
+                        m.group(1),
+                        f,
+                        f.with_name(f.stem + "_1stHO.png"),
+                        second if second.exists() else None,
+                    )
+                )
+        return refs
+    if spec.name == "promise12":
+        return [
+            CaseRef(f.stem, f.stem, f, f.with_name(f.stem + "_segmentation.mhd"))
+            for f in files
+            if re.fullmatch(r"Case\d\d\.mhd", f.name)
+        ]
+    if spec.name in ("lits17", "synthetic_volumes"):
+        return [
+            CaseRef(
+                f.name.split(".")[0],
+                f.name.split(".")[0],
+                f,
+                f.with_name(f.name.replace("volume-", "segmentation-")),
             )
-    elif spec.name == "promise12":
-        for header in [f for f in files if re.fullmatch(r"Case\d\d\.mhd", f.name)]:
-            volume, spacing = read_metaimage(header)
-            label, _ = read_metaimage(header.with_name(header.stem + "_segmentation.mhd"))
-            yield _volume_case(header, header.stem, volume, label, spacing, spec)
-    elif spec.name in ("lits17", "synthetic_volumes"):
-        for path in [f for f in files if f.name.startswith("volume-")]:
-            case_id = path.name.split(".")[0]
-            volume, spacing = read_nifti(path)
-            label, _ = read_nifti(path.with_name(path.name.replace("volume-", "segmentation-")))
-            yield _volume_case(path, case_id, volume, label, spacing, spec)
-    else:
-        raise DataError(f"dataset {spec.name!r} has no reader")
+            for f in files
+            if f.name.startswith("volume-")
+        ]
+    if spec.name in ("msd_prostate", "msd_liver"):
+        pairs = msd_pairs(root, spec.name.removeprefix("msd_"))
+        return [CaseRef(file_stem(i), file_stem(i), i, label) for i, label in pairs]
+    if spec.name == "custom":
+        refs = []
+        for image, label in custom_pairs(root, spec.kind):
+            stem = file_stem(image)
+            refs.append(CaseRef(stem, _custom_group(image, stem, group_pattern), image, label))
+        return refs
+    raise DataError(f"dataset {spec.name!r} has no reader")
 
 
-def _pair_2d(image_path: Path, mask_path: Path, case_id: str, group: str) -> RawCase:
-    image, mask = read_image(image_path), read_mask(mask_path)
-    if image.shape[:2] != mask.shape:
+def _custom_group(image: Path, stem: str, pattern: str | None) -> str:
+    if pattern is None:
+        return stem
+    m = re.search(pattern, stem)
+    if m is None:
         raise DataError(
-            f"{mask_path}: mask size {mask.shape} differs from image {image_path.name} {image.shape[:2]}"
+            f"{image}: data.custom.group_pattern {pattern!r} does not match the file stem {stem!r}; "
+            "every file needs a patient id"
         )
-    return RawCase(case_id, group, image, mask, (1.0, 1.0))
+    return m.group(1)
 
 
-def _volume_case(
-    path: Path,
-    case_id: str,
-    volume: np.ndarray,
-    label: np.ndarray,
-    spacing: tuple[float, ...],
-    spec: DatasetSpec,
-) -> RawCase:
-    if volume.shape != label.shape:
-        raise DataError(f"{path}: volume shape {volume.shape} differs from its label's {label.shape}")
+def read_label_2d(path: Path, num_classes: int) -> np.ndarray:
+    """A 2-D label image as (H, W) uint8 class indices, validated.
+
+    JPEG masks (Kvasir-SEG, lossy): grey > 127 is foreground; refused when over 5% of the pixels are
+    mid-grey (32..223), which no binary mask has. Lossless masks: class indices 0..K-1, or exactly
+    {0, 255} / {0, 1} subsets for a binary task.
+
+    Raises:
+        DataError: unreadable, or values that are not labels of this dataset.
+    """
+    grey = read_label_image(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        mid = float(((grey > 32) & (grey < 223)).mean())
+        if num_classes != 2 or mid > JPEG_MASK_MAX_GREY:
+            raise DataError(
+                f"{path}: not a binary mask ({100 * mid:.1f}% of pixels are mid-grey; expected near 0 or 255)"
+                if num_classes == 2
+                else f"{path}: a JPEG mask for {num_classes} classes; lossy masks cannot hold class indices"
+            )
+        return (grey > 127).astype(np.uint8)
+    values = np.unique(grey)
+    if num_classes == 2 and set(values.tolist()) <= {0, 255}:
+        return (grey == 255).astype(np.uint8)
+    if values.max(initial=0) < num_classes:
+        return grey.astype(np.uint8)
+    expected = "{0, 255} or {0, 1}" if num_classes == 2 else f"class indices 0..{num_classes - 1}"
+    raise DataError(f"{path}: mask values {values[:10].tolist()}; expected {expected} (a non-binary mask?)")
+
+
+def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
+    """Read and validate one case."""
+    if spec.kind == "image":
+        gray = spec.modality == "gray"
+        image = read_image(ref.image, gray=gray)
+        label = read_label_2d(ref.label, spec.num_classes)
+        if image.shape[:2] != label.shape:
+            raise DataError(
+                f"{ref.label}: mask size {label.shape} differs from image {ref.image.name} {image.shape[:2]}"
+            )
+        observer2 = None
+        if ref.observer2 is not None:
+            observer2 = read_label_2d(ref.observer2, spec.num_classes)
+            if observer2.shape != label.shape:
+                raise DataError(f"{ref.observer2}: size {observer2.shape} differs from {ref.label.name}")
+        return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2)
+    affine = None
+    if ref.image.suffix == ".mhd":
+        volume, spacing = read_metaimage(ref.image)
+        label, _ = read_metaimage(ref.label)
+        volume = volume[None]
+    else:
+        ndim = 4 if spec.in_channels > 1 else 3
+        volume, spacing, affine = read_nifti(ref.image, ndim=ndim, with_affine=True)
+        label, _ = read_nifti(ref.label, ndim=3)
+        volume = volume if ndim == 4 else volume[None]
+        if volume.shape[0] != spec.in_channels:
+            raise DataError(
+                f"{ref.image}: {volume.shape[0]} modalities; {spec.title} expects {spec.in_channels}"
+            )
+    if volume.shape[1:] != label.shape:
+        raise DataError(
+            f"{ref.image}: volume shape {volume.shape[1:]} differs from its label's {label.shape}"
+        )
     if not np.isfinite(volume).all():
-        raise DataError(f"{path}: volume has NaN or infinite voxels")
-    label = np.rint(label).astype(np.int64)
+        raise DataError(f"{ref.image}: volume has NaN or infinite voxels")
+    if not np.isfinite(label).all():
+        raise DataError(f"{ref.label}: label has NaN or infinite voxels")
+    label = np.rint(label)  # float32 still: a CT label volume can hold 10^8 voxels
+    if spec.name == "msd_prostate":
+        label = (label > 0).astype(np.float32)  # whole gland = peripheral + transition zone
     bad = np.setdiff1d(np.unique(label), np.arange(spec.num_classes))
     if bad.size:
+        shown = [int(v) if float(v).is_integer() else float(v) for v in bad[:10]]
         raise DataError(
-            f"{path}: label values {bad.tolist()}; expected 0..{spec.num_classes - 1} ({spec.class_names})"
+            f"{ref.label}: label values {shown}; expected 0..{spec.num_classes - 1} ({spec.class_names})"
         )
-    return RawCase(case_id, case_id, volume, label.astype(np.uint8), spacing)
+    return RawCase(ref.case_id, ref.group, volume, label.astype(np.uint8), spacing, affine)
 
 
-def to_uint8(volume: np.ndarray, modality: str) -> np.ndarray:
+def n4_correct(volume: np.ndarray, spacing: tuple[float, ...], shrink: int = 4) -> np.ndarray:
+    """N4 bias-field correction of a (D, H, W) MRI volume (SimpleITK); returns float32, same shape."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.maximum(volume, 0).astype(np.float32) + 1e-3)
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))  # SimpleITK is (x, y, z)
+    mask = sitk.OtsuThreshold(image, 0, 1, 200)
+    factors = [shrink, shrink, 1] if volume.shape[0] < 4 * shrink else [shrink] * 3
+    small = sitk.Shrink(image, factors)
+    small_mask = sitk.Shrink(mask, factors)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50] * 4)
+    corrector.Execute(small, small_mask)
+    log_bias = corrector.GetLogBiasFieldAsImage(image)
+    corrected = image / sitk.Exp(log_bias)
+    return sitk.GetArrayFromImage(corrected).astype(np.float32)
+
+
+def to_uint8(volume: np.ndarray, modality: str, ct_window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
     """Intensity window of a CT or MRI volume, scaled to uint8."""
     if modality == "ct":
-        lo, hi = CT_WINDOW
+        lo, hi = ct_window
     else:
         lo, hi = np.percentile(volume, [0.5, 99.5])
     scaled = (np.clip(volume, lo, hi) - lo) / max(hi - lo, 1e-6)
     return np.rint(scaled * 255).astype(np.uint8)
 
 
-_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-
-
 def _resize(image: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return image
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
 
 
-def case_samples(case: RawCase, spec: DatasetSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resized samples of one case: images (n, C, S, S) uint8 and masks (n, S, S) uint8."""
+def case_samples(
+    case: RawCase, spec: DatasetSpec, settings: PreprocessSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Resized samples of one case: images (n, C, S, S) uint8, masks (n, S, S) uint8, observer-2 masks."""
+    size = settings.image_size
+    clahe = cv2.createCLAHE(clipLimit=settings.clahe_clip, tileGridSize=(8, 8))
     if spec.kind == "image":
-        image = _resize(case.image, size, nearest=False)  # (S, S, 3)
-        return image.transpose(2, 0, 1)[None], _resize(case.label, size, nearest=True)[None]
-    slices = to_uint8(case.image, spec.modality)
-    images = np.stack([_CLAHE.apply(_resize(s, size, nearest=False)) for s in slices])[
-        :, None
-    ]  # (D, 1, S, S)
-    masks = np.stack([_resize(s, size, nearest=True) for s in case.label])  # (D, S, S)
-    return images, masks
-
-
-def preprocess_dataset(name: str, raw_dir: Path, out_dir: Path, image_size: int) -> dict:
-    """Write data/processed/<name> from data/raw/<name>; returns meta.json's content."""
-    spec = DATASETS[name]
-    out_dir = Path(out_dir)
-    images, masks, cases, per_case = [], [], [], {}
-    for case in tqdm(iter_raw_cases(spec, Path(raw_dir)), desc=f"preprocess {name}", unit="case"):
-        imgs, msks = case_samples(case, spec, image_size)
-        images.append(imgs)
-        masks.append(msks)
-        for k in range(len(imgs)):
-            cases.append(
-                {"case_id": case.case_id, "group": case.group, "slice": k if spec.kind == "volume" else None}
+        image = _resize(case.image, size, nearest=False)
+        if spec.modality == "gray":
+            image = (
+                clahe.apply(image)[..., None] if image.ndim == 2 else clahe.apply(image[..., 0])[..., None]
             )
-        per_case[case.case_id] = {"shape": list(case.label.shape), "spacing": list(case.spacing)}
-    if not cases:
+        image = image if image.ndim == 3 else image[..., None]
+        second = None if case.observer2 is None else _resize(case.observer2, size, nearest=True)[None]
+        return image.transpose(2, 0, 1)[None], _resize(case.label, size, nearest=True)[None], second
+    channels = []
+    for m, volume in enumerate(case.image):
+        first = m == 0  # T2 (or the only channel); msd_prostate's ADC is channel 1
+        if spec.modality == "mri" and settings.n4 and first:
+            volume = n4_correct(volume, case.spacing or (1.0, 1.0, 1.0))
+        slices = to_uint8(volume, spec.modality, settings.ct_window)
+        resized = [_resize(s, size, nearest=False) for s in slices]
+        channels.append(np.stack([clahe.apply(s) if first else s for s in resized]))
+    images = np.stack(channels, axis=1)  # (D, M, S, S)
+    masks = np.stack([_resize(s, size, nearest=True) for s in case.label])
+    return images, masks, None
+
+
+def _work(args: tuple[CaseRef, DatasetSpec, PreprocessSettings]) -> tuple:
+    ref, spec, settings = args  # no cv2.setNumThreads here: in a forked child it can hang
+    case = load_case(ref, spec)
+    images, masks, second = case_samples(case, spec, settings)
+    info = {
+        "shape": list(case.label.shape),
+        "spacing": None if case.spacing is None else list(case.spacing),
+        "affine": case.affine,
+        "group": case.group,
+    }
+    return ref.case_id, images, masks, second, info
+
+
+def rebuild_volume(slices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Slices (D, S, S) of class labels back to the case's original (D, H, W), nearest neighbour."""
+    if slices.shape[0] != shape[0]:
+        raise DataError(f"{slices.shape[0]} slices for a volume of depth {shape[0]}")
+    out = np.stack(
+        [
+            cv2.resize(s, (shape[2], shape[1]), interpolation=cv2.INTER_NEAREST)
+            for s in slices.astype(np.uint8)
+        ]
+    )
+    return out.astype(slices.dtype)
+
+
+def preprocess_dataset(
+    name: str,
+    raw_dir: Path,
+    out_dir: Path,
+    image_size: int | PreprocessSettings,
+    custom: dict | None = None,
+    workers: int = 1,
+) -> dict:
+    """Write data/processed/<name> from data/raw/<name>; returns meta.json's content.
+
+    Args:
+        image_size: S, or the full PreprocessSettings.
+        custom: params.yaml's data.custom (the `custom` dataset's description).
+        workers: processes reading and resizing cases (0 = one per CPU core); the output does not
+            depend on it.
+    """
+    spec = dataset_spec(name, custom)
+    settings = image_size if isinstance(image_size, PreprocessSettings) else PreprocessSettings(image_size)
+    if custom and name == "custom":
+        settings = PreprocessSettings(**{**settings.__dict__, "group_pattern": custom.get("group_pattern")})
+    out_dir = Path(out_dir)
+    refs = case_refs(spec, Path(raw_dir), settings.group_pattern)
+    if not refs:
         raise DataError(f"{raw_dir}: no cases found for {name}")
-    image_array, mask_array = np.concatenate(images), np.concatenate(masks)
-    digest = hashlib.sha256(image_array.tobytes() + mask_array.tobytes()).hexdigest()
+    workers = min(workers or os.cpu_count() or 1, len(refs))
+    jobs = [(ref, spec, settings) for ref in refs]
+    images, masks, seconds, cases, per_case, empty_cases = [], [], [], [], {}, 0
+    with (
+        multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool,
+        tqdm(total=len(refs), desc=f"preprocess {name}", unit="case") as bar,
+    ):
+        for case_id, imgs, msks, second, info in pool.imap(_work, jobs, chunksize=4):
+            images.append(imgs)
+            masks.append(msks)
+            if second is not None:
+                seconds.append(second)
+            group = info.pop("group")
+            for k, mask in enumerate(msks):
+                empty = not bool(mask.any())
+                cases.append(
+                    {
+                        "case_id": case_id,
+                        "group": group,
+                        "slice": k if spec.kind == "volume" else None,
+                        "empty": empty,
+                    }
+                )
+            per_case[case_id] = info
+            empty_cases += not msks.any()
+            bar.update()
+    n = len(cases)
     meta = {
         "dataset": name,
+        "title": spec.title,
         "kind": spec.kind,
-        "image_size": image_size,
+        "image_size": settings.image_size,
         "in_channels": spec.in_channels,
+        "modalities": spec.modalities,
+        "modality": spec.modality,
         "class_names": list(spec.class_names),
-        "num_samples": len(cases),
+        "num_samples": n,
         "num_cases": len(per_case),
+        "num_groups": len({c["group"] for c in cases}),
+        "empty_samples": sum(c["empty"] for c in cases),
+        "empty_cases": empty_cases,
+        "intensity": {
+            "n4": settings.n4 and spec.modality == "mri",
+            "ct_window": list(settings.ct_window) if spec.modality == "ct" else None,
+            "clahe_clip": settings.clahe_clip if spec.modality in ("gray", "ct", "mri") else None,
+        },
+        "spacing_unit": "mm" if spec.kind == "volume" else None,
         "cases": per_case,
-        "sha256": digest,
     }
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.save(tmp / "images.npy", image_array)
-    np.save(tmp / "masks.npy", mask_array)
-    write_json(tmp / "cases.json", cases)
-    write_json(tmp / "meta.json", meta)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)
+    try:
+        digest = hashlib.sha256()
+        for fname, parts in (("images.npy", images), ("masks.npy", masks), ("observer2.npy", seconds)):
+            if parts:
+                _write_stacked(tmp / fname, parts, digest)
+        meta["sha256"] = digest.hexdigest()
+        if seconds:
+            meta["inter_observer_dice"] = _inter_observer_dice(masks, seconds)
+        write_json(tmp / "cases.json", cases)
+        write_json(tmp / "meta.json", meta)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.replace(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+class _Serial:
+    """Pool stand-in for workers = 1 (no processes, easier debugging)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+
+def _write_stacked(path: Path, parts: list[np.ndarray], digest) -> None:
+    """Concatenate `parts` along axis 0 straight into a .npy file (no second copy in memory)."""
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    i = 0
+    for p in parts:
+        out[i : i + len(p)] = p
+        digest.update(np.ascontiguousarray(p).tobytes())
+        i += len(p)
+    out.flush()
+    del out
+
+
+def _inter_observer_dice(first: list[np.ndarray], second: list[np.ndarray]) -> float:
+    """Mean per-image Dice between the two observers at the processed resolution (CHASE_DB1)."""
+    scores = []
+    for a, b in zip(first, second, strict=True):
+        inter = float(np.logical_and(a == 1, b == 1).sum())
+        total = float((a == 1).sum() + (b == 1).sum())
+        scores.append(1.0 if total == 0 else 2 * inter / total)
+    return float(np.mean(scores))

@@ -28,8 +28,13 @@ class DatasetSpec:
             "fraction" (cv.test_fraction of the groups, seeded), "last:N" (the last N groups in sorted
             order: the paper's fixed CHASE_DB1 split) or "count:N" (N groups, seeded).
         modalities: how many imaging modalities the in_channels hold, as equal consecutive groups
-            (RGB is one modality of 3 channels; T2 + ADC would be 2 of 1). CASNet encodes each
+            (RGB is one modality of 3 channels; T2 + ADC are 2 of 1). CASNet encodes each
             modality separately and fuses them in its transformer.
+        mirrors: further download addresses, tried in order after `url`.
+        layout: the expected file layout, quoted in error messages and `medfusion fetch --help`.
+        cases: the number of labelled cases of the official release (None where it varies): a local
+            folder with another count is used but reported.
+        note: what a reader of the results must know (printed under the dataset's table).
     """
 
     name: str
@@ -43,6 +48,10 @@ class DatasetSpec:
     access: str
     test_rule: str
     modalities: int = 1
+    mirrors: tuple[str, ...] = ()
+    layout: str = ""
+    cases: int | None = None
+    note: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -58,9 +67,11 @@ DATASETS: dict[str, DatasetSpec] = {
         class_names=("background", "polyp"),
         modality="rgb",
         url="https://datasets.simula.no/downloads/kvasir-seg.zip",
-        checksum=None,
+        checksum=None,  # no official checksum: the extracted files are checked against FINGERPRINTS
         access="public download; page https://datasets.simula.no/kvasir-seg/",
-        test_rule="fraction",
+        test_rule="fraction",  # cv.test_fraction = 0.2: the paper's 80/20
+        layout="Kvasir-SEG/images/*.jpg + Kvasir-SEG/masks/*.jpg with the same names (the official zip)",
+        cases=1000,
     ),
     "chase_db1": DatasetSpec(
         name="chase_db1",
@@ -73,6 +84,9 @@ DATASETS: dict[str, DatasetSpec] = {
         checksum=None,
         access="public download; page https://researchdata.kingston.ac.uk/96/",
         test_rule="last:4",  # children 11-14 = the last 8 images (paper: first 20 train, last 8 test)
+        mirrors=("https://staffnet.kingston.ac.uk/~ku15565/CHASE_DB1/assets/CHASEDB1.zip",),
+        layout="Image_NN[LR].jpg + Image_NN[LR]_1stHO.png (+ _2ndHO.png, the second observer), in one folder",
+        cases=28,
     ),
     "promise12": DatasetSpec(
         name="promise12",
@@ -84,7 +98,9 @@ DATASETS: dict[str, DatasetSpec] = {
         url=None,
         checksum=None,
         access="registration-only at https://promise12.grand-challenge.org (the 50 labelled training cases)",
-        test_rule="fraction",
+        test_rule="fraction",  # 10 of the 50 labelled cases, seeded: the challenge's test labels are hidden
+        layout="CaseNN.mhd/.raw + CaseNN_segmentation.mhd/.raw (any folder depth)",
+        cases=50,
     ),
     "lits17": DatasetSpec(
         name="lits17",
@@ -96,7 +112,47 @@ DATASETS: dict[str, DatasetSpec] = {
         url=None,
         checksum=None,
         access="registration-only at https://competitions.codalab.org/competitions/17094 (LiTS challenge)",
+        test_rule="count:30",  # 30 test volumes, seeded; the other 101 of the 131 train (the paper: 100/30)
+        layout="volume-N.nii[.gz] + segmentation-N.nii[.gz] (any folder depth)",
+        cases=131,
+        note="30 test volumes of the 131 labelled ones, seeded; the other 101 train (the paper says 100/30).",
+    ),
+    "msd_prostate": DatasetSpec(
+        name="msd_prostate",
+        title="MSD Task05 Prostate (T2 + ADC; a different cohort from PROMISE12)",
+        kind="volume",
+        in_channels=2,
+        class_names=("background", "prostate"),  # whole gland = peripheral (1) + transition (2) zone
+        modality="mri",
+        url="https://msd-for-monai.s3-us-west-2.amazonaws.com/Task05_Prostate.tar",
+        checksum="md5:35138f08b1efaef89d7424d2bcc928db",
+        access="public download (Medical Segmentation Decathlon, CC BY-SA 4.0); page http://medicaldecathlon.com/",
+        test_rule="fraction",
+        modalities=2,
+        layout="Task05_Prostate/imagesTr/prostate_NN.nii.gz (4-D: T2, ADC) + labelsTr/prostate_NN.nii.gz",
+        cases=32,
+        note=(
+            "A public alternative to PROMISE12, not PROMISE12: another cohort (32 cases, T2 + ADC, whole "
+            "gland = PZ + TZ). Its numbers are not comparable with the paper's PROMISE12 figures."
+        ),
+    ),
+    "msd_liver": DatasetSpec(
+        name="msd_liver",
+        title="MSD Task03 Liver (the LiTS training volumes)",
+        kind="volume",
+        in_channels=1,
+        class_names=("background", "liver", "tumour"),
+        modality="ct",
+        url="https://msd-for-monai.s3-us-west-2.amazonaws.com/Task03_Liver.tar",
+        checksum="md5:a90ec6c4aa7f6a3d087205e23d4e6397",
+        access="public download (Medical Segmentation Decathlon, CC BY-SA 4.0, about 28 GB); page http://medicaldecathlon.com/",
         test_rule="count:30",
+        layout="Task03_Liver/imagesTr/liver_N.nii.gz + labelsTr/liver_N.nii.gz",
+        cases=131,
+        note=(
+            "The LiTS training volumes as redistributed by the Decathlon; the split (30 test volumes, "
+            "seeded) is ours, the paper's is not published."
+        ),
     ),
     "synthetic": DatasetSpec(
         name="synthetic",
@@ -123,3 +179,48 @@ DATASETS: dict[str, DatasetSpec] = {
         test_rule="fraction",
     ),
 }
+
+CUSTOM_LAYOUT = (
+    "images/ + masks/ (or labels/) with matching file stems: 2-D PNG/JPG/TIF images and masks "
+    "(data.custom.kind: image), or NIfTI image/label volumes (kind: volume)"
+)
+
+# What each intensity family means for a custom dataset: channels and the `modality` preprocessing key.
+CUSTOM_MODALITIES = {"rgb": ("rgb", 3), "gray": ("gray", 1), "ct": ("ct", 1), "mri": ("mri", 1)}
+
+
+def custom_spec(custom: dict) -> DatasetSpec:
+    """The spec of the user's own dataset from params.yaml's `data.custom` (validated by medfusion.config).
+
+    Keys: kind (image | volume), modality (rgb | gray for 2-D; ct | mri for volumes; gray also for
+    2-D slices of CT or MRI already windowed), class_names (index 0 is background), title.
+    """
+    modality, channels = CUSTOM_MODALITIES[custom["modality"]]
+    return DatasetSpec(
+        name="custom",
+        title=custom.get("title") or "custom",
+        kind=custom["kind"],
+        in_channels=channels,
+        class_names=tuple(custom["class_names"]),
+        modality=modality,
+        url=None,
+        checksum=None,
+        access="your own data: set data.sources.custom to its folder",
+        test_rule="fraction",
+        layout=CUSTOM_LAYOUT,
+    )
+
+
+def dataset_spec(name: str, custom: dict | None = None) -> DatasetSpec:
+    """The spec of dataset `name`; `custom` (params.yaml's data.custom) defines the `custom` dataset."""
+    if name == "custom":
+        if custom is None:
+            raise KeyError("dataset 'custom' needs params.yaml's data.custom section")
+        return custom_spec(custom)
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_NAMES)}") from None
+
+
+DATASET_NAMES = (*DATASETS, "custom")

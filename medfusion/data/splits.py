@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+from sklearn.model_selection import GroupKFold
 
 
 class SplitError(ValueError):
@@ -49,8 +50,8 @@ def make_split(
 
     Returns:
         {"test": [case ids], "folds": [{"train": [...], "val": [...]}, ...]}, all lists sorted.
-        Folds are balanced by number of cases: groups, shuffled by `seed`, go largest first to
-        the fold with the fewest cases so far.
+        Folds come from scikit-learn's GroupKFold: balanced by number of cases, a patient group in
+        exactly one fold; `seed` shuffles which groups go together.
     """
     rng = np.random.default_rng(seed)
     sizes = Counter(case_groups.values())
@@ -58,12 +59,15 @@ def make_split(
     train_groups = [g for g in rng.permutation(sorted(sizes)).tolist() if g not in test_groups]
     if len(train_groups) < n_folds:
         raise SplitError(f"{len(train_groups)} training groups cannot make {n_folds} folds (cv.n_folds)")
+    # scikit-learn's GroupKFold balances the folds' case counts (largest group first, to the lightest
+    # fold); it orders groups by label, so seeded labels make the assignment depend on `seed`.
+    label = {g: i for i, g in enumerate(train_groups)}
+    train_cases = sorted(c for c, g in case_groups.items() if g in label)
+    labels = np.array([label[case_groups[c]] for c in train_cases])
     fold_of: dict[str, int] = {}
-    load = [0] * n_folds
-    for group in sorted(train_groups, key=lambda g: -sizes[g]):  # stable: ties keep the shuffled order
-        k = int(np.argmin(load))
-        fold_of[group] = k
-        load[k] += sizes[group]
+    for k, (_, val_idx) in enumerate(GroupKFold(n_splits=n_folds).split(train_cases, groups=labels)):
+        for i in val_idx:
+            fold_of[case_groups[train_cases[i]]] = k
     folds = []
     for k in range(n_folds):
         val = sorted(c for c, g in case_groups.items() if fold_of.get(g) == k)

@@ -27,14 +27,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from medfusion.config import Params, config_hash
-from medfusion.data.dataset import SegDataset
+from medfusion.data.augment import MixCollate
+from medfusion.data.dataset import EpochSampler, SegDataset
 from medfusion.data.io import read_json, write_json
-from medfusion.data.registry import DATASETS
 from medfusion.losses import segmentation_loss
 from medfusion.losses.drgo import DRGOSettings, class_frequencies
 from medfusion.models import build_model
 from medfusion.seed import seed_everything, worker_init_fn
-from medfusion.training.loop import DRGOObjective, Precision, resolve_precision, train_one_epoch, validate
+from medfusion.training.loop import (
+    DRGOObjective,
+    Precision,
+    plain_objective,
+    resolve_precision,
+    train_one_epoch,
+    validate,
+)
 
 LogFn = Callable[[dict[str, float], int], None]
 # (fold, seed, run params) -> context manager yielding a log callback; the pipeline passes MLflow's
@@ -53,18 +60,27 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 
 def make_loader(
-    dataset: SegDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool
+    dataset: SegDataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    pin: bool,
+    collate_fn: Callable[[list[dict]], dict] | None = None,
 ) -> DataLoader:
+    """A DataLoader over `dataset`; shuffle=True (training) draws (epoch, index) pairs from an
+    `EpochSampler`: call `loader.sampler.set_epoch(epoch)` before each epoch."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), seed) if shuffle else None,
         drop_last=shuffle and len(dataset) > batch_size,  # BatchNorm needs > 1 sample per batch
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin,
         worker_init_fn=worker_init_fn if workers else None,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )
 
 
@@ -85,18 +101,20 @@ def run_fold(
     Adam (or AdamW), cosine annealing over train.epochs, early stopping on validation loss with
     train.patience; the best epoch's weights are kept in out_dir/model.pt.
     """
-    spec = DATASETS[dataset]
+    spec = params.spec(dataset)
     t = params.train
     precision = precision or resolve_precision(t.device, t.cpu_bf16, t.channels_last)
     seed_everything(seed * 1000 + fold)
     drgo = params.uses_drgo(model_name)
     boundary = drgo and params.use_boundary(model_name)
+    augment = params.augment if t.augment else None
     train_set = SegDataset(
-        processed_dir, split["folds"][fold]["train"], augment=t.augment, seed=seed, distance=boundary
+        processed_dir, split["folds"][fold]["train"], augment=augment, seed=seed, distance=boundary
     )
-    val_set = SegDataset(processed_dir, split["folds"][fold]["val"])
+    val_set = SegDataset(processed_dir, split["folds"][fold]["val"])  # never augmented
     pin = precision.device.type == "cuda"
-    train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, seed, pin)
+    collate = MixCollate(augment, seed) if augment else None  # MixUp / CutMix, in the workers
+    train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, seed, pin, collate)
     val_loader = make_loader(val_set, params.eval.batch_size, False, t.num_workers, seed, pin)
 
     kwargs = params.model_kwargs(model_name, dataset)
@@ -123,7 +141,7 @@ def run_fold(
             seed,
         )
     else:
-        objective = lambda logits, target, batch: loss_fn(logits, target)  # noqa: E731
+        objective = plain_objective(loss_fn)  # lam L(y_a) + (1 - lam) L(y_b) on MixUp batches
 
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
@@ -133,6 +151,7 @@ def run_fold(
     )
     for epoch in epochs:
         start = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)  # order and augmentation of epoch e: f(seed, e)
         train_loss = train_one_epoch(
             model, train_loader, optimizer, objective, precision, scaler, f"epoch {epoch + 1}"
         )
@@ -218,6 +237,7 @@ def fold_hash(
         params.casnet_settings(model_name) if params.architecture(model_name) == "casnet" else None,
         (params.drgo, params.drgo.confidence_momentum) if params.uses_drgo(model_name) else None,
         params.train,
+        params.augment if params.train.augment else None,
         params.loss,
         params.eval,
         params.data.image_size,
