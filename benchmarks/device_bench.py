@@ -285,7 +285,11 @@ class ModelBench:
         self.row["parameters_m"] = count_parameters(model) / 1e6
         model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if self.precision.channels_last else model
-        self.forward = torch.compile(self.model, dynamic=False, mode=self.args.compile_mode) if self.args.compile else self.model
+        self.forward = (
+            torch.compile(self.model, dynamic=False, mode=self.args.compile_mode)
+            if self.args.compile
+            else self.model
+        )
 
     def measure(self, fn: Callable[[], None], key: str) -> float:
         a = self.args

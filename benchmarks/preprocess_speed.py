@@ -36,7 +36,9 @@ def main() -> None:
         raw = Path(tmp) / "raw"
         start = time.perf_counter()
         record = fetch_dataset(args.dataset, raw, args.source, params.data.synthetic)
-        print(f"fetch (verify fingerprint + copy {record['files']} files): {time.perf_counter() - start:.1f} s")
+        print(
+            f"fetch (verify fingerprint + copy {record['files']} files): {time.perf_counter() - start:.1f} s"
+        )
         for workers in args.workers:
             out = Path(tmp) / f"proc{workers}"
             start = time.perf_counter()

@@ -417,7 +417,9 @@ def test_wrong_kind_of_file_and_group_pattern_are_named(tmp_path):
     src = _custom_2d(tmp_path / "src")
     with pytest.raises(FetchError, match="p0_s0.png: not a NIfTI volume"):
         _preprocess_custom(tmp_path, src, kind="volume", modality="ct")
-    with pytest.raises(DataError, match=re.escape("group_pattern 'x(\\\\d)' does not match the file stem 'p0_s0'")):
+    with pytest.raises(
+        DataError, match=re.escape("group_pattern 'x(\\\\d)' does not match the file stem 'p0_s0'")
+    ):
         _preprocess_custom(tmp_path, src, group_pattern=r"x(\d)")
 
 
