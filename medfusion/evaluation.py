@@ -7,6 +7,7 @@ says so. Rows: dataset, model, run, case_id, class, metric, value.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 
 from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_json
-from medfusion.metrics import case_metrics
+from medfusion.metrics import case_metrics, processed_spacing
 from medfusion.models import build_model
+from medfusion.postprocess import apply as apply_postprocess
+from medfusion.postprocess import choose_postprocess
 from medfusion.training.loop import Precision, predict_probs
 
 
@@ -53,25 +56,59 @@ def predict_dataset(
 
 
 def group_cases(dataset: SegDataset, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per test case: the 2-D map, or the slices of a volume stacked in slice order (D, S, S)."""
+    """Per test case: the 2-D array of an image, or the slices of a volume stacked in slice order (D, ...)."""
     by_case: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for sample, label in zip(dataset.samples, labels, strict=True):
-        by_case[sample["case_id"]].append((sample["slice"] or 0, label))
-    return {c: np.stack([m for _, m in sorted(v, key=lambda t: t[0])]) for c, v in by_case.items()}
+        by_case[sample["case_id"]].append((sample["slice"], label))
+    out = {}
+    for case_id, items in by_case.items():
+        if items[0][0] is None:  # a 2-D image: one sample
+            out[case_id] = items[0][1]
+        else:
+            out[case_id] = np.stack([m for _, m in sorted(items, key=lambda t: t[0])])
+    return out
 
 
-def evaluate_run(
-    checkpoint_path: Path, processed_dir: Path, test_ids: list[str], batch_size: int, precision: Precision
+def predict_dataset_probs(
+    model: torch.nn.Module, dataset: SegDataset, batch_size: int, precision: Precision
+) -> np.ndarray:
+    """Softmax probabilities (N, K, S, S) float16 for every sample of `dataset`, in its order."""
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        out.append(predict_probs(model, torch.stack([it["image"] for it in items]), precision).numpy())
+    return np.concatenate(out).astype(np.float16)
+
+
+def group_probs(dataset: SegDataset, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per test case, class first: (K, S, S) for an image, (K, D, S, S) for a volume's stacked slices."""
+    return {c: p if p.ndim == 3 else p.transpose(1, 0, 2, 3) for c, p in group_cases(dataset, probs).items()}
+
+
+def case_spacings(processed_dir: Path, case_ids: list[str]) -> tuple[dict[str, tuple | None], str]:
+    """Each case's voxel spacing at the processed resolution, and the distance unit ("mm" or "px")."""
+    meta = read_json(Path(processed_dir) / "meta.json")
+    spacings = {
+        c: processed_spacing(meta["cases"][c]["shape"], meta["cases"][c]["spacing"], meta["image_size"])
+        for c in case_ids
+    }
+    unit = "mm" if all(s is not None for s in spacings.values()) else "px"
+    return (spacings if unit == "mm" else dict.fromkeys(case_ids)), unit
+
+
+def _metric_rows(
+    labels: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    num_classes: int,
+    class_names: list[str],
+    spacings: dict[str, tuple | None],
 ) -> list[dict]:
-    """Metric rows (case_id, class, metric, value) of one trained run on the test cases."""
-    model, checkpoint = load_checkpoint(checkpoint_path, precision)
-    dataset = SegDataset(processed_dir, test_ids)
-    targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only the test rows
-    preds = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
-    class_names = read_json(Path(processed_dir) / "meta.json")["class_names"]
     rows = []
     for case_id in sorted(targets):
-        for c, values in case_metrics(preds[case_id], targets[case_id], checkpoint["num_classes"]).items():
+        metrics = case_metrics(
+            labels[case_id], targets[case_id], num_classes, spacings[case_id], distances=True
+        )
+        for c, values in metrics.items():
             rows += [
                 {"case_id": case_id, "class": class_names[c], "metric": k, "value": v}
                 for k, v in values.items()
@@ -79,16 +116,126 @@ def evaluate_run(
     return rows
 
 
-def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
-    """Mean over test cases within each run, then mean and std over runs (ddof=1; 0 for one run).
+def evaluate_run(
+    checkpoint_path: Path, processed_dir: Path, test_ids: list[str], batch_size: int, precision: Precision
+) -> list[dict]:
+    """Metric rows (case_id, class, metric, value) of one checkpoint on `test_ids`, raw argmax, no post-processing."""
+    model, checkpoint = load_checkpoint(checkpoint_path, precision)
+    dataset = SegDataset(processed_dir, test_ids)
+    targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only these rows
+    labels = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
+    class_names = read_json(Path(processed_dir) / "meta.json")["class_names"]
+    spacings, _ = case_spacings(processed_dir, sorted(targets))
+    return _metric_rows(labels, targets, checkpoint["num_classes"], class_names, spacings)
 
-    Returns columns: dataset, model, class, metric, mean, std, runs, cases.
+
+def evaluate_model(
+    runs: list[dict],
+    runs_dir: Path,
+    processed_dir: Path,
+    split: dict,
+    batch_size: int,
+    precision: Precision,
+    examples: int = 4,
+) -> tuple[pd.DataFrame, dict, dict[str, np.ndarray]]:
+    """Every run (fold x seed) of one model, and their fold ensemble, on the test split.
+
+    For each run: post-processing is chosen on that run's validation fold (`choose_postprocess`,
+    never on test), then the test cases are scored raw (argmax) and post-processed. The ensemble
+    ("ensemble" run) averages the runs' test probabilities; its post-processing is chosen on the
+    pooled out-of-fold validation predictions (each validation case predicted by the run that did not
+    train on it). Metrics per test case (image, or volume rebuilt from its slices) and foreground class,
+    HD95/ASSD in mm at the processed resolution where the spacing is known, else in pixels.
+
+    Returns:
+        per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post");
+        info: distance unit, image size, kind, the post-processing chosen per run with its validation Dice;
+        examples: for the first `examples` test cases (sorted ids): images (n, C, S, S) uint8, targets and
+            the ensemble's post-processed predictions (n, S, S), the slice with the largest ground truth
+            for volumes, and case_ids.
     """
-    per_run = per_case.groupby(["dataset", "model", "run", "class", "metric"], as_index=False).agg(
-        value=("value", "mean"), cases=("case_id", "nunique")
-    )
-    out = per_run.groupby(["dataset", "model", "class", "metric"], as_index=False).agg(
-        mean=("value", "mean"), std=("value", "std"), runs=("run", "nunique"), cases=("cases", "max")
-    )
-    out["std"] = out["std"].fillna(0.0)
-    return out
+    processed_dir = Path(processed_dir)
+    meta = read_json(processed_dir / "meta.json")
+    class_names, num_classes = meta["class_names"], len(meta["class_names"])
+    test_set = SegDataset(processed_dir, split["test"])
+    targets = group_cases(test_set, np.asarray(test_set.masks[test_set.indices]))
+    spacings, unit = case_spacings(processed_dir, sorted(targets))
+    frames, chosen = [], {}
+    ensemble: dict[str, np.ndarray] = {}
+    oof_probs: list[np.ndarray] = []
+    oof_targets: list[np.ndarray] = []
+    for run in runs:
+        name = f"fold{run['fold']}_seed{run['seed']}"
+        model, _ = load_checkpoint(runs_dir / name / "model.pt", precision)
+        val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
+        val_probs = group_probs(val_set, predict_dataset_probs(model, val_set, batch_size, precision))
+        val_targets = group_cases(val_set, np.asarray(val_set.masks[val_set.indices]))
+        cases = sorted(val_targets)
+        selection = choose_postprocess(
+            [val_probs[c].astype(np.float32) for c in cases], [val_targets[c] for c in cases]
+        )
+        oof_probs += [val_probs[c] for c in cases]
+        oof_targets += [val_targets[c] for c in cases]
+        chosen[name] = _selection_record(selection)
+        probs = group_probs(test_set, predict_dataset_probs(model, test_set, batch_size, precision))
+        for c, p in probs.items():
+            ensemble[c] = ensemble.get(c, 0) + p.astype(np.float32) / len(runs)
+        frames += _score(name, probs, selection.postprocess, targets, num_classes, class_names, spacings)
+    selection = choose_postprocess([p.astype(np.float32) for p in oof_probs], oof_targets)
+    chosen["ensemble"] = _selection_record(selection)
+    frames += _score("ensemble", ensemble, selection.postprocess, targets, num_classes, class_names, spacings)
+    per_case = pd.concat(frames, ignore_index=True)
+    info = {
+        "distance_unit": unit,
+        "image_size": meta["image_size"],
+        "kind": meta["kind"],
+        "title": meta.get("title", meta["dataset"]),
+        "runs": len(runs),
+        "test_cases": len(targets),
+        "postprocess": chosen,
+    }
+    pictures = _examples(test_set, targets, ensemble, selection.postprocess, examples)
+    return per_case, info, pictures
+
+
+def _selection_record(selection) -> dict:
+    return {
+        **dataclasses.asdict(selection.postprocess),
+        "val_dice_before": selection.dice_before,
+        "val_dice_after": selection.dice_after,
+    }
+
+
+def _score(run, probs, postprocess, targets, num_classes, class_names, spacings) -> list[pd.DataFrame]:
+    raw = {c: p.argmax(0).astype(np.uint8) for c, p in probs.items()}
+    post = {c: apply_postprocess(postprocess, p.astype(np.float32)) for c, p in probs.items()}
+    return [
+        pd.DataFrame(_metric_rows(labels, targets, num_classes, class_names, spacings)).assign(
+            run=run, postprocess=kind
+        )
+        for kind, labels in (("raw", raw), ("post", post))
+    ]
+
+
+def _examples(test_set: SegDataset, targets, ensemble, postprocess, n: int) -> dict[str, np.ndarray]:
+    rows_of: dict[str, dict] = defaultdict(dict)
+    for row, sample in zip(test_set.indices, test_set.samples, strict=True):
+        rows_of[sample["case_id"]][sample["slice"] or 0] = row
+    images, masks, preds, ids = [], [], [], []
+    for case_id in sorted(targets)[:n]:
+        target = targets[case_id]
+        pred = apply_postprocess(postprocess, ensemble[case_id])
+        k = 0
+        if target.ndim == 3:  # a volume: the slice with the largest ground truth
+            k = int(np.argmax((target > 0).reshape(len(target), -1).sum(1)))
+            target, pred = target[k], pred[k]
+        images.append(np.asarray(test_set.images[rows_of[case_id][k]]))
+        masks.append(target)
+        preds.append(pred)
+        ids.append(case_id)
+    return {
+        "images": np.stack(images),
+        "targets": np.stack(masks),
+        "preds": np.stack(preds),
+        "case_ids": np.array(ids),
+    }

@@ -1,19 +1,37 @@
-"""Per-case overlap metrics on label maps (numpy), one rule for empty masks.
+"""Per-case segmentation metrics (numpy/scipy), with one rule for empty masks.
 
-Empty-mask rule (stated once, tested): with tp, fp, fn counted for one class,
+A test case is a 2-D image (H, W) or a whole volume (D, H, W); metrics are computed per foreground
+class on the binary masks `pred == c` and `target == c`.
+
+Overlap metrics, with tp, fp, fn counted for one class:
     dice = 2tp / (2tp + fp + fn), iou = tp / (tp + fp + fn), precision = tp / (tp + fp),
-    recall = tp / (tp + fn),
-and a ratio whose denominator is 0 is 1.0 when the prediction agrees with the target for that
-class (nothing to find and nothing predicted), otherwise 0.0. So an empty prediction of an empty
-target is perfect, and any foreground predicted on an empty target scores 0 on dice, iou and
-precision. F1 equals Dice for binary masks and is not stored twice.
+    recall = tp / (tp + fn), f1 = dice (the harmonic mean of precision and recall is Dice for a
+    binary mask; stored under its own name because the evaluation protocol reports F1).
+Distance metrics, on the surfaces (foreground voxels with a background face-neighbour):
+    hd95 = 95th percentile, assd = mean of the surface-to-surface distances of both directions
+    pooled (every surface voxel of each mask to the nearest surface voxel of the other), in the
+    units of `spacing` (mm where it is known, pixels when None).
+
+Empty-mask rule (stated once here, tested in tests/test_metrics_post.py):
+    both empty          dice = iou = precision = recall = f1 = 1.0; hd95 = assd = 0.0
+    empty target only   (foreground predicted on an empty target) all overlap metrics 0.0;
+                        hd95 = assd = NaN
+    empty prediction    (target missed) all overlap metrics 0.0; hd95 = assd = NaN
+In general an overlap ratio whose denominator is 0 is 1.0 when the prediction agrees with the
+target for that class and 0.0 otherwise. A NaN distance is undefined: it is excluded from means and
+counted (`mean_defined`), never replaced by a made-up maximum distance.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterable, Sequence
 
-METRICS = ("dice", "iou", "precision", "recall")
+import numpy as np
+from scipy import ndimage
+
+METRICS = ("dice", "iou", "precision", "recall")  # the overlap metrics of the report tables
+OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "f1")
+DISTANCE_METRICS = ("hd95", "assd")
 
 
 def _ratio(num: int, den: int, perfect: bool) -> float:
@@ -21,53 +39,180 @@ def _ratio(num: int, den: int, perfect: bool) -> float:
 
 
 def overlap_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Dice, IoU, precision, recall of binary masks of any (equal) shape."""
+    """Dice, IoU, precision, recall and F1 of two binary masks of any (equal) shape.
+
+    Args:
+        pred: binary mask (any dtype; nonzero is foreground).
+        target: binary mask of the same shape.
+
+    Returns:
+        {"dice", "iou", "precision", "recall", "f1"} in [0, 1], empty masks as the module says.
+    """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
     pred, target = pred.astype(bool), target.astype(bool)
     tp = int(np.count_nonzero(pred & target))
-    fp = int(np.count_nonzero(pred & ~target))
-    fn = int(np.count_nonzero(~pred & target))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(target)) - tp
     agree = fp == 0 and fn == 0
+    dice = _ratio(2 * tp, 2 * tp + fp + fn, agree)
     return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
+        "dice": dice,
         "iou": _ratio(tp, tp + fp + fn, agree),
         "precision": _ratio(tp, tp + fp, fn == 0),
         "recall": _ratio(tp, tp + fn, fp == 0),
+        "f1": dice,
     }
-
-
-def case_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict[str, float]]:
-    """Metrics per foreground class (1..num_classes-1) of label maps `pred` and `target`."""
-    return {c: overlap_metrics(pred == c, target == c) for c in range(1, num_classes)}
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
     """The boundary voxels of a binary mask: foreground voxels with a background face-neighbour
     (the image border counts as background)."""
-    from scipy import ndimage
-
     mask = mask.astype(bool)
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
-    """95th-percentile symmetric Hausdorff distance between the surfaces of two binary masks.
+def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * ndim
+    if len(spacing) != ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {ndim}-D mask")
+    return tuple(float(s) for s in spacing)
 
-    The distances from every surface voxel of each mask to the other mask's surface are pooled
-    (both directions) and their 95th percentile is taken; in units of `spacing` (pixels if None).
-    Both empty: 0. Exactly one empty: NaN (undefined; tables report how many cases were undefined).
+
+def _union_box(pred: np.ndarray, target: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    """The bounding box of pred | target, grown by `margin` voxels and clipped to the array."""
+    union = pred | target
+    box = []
+    for axis, size in enumerate(union.shape):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + 1 + margin, size)))
+    return tuple(box)
+
+
+def surface_distances(
+    pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None
+) -> np.ndarray | None:
+    """Distances from every surface voxel of each mask to the other mask's surface, both directions.
+
+    Args:
+        pred: binary mask, (H, W) or (D, H, W).
+        target: binary mask of the same shape.
+        spacing: voxel size per axis ((y, x) or (z, y, x)); None for pixels.
+
+    Returns:
+        1-D float array (|surface(pred)| + |surface(target)|,); an empty array when both masks are
+        empty, None when exactly one is (undefined).
+
+    The distance transforms run on the bounding box of both masks (plus a one-voxel margin), not the
+    whole image: that is exact, since every surface voxel of either mask lies inside the box, a
+    Euclidean distance does not depend on what lies between the two points, and outside the box both
+    masks are background, so erosion finds the same surfaces there as on the full image. A small
+    tumour in a 512x512x400 CT then costs a transform of its neighbourhood only.
     """
-    from scipy import ndimage
-
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    sampling = _check_spacing(spacing, pred.ndim)
     pred, target = pred.astype(bool), target.astype(bool)
-    if not pred.any() and not target.any():
-        return 0.0
-    if not pred.any() or not target.any():
-        return float("nan")
-    s_pred, s_target = surface(pred), surface(target)
-    spacing = spacing or (1.0,) * pred.ndim
-    to_target = ndimage.distance_transform_edt(~s_target, sampling=spacing)
-    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)
-    distances = np.concatenate([to_target[s_pred], to_pred[s_target]])
-    return float(np.percentile(distances, 95))
+    has_pred, has_target = bool(pred.any()), bool(target.any())
+    if not has_pred and not has_target:
+        return np.zeros(0)
+    if not has_pred or not has_target:
+        return None
+    box = _union_box(pred, target)
+    s_pred, s_target = surface(pred[box]), surface(target[box])
+    to_target = ndimage.distance_transform_edt(~s_target, sampling=sampling)
+    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=sampling)
+    return np.concatenate([to_target[s_pred], to_pred[s_target]])
+
+
+def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
+    if distances is None:
+        return {"hd95": float("nan"), "assd": float("nan")}
+    if distances.size == 0:
+        return {"hd95": 0.0, "assd": 0.0}
+    return {"hd95": float(np.percentile(distances, 95)), "assd": float(distances.mean())}
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th percentile of the pooled symmetric surface distances (`surface_distances`).
+
+    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: NaN.
+    """
+    return _distance_metrics(surface_distances(pred, target, spacing))["hd95"]
+
+
+def assd(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Average symmetric surface distance: the mean of the pooled distances of both directions.
+
+    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: NaN.
+    """
+    return _distance_metrics(surface_distances(pred, target, spacing))["assd"]
+
+
+def case_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing: Sequence[float] | None = None,
+    distances: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Metrics per foreground class (1..num_classes-1) of one test case.
+
+    Args:
+        pred: (H, W) or (D, H, W) int class indices.
+        target: int class indices of the same shape.
+        num_classes: number of classes, background included.
+        spacing: voxel size per axis, e.g. (z, y, x) in mm; None for pixels.
+        distances: also compute hd95 and assd. Off by default: training validation calls this per
+            sample and only needs Dice; evaluation turns it on.
+
+    Returns:
+        {class: {dice, iou, precision, recall, f1[, hd95, assd]}}.
+    """
+    out = {}
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        out[c] = overlap_metrics(p, t)
+        if distances:
+            out[c] |= _distance_metrics(surface_distances(p, t, spacing))
+    return out
+
+
+def mean_defined(values: Iterable[float]) -> tuple[float, int]:
+    """Mean over the defined (non-NaN) values and the number of undefined ones.
+
+    Returns:
+        (mean, n_undefined); the mean is NaN when no value is defined.
+    """
+    arr = np.asarray(list(values), dtype=float)
+    undefined = int(np.isnan(arr).sum())
+    defined = arr[~np.isnan(arr)]
+    return (float(defined.mean()) if defined.size else float("nan")), undefined
+
+
+def processed_spacing(
+    original_shape: Sequence[int], original_spacing: Sequence[float] | None, image_size: int
+) -> tuple[float, ...] | None:
+    """Voxel spacing at the preprocessed resolution.
+
+    Preprocessing resizes every 2-D image or slice to image_size x image_size, ignoring the aspect
+    ratio, and keeps the slice axis of a volume, so the last two axes are rescaled and a leading
+    slice axis is unchanged.
+
+    Args:
+        original_shape: (H, W) or (D, H, W) of the case before preprocessing (meta.json `shape`).
+        original_spacing: the matching (y, x) or (z, y, x) spacing, or None where unknown.
+        image_size: the in-plane size S after preprocessing.
+
+    Returns:
+        (y', x') or (z, y', x') with y' = y * H / S, x' = x * W / S; None when the spacing is unknown.
+    """
+    if original_spacing is None:
+        return None
+    if len(original_shape) != len(original_spacing) or len(original_shape) not in (2, 3):
+        raise ValueError(f"shape {tuple(original_shape)} and spacing {tuple(original_spacing)} do not match")
+    h, w = original_shape[-2:]
+    y, x = original_spacing[-2:]
+    slice_axis = tuple(float(s) for s in original_spacing[:-2])  # () for 2-D, (z,) for volumes
+    return (*slice_axis, float(y) * h / image_size, float(x) * w / image_size)

@@ -1,112 +1,449 @@
-"""Tables for reports/: a markdown table per dataset, metrics.json for `dvc metrics show`."""
+"""Tables for reports/: the paper's Tables 1-4 and the statistics table (Markdown + CSV), metrics.json.
+
+Every table reads the long per-case table of evaluation (`dataset, model, run, case_id, class, metric,
+value, postprocess`) and says above itself how its numbers were computed. The paper's tables:
+
+- Table 1 (Kvasir-SEG, PROMISE12) and Table 2 (CHASE_DB1, LiTS17): CASNet and the baselines; the
+  public stand-ins (MSD prostate, MSD liver) and the generated quickstart data take their place
+  when they are what was run (`TABLE1_DATASETS`, `TABLE2_DATASETS`).
+- Tables 3 and 4: the paper's ablation tables, split the same way (Table 3 on Kvasir-SEG and
+  PROMISE12, Table 4 on CHASE_DB1 and LiTS17; paper section 4.4): full CASNet and its variants
+  without HFE, CA and BR (our ablation entries), with the change in Dice against the full model and
+  its Holm-corrected paired t-test and Wilcoxon p-values.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
-from medfusion.data.registry import DatasetSpec
-from medfusion.metrics import METRICS
+HEADLINE = ("dice", "iou", "hd95")
+TABLE_METRICS = ("dice", "iou", "precision", "recall")  # the paper's columns, in %
+DISTANCE_METRICS = ("hd95", "assd")
+TABLE1_DATASETS = ("kvasir_seg", "promise12", "msd_prostate", "synthetic", "custom")
+TABLE2_DATASETS = ("chase_db1", "lits17", "msd_liver", "synthetic_volumes")
+TABLE_TITLES = {
+    "table1": "Table 1: CASNet and the baselines on Kvasir-SEG and PROMISE12 (the paper's Table 1)",
+    "table2": "Table 2: CASNet and the baselines on CHASE_DB1 and LiTS17 (the paper's Table 2)",
+    "table3": "Table 3: CASNet ablations on Kvasir-SEG and PROMISE12 (the paper's Table 3)",
+    "table4": "Table 4: CASNet ablations on CHASE_DB1 and LiTS17 (the paper's Table 4)",
+}
+NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "f1": "F1",
+         "hd95": "HD95", "assd": "ASSD"}  # fmt: skip
 
-HEADLINE = ("dice", "iou")
+
+# --- summaries ---------------------------------------------------------------------------------
+
+
+def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
+    """Per dataset, model, class and metric: mean ± std over runs of each run's mean over test cases.
+
+    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). A run's mean
+    skips the cases where the metric is undefined (NaN: HD95/ASSD with one empty mask); `undefined`
+    counts those (case, run) pairs. std has ddof=1 (0 for one run). The "ensemble" run is summarised
+    on its own, as one value (estimate "ensemble", std NaN).
+
+    Returns:
+        Columns dataset, model, class, metric, estimate ("runs" | "ensemble"), mean, std, runs,
+        cases, undefined.
+    """
+    rows = per_case[per_case["postprocess"] == postprocess] if "postprocess" in per_case else per_case
+    keys = ["dataset", "model", "class", "metric"]
+    per_run = rows.groupby([*keys, "run"], as_index=False, sort=False).agg(
+        value=("value", "mean"),
+        cases=("case_id", "nunique"),
+        undefined=("value", lambda v: int(v.isna().sum())),
+    )
+    per_run["estimate"] = np.where(per_run["run"] == "ensemble", "ensemble", "runs")
+    out = per_run.groupby([*keys, "estimate"], as_index=False, sort=False).agg(
+        mean=("value", "mean"),
+        std=("value", "std"),
+        runs=("run", "nunique"),
+        cases=("cases", "max"),
+        undefined=("undefined", "sum"),
+    )
+    out.loc[out["estimate"] == "runs", "std"] = out.loc[out["estimate"] == "runs", "std"].fillna(0.0)
+    out.loc[out["estimate"] == "ensemble", "std"] = np.nan
+    return out
+
+
+def metrics_json(summary: pd.DataFrame) -> dict:
+    """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {dice, iou, hd95}}}}.
+
+    `summary` is `summarize_runs(per_case)` (post-processed; only its "runs" rows are used) or the
+    older summary without `estimate`. Means over runs of each run's mean over test cases; Dice and
+    IoU in [0, 1], HD95 in the dataset's distance unit; undefined values are left out. The stds, the
+    other metrics and the ensemble are in the tables; keeping them out keeps `dvc exp show` readable.
+    """
+    if "estimate" in summary:
+        summary = summary[summary["estimate"] == "runs"]
+    out: dict = {}
+    for r in summary[summary["metric"].isin(HEADLINE)].itertuples(index=False):
+        row = dict(zip(summary.columns, r, strict=True))
+        if math.isnan(row["mean"]):
+            continue
+        cell = out.setdefault(row["dataset"], {}).setdefault(row["model"], {}).setdefault(row["class"], {})
+        cell[row["metric"]] = round(float(row["mean"]), 6)
+    return out
+
+
+# --- formatting --------------------------------------------------------------------------------
 
 
 def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def dataset_table(
-    summary: pd.DataFrame, tests: pd.DataFrame, dataset: str, image_size: int, spec: DatasetSpec
-) -> str:
-    """Markdown: one row per (model, class), mean ± std over runs of the per-run mean over test cases, in %."""
-    rows = summary[summary["dataset"] == dataset]
-    unit = "volume (slices stacked)" if spec.kind == "volume" else "image"
-    runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
-    cases = ", ".join(sorted({str(c) for c in rows["cases"]}))
-    lines = [
-        f"## {spec.title} (`{dataset}`)",
-        "",
-        *([spec.note, ""] if spec.note else []),
-        f"Per test case = one {unit}, at {image_size}x{image_size} in-plane; foreground classes only; "
-        f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; values in %.",
-        "",
-        "| model | class | " + " | ".join(METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
-    ]
-    for (model, cls), group in rows.groupby(["model", "class"], sort=False):
-        by_metric = group.set_index("metric")
-        cells = [_fmt(by_metric.loc[m, "mean"], by_metric.loc[m, "std"]) for m in METRICS]
-        lines.append(f"| {model} | {cls} | " + " | ".join(cells) + " |")
-    tests = tests[tests["dataset"] == dataset]
-    lines += [
-        "",
-        "Paired t-test on per-case Dice averaged over runs (reference: the first model entry, CASNet by default):",
-        "",
-    ]
-    if tests.empty:
-        lines.append("No comparison: only one model was run.")
+def _pct(mean: float, std: float = math.nan) -> str:
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.2f}" if std is None or math.isnan(std) else _fmt(mean, std)
+
+
+def _dist(mean: float, std: float = math.nan, undefined: int = 0, total: int = 0) -> str:
+    if mean is None or math.isnan(mean):
+        text = "n/a"
     else:
-        lines += [
-            "| reference | model | class | cases | mean diff (pts) | t | p |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in tests.itertuples():
-            p = "n/a" if math.isnan(r.p_value) else f"{r.p_value:.3g}"
-            t = "n/a" if math.isnan(r.t) else f"{r.t:.3f}"
-            lines.append(
-                f"| {r.reference} | {r.model} | {r._2} | {r.n_cases} | {100 * r.mean_diff:.2f} | {t} | {p} |"
-            )
-    return "\n".join(lines) + "\n"
+        text = f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return text + (f" ({undefined}/{total} undef.)" if undefined else "")
 
 
-def metrics_json(summary: pd.DataFrame) -> dict:
-    """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {dice, iou}}}} in [0, 1].
+def _p(p: float) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.2g}" if p < 1e-3 else f"{p:.3f}"
 
-    Means over runs of each run's mean over test cases. Precision, recall and every std are in the
-    tables and summary.csv; keeping them out keeps `dvc exp show` readable.
+
+def _value(metric: str, x: float, unit: str) -> str:
+    """A difference or mean in table units: percentage points for overlap metrics, `unit` for distances."""
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:.2f}" if metric in DISTANCE_METRICS else f"{100 * x:.2f}"
+
+
+def table_csv(frame: pd.DataFrame) -> str:
+    """CSV text of a table from `build_tables`, headed by its `how` note as `# ` lines.
+
+    Read it back with `pd.read_csv(path, comment="#")`.
     """
-    out: dict = {}
-    for r in summary[summary["metric"].isin(HEADLINE)].itertuples():
-        cell = out.setdefault(r.dataset, {}).setdefault(r.model, {}).setdefault(r._3, {})
-        cell[r.metric] = round(float(r.mean), 6)
-    return out
+    how = frame.attrs.get("how", "")
+    head = "".join(f"# {line.lstrip('# ')}\n" for line in how.splitlines() if line.strip())
+    return head + frame.to_csv(index=False)
 
 
-def ablation_table(
-    summary: pd.DataFrame, tests: pd.DataFrame, entries: list[str], settings: dict[str, dict]
-) -> str:
-    """Markdown: the CASNet entries (full model first, then its ablations) per dataset and class, as the
-    paper's Tables 3-4: Dice and IoU mean ± std over runs, the Dice change against the full model and the
-    paired t-test p-value from the stats stage. `settings` maps an entry to its override of `model`."""
-    rows = summary[summary["model"].isin(entries)]
-    lines = [
-        "## CASNet ablations",
+def _how(dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool = True) -> str:
+    """How the numbers of one dataset's section were computed."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["estimate"] == "runs")]
+    runs = ", ".join(str(r) for r in sorted(set(rows["runs"])))
+    cases = ", ".join(str(c) for c in sorted(set(rows["cases"])))
+    classes = ", ".join(dict.fromkeys(rows["class"]))
+    size = info.get("image_size", "?")
+    unit = (
+        "one volume rebuilt from its slice predictions" if info.get("kind") == "volume" else "one 2-D image"
+    )
+    processing = (
+        "post-processed (post-processing chosen on validation; 'Dice raw' is without it); "
+        "'fold ensemble' = the mean of the runs' probabilities, one value; "
+        if with_ensemble
+        else "post-processed (post-processing chosen on validation); "
+    )
+    return (
+        f"Per test case = {unit}, at {size}x{size} in-plane; foreground classes ({classes}); "
+        f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; {processing}"
+        f"Dice, IoU, precision, recall in %; HD95 and ASSD in {info.get('distance_unit', 'px')}, "
+        "averaged over the cases where defined ('undef.' counts case x run pairs with one empty mask)."
+    )
+
+
+def _section_head(
+    dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool = True
+) -> list[str]:
+    note = info.get("note")
+    return [
+        f"## {info.get('title', dataset)} (`{dataset}`)",
         "",
-        "Each variant is CASNet with one part switched off (its override of the `model` section in "
-        "params.yaml), trained under the same protocol. Values in %: mean ± std over runs of each run's "
-        "mean over the test cases; Δ Dice = variant - full model on per-case Dice averaged over runs; "
-        "p = paired t-test (stats stage).",
+        *([note, ""] if note else []),
+        _how(dataset, info, summary, with_ensemble),
         "",
-        "| dataset | class | model | switched off | Dice | IoU | Δ Dice (pts) | p |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    if not entries:
-        return "\n".join(lines[:2] + ["No CASNet entry was run (`models.casnet` is empty)."]) + "\n"
-    reference = entries[0]
-    for (dataset, cls), group in rows.groupby(["dataset", "class"], sort=False):
-        stats_rows = tests[(tests["dataset"] == dataset) & (tests["class"] == cls)]
-        for entry in entries:
-            cell = group[group["model"] == entry].set_index("metric")
-            if cell.empty:
-                continue
-            test = stats_rows[(stats_rows["reference"] == reference) & (stats_rows["model"] == entry)]
-            delta = p = "-"
-            if len(test):
-                delta = f"{-100 * test['mean_diff'].item():.2f}"
-                p = "n/a" if math.isnan(test["p_value"].item()) else f"{test['p_value'].item():.3g}"
-            off = ", ".join(f"{k}={v}" for k, v in settings.get(entry, {}).items()) or "(full model)"
-            dice = _fmt(cell.loc["dice", "mean"], cell.loc["dice", "std"])
-            iou = _fmt(cell.loc["iou", "mean"], cell.loc["iou", "std"])
-            lines.append(f"| {dataset} | {cls} | {entry} | {off} | {dice} | {iou} | {delta} | {p} |")
-    return "\n".join(lines) + "\n"
+
+
+def _datasets_of(table: str, present: Sequence[str]) -> list[str]:
+    """The datasets of `present` that go in table1/3 or table2/4, in the tables' order."""
+    group = TABLE2_DATASETS if table in ("table2", "table4") else TABLE1_DATASETS
+    known = [d for d in group if d in present]
+    if group is TABLE1_DATASETS:  # a dataset named in neither list goes with Table 1
+        known += sorted(d for d in present if d not in TABLE1_DATASETS + TABLE2_DATASETS)
+    return known
+
+
+def _cell(summary: pd.DataFrame, metric: str, estimate: str = "runs") -> pd.Series | None:
+    rows = summary[(summary["metric"] == metric) & (summary["estimate"] == estimate)]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _stat(stats: pd.DataFrame, dataset: str, cls: str, metric: str, model: str) -> pd.Series | None:
+    rows = stats[
+        (stats["dataset"] == dataset) & (stats["class"] == cls) & (stats["metric"] == metric)
+        & (stats["model"] == model)
+    ]  # fmt: skip
+    return rows.iloc[0] if len(rows) else None
+
+
+# --- Tables 1-2: CASNet and the baselines --------------------------------------------------------
+
+
+def _model_row(summary: pd.DataFrame, raw: pd.DataFrame, estimate: str, unit: str) -> dict:
+    """The CSV fields of one (dataset, class, model) for the "runs" or "ensemble" estimate."""
+    row: dict = {}
+    for metric in (*TABLE_METRICS, *DISTANCE_METRICS):
+        cell = _cell(summary, metric, estimate)
+        row[f"{metric}_mean"] = np.nan if cell is None else float(cell["mean"])
+        row[f"{metric}_std"] = np.nan if cell is None else float(cell["std"])
+        if metric in DISTANCE_METRICS:
+            row[f"{metric}_undefined"] = 0 if cell is None else int(cell["undefined"])
+    dice = _cell(summary, "dice", estimate)
+    row["runs"] = 0 if dice is None else int(dice["runs"])
+    row["cases"] = 0 if dice is None else int(dice["cases"])
+    raw_dice = _cell(raw, "dice", estimate)
+    row["dice_raw_mean"] = np.nan if raw_dice is None else float(raw_dice["mean"])
+    row["dice_raw_std"] = np.nan if raw_dice is None else float(raw_dice["std"])
+    row["distance_unit"] = unit
+    return row
+
+
+def _model_md(r: dict, label: str) -> str:
+    overlap = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS]
+    total = r["runs"] * r["cases"]
+    dist = [_dist(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_undefined"], total) for m in DISTANCE_METRICS]
+    cells = [r["model"], r["class"], label, *overlap, *dist, _pct(r["dice_raw_mean"], r["dice_raw_std"])]
+    return "| " + " | ".join([*cells, _p(r["p_dice_t_holm"]), _p(r["p_dice_wilcoxon_holm"])]) + " |"
+
+
+def comparison_table(
+    table: str,
+    summary: pd.DataFrame,
+    raw_summary: pd.DataFrame,
+    infos: Mapping[str, Mapping],
+    models: Sequence[str],
+    stats: pd.DataFrame,
+) -> tuple[str, pd.DataFrame]:
+    """Table 1 or 2: per dataset and class, CASNet (`models[0]`) first, then the other entries of
+    `models` (the ablation entries excluded by the caller), each as mean ± std over runs and as its
+    fold ensemble, with the Holm-corrected p-values of CASNet against it on per-case Dice."""
+    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
+    reference = models[0] if models else "-"
+    lines = [f"# {TABLE_TITLES[table]}", ""]
+    records = []
+    if not datasets:
+        lines.append("No dataset of this table was run.")
+    for dataset in datasets:
+        info = infos.get(dataset, {})
+        unit = info.get("distance_unit", "px")
+        lines += _section_head(dataset, info, summary)
+        lines += [
+            f"p = CASNet (`{reference}`) vs the model on per-case Dice averaged over runs, paired t-test and "
+            "Wilcoxon signed-rank, Holm-corrected over every entry compared with CASNet (see statistics.md).",
+            "",
+            f"| model | class | estimate | Dice | IoU | Precision | Recall | HD95 ({unit}) | ASSD ({unit}) "
+            "| Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows = summary[summary["dataset"] == dataset]
+        raw = raw_summary[raw_summary["dataset"] == dataset]
+        for cls in dict.fromkeys(rows["class"]):
+            for model in [m for m in models if m in set(rows["model"])]:
+                here = rows[(rows["class"] == cls) & (rows["model"] == model)]
+                here_raw = raw[(raw["class"] == cls) & (raw["model"] == model)]
+                test = _stat(stats, dataset, cls, "dice", model)
+                for estimate, label in (("runs", "mean ± std over runs"), ("ensemble", "fold ensemble")):
+                    if not (here["estimate"] == estimate).any():
+                        continue
+                    r = {"table": table, "dataset": dataset, "class": cls, "model": model, "estimate": estimate,
+                         **_model_row(here, here_raw, estimate, unit)}  # fmt: skip
+                    on_runs = test is not None and estimate == "runs"
+                    r["p_dice_t_holm"] = float(test["p_t_holm"]) if on_runs else np.nan
+                    r["p_dice_wilcoxon_holm"] = float(test["p_wilcoxon_holm"]) if on_runs else np.nan
+                    records.append(r)
+                    lines.append(_model_md(r, label))
+        lines.append("")
+    frame = pd.DataFrame(records, columns=_COMPARISON_COLUMNS)
+    frame.attrs["how"] = "\n".join(line for line in lines if not line.startswith("|"))
+    return "\n".join(lines).rstrip() + "\n", frame
+
+
+_COMPARISON_COLUMNS = [
+    "table", "dataset", "class", "model", "estimate", "runs", "cases",
+    *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")),
+    *(f"{m}_{s}" for m in DISTANCE_METRICS for s in ("mean", "std", "undefined")),
+    "distance_unit", "dice_raw_mean", "dice_raw_std", "p_dice_t_holm", "p_dice_wilcoxon_holm",
+]  # fmt: skip
+
+
+# --- Tables 3-4: ablations -----------------------------------------------------------------------
+
+
+def ablation_section_table(
+    table: str,
+    summary: pd.DataFrame,
+    infos: Mapping[str, Mapping],
+    entries: Sequence[str],
+    settings: Mapping[str, Mapping],
+    stats: pd.DataFrame,
+) -> tuple[str, pd.DataFrame]:
+    """Table 3 or 4: full CASNet (`entries[0]`) and each ablation entry, per dataset and class: the
+    paper's four overlap metrics and HD95 (mean ± std over runs), Δ Dice = variant - full model on
+    per-case Dice averaged over runs with its 95% CI, and Holm-corrected paired t-test and Wilcoxon p."""
+    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
+    lines = [f"# {TABLE_TITLES[table]}", ""]
+    lines += [
+        "Each variant is CASNet with one part switched off (its override of the `model` section in "
+        "params.yaml), trained under the same protocol. Δ Dice = variant - full model in points, with "
+        "the 95% CI of the paired per-case differences; p = full model vs variant, Holm-corrected over "
+        "every entry compared with CASNet (statistics.md).",
+        "",
+    ]
+    records = []
+    present = [e for e in entries if e in set(summary["model"])]
+    if len(present) < 2:
+        lines.append("No ablation entry was run (`models.casnet` holds only the full model).")
+    elif not datasets:
+        lines.append("No dataset of this table was run.")
+    for dataset in datasets if len(present) >= 2 else []:
+        info = infos.get(dataset, {})
+        unit = info.get("distance_unit", "px")
+        lines += _section_head(dataset, info, summary, with_ensemble=False)
+        lines += [
+            f"| model | switched off | class | Dice | IoU | Precision | Recall | HD95 ({unit}) "
+            "| Δ Dice (pts) [95% CI] | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows = summary[(summary["dataset"] == dataset) & (summary["estimate"] == "runs")]
+        for cls in dict.fromkeys(rows["class"]):
+            for entry in present:
+                here = rows[(rows["class"] == cls) & (rows["model"] == entry)]
+                if here.empty:
+                    continue
+                off = ", ".join(f"{k}={v}" for k, v in settings.get(entry, {}).items()) or "(full model)"
+                r = {"table": table, "dataset": dataset, "class": cls, "model": entry, "switched_off": off,
+                     "runs": int(here["runs"].max()), "cases": int(here["cases"].max())}  # fmt: skip
+                for metric in (*TABLE_METRICS, "hd95"):
+                    cell = _cell(here, metric)
+                    r[f"{metric}_mean"] = np.nan if cell is None else float(cell["mean"])
+                    r[f"{metric}_std"] = np.nan if cell is None else float(cell["std"])
+                test = _stat(stats, dataset, cls, "dice", entry)
+                r["delta_dice"] = np.nan if test is None else -float(test["mean_diff"])
+                r["delta_ci_low"] = np.nan if test is None else -float(test["ci_high"])
+                r["delta_ci_high"] = np.nan if test is None else -float(test["ci_low"])
+                r["p_t_holm"] = np.nan if test is None else float(test["p_t_holm"])
+                r["p_wilcoxon_holm"] = np.nan if test is None else float(test["p_wilcoxon_holm"])
+                r["distance_unit"] = unit
+                records.append(r)
+                delta = "-" if test is None else (
+                    f"{100 * r['delta_dice']:.2f} [{_value('dice', r['delta_ci_low'], unit)}, "
+                    f"{_value('dice', r['delta_ci_high'], unit)}]"
+                )  # fmt: skip
+                cells = [entry, off, cls, *(_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS),
+                         _dist(r["hd95_mean"], r["hd95_std"]), delta,
+                         "-" if test is None else _p(r["p_t_holm"]),
+                         "-" if test is None else _p(r["p_wilcoxon_holm"])]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    frame = pd.DataFrame(records, columns=_ABLATION_COLUMNS)
+    frame.attrs["how"] = "\n".join(line for line in lines if not line.startswith("|"))
+    return "\n".join(lines).rstrip() + "\n", frame
+
+
+_ABLATION_COLUMNS = [
+    "table", "dataset", "class", "model", "switched_off", "runs", "cases",
+    *(f"{m}_{s}" for m in (*TABLE_METRICS, "hd95") for s in ("mean", "std")),
+    "delta_dice", "delta_ci_low", "delta_ci_high", "p_t_holm", "p_wilcoxon_holm", "distance_unit",
+]  # fmt: skip
+
+
+# --- statistics table ----------------------------------------------------------------------------
+
+
+def statistics_table(stats: pd.DataFrame, infos: Mapping[str, Mapping]) -> tuple[str, pd.DataFrame]:
+    """Markdown of `medfusion.stats.compare_models`'s output per dataset; the CSV is that output."""
+    lines = [
+        "# Statistics: CASNet against every other entry",
+        "",
+        "Post-processed test predictions of the trained runs (the fold ensemble left out); each test case's "
+        "value averaged over runs; cases where either model's value is undefined (HD95/ASSD with one "
+        "empty mask in every run) dropped pairwise (n = cases used). Paired t-test (scipy ttest_rel, the "
+        "paper's test) and Wilcoxon signed-rank (scipy wilcoxon, zero differences dropped), Holm-corrected "
+        "within each dataset x class x metric over every entry compared with CASNet. diff = CASNet - model "
+        "(points for Dice/IoU; distance unit for HD95/ASSD, where negative favours CASNet) with the t-based "
+        "95% CI of the paired differences.",
+        "",
+    ]
+    if stats.empty:
+        lines.append("No comparison: fewer than two models were run.")
+    for dataset, group in stats.groupby("dataset", sort=False):
+        info = infos.get(dataset, {})
+        unit = info.get("distance_unit", "px")
+        lines += [
+            f"## {info.get('title', dataset)} (`{dataset}`)",
+            "",
+            f"| class | metric | model | n | {group['reference'].iloc[0]} | model | diff [95% CI] | t | p (t) "
+            "| p (t, Holm) | W | p (W) | p (W, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in group.to_dict("records"):
+            metric = r["metric"]
+            name = NAMES.get(metric, metric) + (f" ({unit})" if metric in DISTANCE_METRICS else " (%)")
+            diff = (
+                f"{_value(metric, r['mean_diff'], unit)} [{_value(metric, r['ci_low'], unit)}, "
+                f"{_value(metric, r['ci_high'], unit)}]"
+            )
+            t = "n/a" if math.isnan(r["t"]) else f"{r['t']:.3f}"
+            w = "n/a" if math.isnan(r["w"]) else f"{r['w']:.1f}"
+            cells = [r["class"], name, r["model"], str(r["n_cases"]), _value(metric, r["mean_reference"], unit),
+                     _value(metric, r["mean_model"], unit), diff, t, _p(r["p_t"]), _p(r["p_t_holm"]), w,
+                     _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    frame = stats.copy()
+    frame.attrs["how"] = "\n".join(lines[2:3])
+    return "\n".join(lines).rstrip() + "\n", frame
+
+
+# --- everything at once --------------------------------------------------------------------------
+
+
+def build_tables(
+    per_case: pd.DataFrame,
+    infos: Mapping[str, Mapping],
+    models: Sequence[str],
+    ablations: Mapping[str, Mapping],
+    stats: pd.DataFrame,
+) -> dict[str, tuple[str, pd.DataFrame]]:
+    """The paper's Tables 1-4 and the statistics table, as (markdown, CSV frame) each.
+
+    Args:
+        per_case: the long per-case table (with `postprocess`; "post" rows feed the tables,
+            "raw" rows the 'Dice raw' column).
+        infos: per dataset, its eval info: distance_unit, image_size, kind, title, note.
+        models: every model entry, CASNet first (params `model_names`: CASNet entries, then baselines).
+        ablations: params `ablations` (entry -> its override of `model`); the entries of `models` that
+            are keys here, after the first, are the ablation variants (Tables 3-4), the others
+            (baselines) go in Tables 1-2.
+        stats: `medfusion.stats.compare_models(per_case, models)`.
+
+    Returns:
+        {"table1", "table2", "table3", "table4", "statistics"}: (markdown text, frame); write the
+        frame with `table_csv` to keep its header note.
+    """
+    summary = summarize_runs(per_case, "post")
+    raw = summarize_runs(per_case, "raw") if "postprocess" in per_case else summary.iloc[:0]
+    reference = models[0] if models else None
+    variants = [m for m in models[1:] if m in ablations]
+    compared = [m for m in models if m not in variants]
+    casnet = [reference, *variants] if reference else []
+    out = {t: comparison_table(t, summary, raw, infos, compared, stats) for t in ("table1", "table2")}
+    for t in ("table3", "table4"):
+        out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats)
+    out["statistics"] = statistics_table(stats, infos)
+    return out

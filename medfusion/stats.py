@@ -1,52 +1,142 @@
-"""Paired statistics on the long per-case table.
+"""Paired statistics on the long per-case table: CASNet against every other model entry.
 
-Per dataset and class: each test case's Dice averaged over runs (folds x seeds), then the first
-model of `models` against each other one with a paired t-test (scipy.stats.ttest_rel, the paper's
-test), on the cases both models have.
+Input: the long table of evaluation, columns `dataset, model, run, case_id, class, metric, value`
+and, where post-processing was evaluated, `postprocess` ("raw" / "post"). `run` is "fold{k}_seed{s}"
+for a trained run or "ensemble" for the fold ensemble.
+
+What is compared (METHOD.md section 3, "statistics"):
+
+- the post-processed rows ("post"; all rows when the table has no `postprocess` column), without
+  the "ensemble" run: the ensemble is one more prediction, not a repeat;
+- per dataset, class and metric, each test case's value averaged over the runs (NaN runs skipped, so
+  a case is NaN only when the metric is undefined in every run: HD95/ASSD with one empty mask);
+- the reference (the first model entry, CASNet) against each other entry (ablations and baselines),
+  on the cases where both have a value: cases where either is NaN are dropped pairwise (`n_cases`);
+- paired t-test (scipy.stats.ttest_rel, the paper's test) and Wilcoxon signed-rank
+  (scipy.stats.wilcoxon, its defaults: two-sided, zero differences dropped), each Holm-corrected
+  within a family = one dataset x class x metric (all entries compared with the reference);
+- mean difference reference - model with its t-based 95% CI over the paired differences. For HD95
+  and ASSD lower is better, so a negative difference favours the reference.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+DEFAULT_METRICS = ("dice", "iou", "hd95")
+COLUMNS = [
+    "dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
+    "mean_diff", "ci_low", "ci_high", "t", "p_t", "p_t_holm", "w", "p_wilcoxon", "p_wilcoxon_holm",
+]  # fmt: skip
 
-def paired_tests(per_case: pd.DataFrame, models: list[str], metric: str = "dice") -> pd.DataFrame:
-    """Rows: dataset, class, reference, model, n_cases, mean_reference, mean_model, mean_diff, t, p_value.
 
-    mean_diff = reference - model. p_value is NaN when fewer than 2 cases are shared or all differences
-    are equal (the t statistic is undefined).
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values of one family of tests (same order as the input).
+
+    Sorted ascending, the i-th smallest (0-based) of m becomes max over j <= i of (m - j) p_(j),
+    capped at 1. NaN p-values (tests that could not be run) stay NaN and do not count in m.
+
+    Example: [0.01, 0.04, 0.03, 0.005] -> [0.03, 0.06, 0.06, 0.02].
     """
-    table = per_case[per_case["metric"] == metric]
-    case_means = table.groupby(["dataset", "class", "model", "case_id"], as_index=False)["value"].mean()
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return out
+
+
+def paired_comparison(reference: np.ndarray, other: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """Paired tests of two per-case vectors (same cases, same order); pairs with a NaN are dropped.
+
+    Returns:
+        n_cases, mean_reference, mean_model, mean_diff (reference - other), ci_low, ci_high (t-based
+        CI of the mean difference), t and p_t (ttest_rel), w and p_wilcoxon (wilcoxon). t/p_t are NaN
+        with fewer than 2 pairs or constant differences (the t statistic is undefined); w/p_wilcoxon
+        are NaN when every difference is zero (nothing to rank) or there are no pairs.
+    """
+    a, b = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    diff = a - b
+    n = len(diff)
+    out = dict.fromkeys(COLUMNS[5:11] + ["t", "p_t", "w", "p_wilcoxon"], np.nan)
+    out["n_cases"] = n
+    if n == 0:
+        return out
+    out.update(mean_reference=float(a.mean()), mean_model=float(b.mean()), mean_diff=float(diff.mean()))
+    if n >= 2:
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n)
+        out.update(ci_low=float(diff.mean() - half), ci_high=float(diff.mean() + half))
+        if np.ptp(diff) > 0:
+            t, p = stats.ttest_rel(a, b)
+            out.update(t=float(t), p_t=float(p))
+    if np.any(diff != 0):
+        w, p = stats.wilcoxon(a, b)
+        out.update(w=float(w), p_wilcoxon=float(p))
+    return out
+
+
+def case_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
+    """Each test case's value averaged over the trained runs (the "ensemble" run left out).
+
+    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). NaN values
+    are skipped in the mean. Returns columns dataset, class, metric, model, case_id, value.
+    """
+    rows = per_case[per_case["run"] != "ensemble"]
+    if "postprocess" in rows:
+        rows = rows[rows["postprocess"] == postprocess]
+    keys = ["dataset", "class", "metric", "model", "case_id"]
+    return rows.groupby(keys, as_index=False, sort=True)["value"].mean()
+
+
+def compare_models(
+    per_case: pd.DataFrame,
+    models: Sequence[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    postprocess: str = "post",
+) -> pd.DataFrame:
+    """The reference `models[0]` (CASNet) against every other entry of `models` present in the table.
+
+    Args:
+        per_case: the long per-case table (see the module docstring).
+        models: model entries, reference first; entries absent from a dataset are skipped.
+        metrics: metrics compared, each its own Holm family per dataset and class.
+        postprocess: which rows to compare ("post": post-processing chosen on validation).
+
+    Returns:
+        One row per dataset, class, metric and compared model, columns `COLUMNS`; rows follow the
+        order of `models`. Empty (with the columns) when fewer than two models were run.
+    """
+    means = case_means(per_case[per_case["metric"].isin(metrics)], postprocess)
+    reference = models[0] if models else None
     rows = []
-    reference = models[0]
-    for (dataset, cls), group in case_means.groupby(["dataset", "class"]):
-        wide = group.pivot(index="case_id", columns="model", values="value")
+    for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
+        wide = group.pivot(index="case_id", columns="model", values="value")  # (cases, models)
         if reference not in wide:
             continue
+        family = []
         for other in [m for m in models[1:] if m in wide]:
-            pair = wide[[reference, other]].dropna()
-            a, b = pair[reference].to_numpy(), pair[other].to_numpy()
-            t, p = (np.nan, np.nan)
-            if len(pair) >= 2 and np.ptp(a - b) > 0:
-                t, p = stats.ttest_rel(a, b)
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "class": cls,
-                    "metric": metric,
-                    "reference": reference,
-                    "model": other,
-                    "n_cases": len(pair),
-                    "mean_reference": float(a.mean()) if len(a) else np.nan,
-                    "mean_model": float(b.mean()) if len(b) else np.nan,
-                    "mean_diff": float((a - b).mean()) if len(a) else np.nan,
-                    "t": float(t),
-                    "p_value": float(p),
-                }
-            )
-    columns = ["dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
-               "mean_diff", "t", "p_value"]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+            result = paired_comparison(wide[reference].to_numpy(), wide[other].to_numpy())
+            family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
+                           "model": other, **result})  # fmt: skip
+        for key in ("p_t", "p_wilcoxon"):
+            for row, adjusted in zip(family, holm([r[key] for r in family]), strict=True):
+                row[f"{key}_holm"] = float(adjusted)
+        rows += family
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    out["n_cases"] = out["n_cases"].astype(int)
+    order = {m: i for i, m in enumerate(models)}
+    metric_order = {m: i for i, m in enumerate(metrics)}
+    out = out.sort_values(
+        ["dataset", "class", "metric", "model"],
+        key=lambda s: s.map(metric_order) if s.name == "metric" else s.map(order) if s.name == "model" else s,
+        kind="stable",
+    )
+    return out.reset_index(drop=True)

@@ -1,40 +1,102 @@
-"""Stage report: reports/tables/<dataset>.md, tables/ablations.md, reports/summary.csv and reports/metrics.json."""
+"""Stage report: the paper's tables, figures and claims from the evaluation, written by the pipeline.
+
+reports/tables/table1-4 and statistics (.md and .csv), reports/figures/*.png (bars, qualitative
+overlays, learning curves per dataset), reports/claims.md, reports/summary.csv and reports/metrics.json.
+Each model's MLflow parent run gets its dataset's figures as artifacts.
+"""
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import typer
 
+from medfusion.claims import claims_markdown
 from medfusion.config import load_params
-from medfusion.data.io import atomic_write_text, write_json
-from medfusion.report import ablation_table, dataset_table, metrics_json
+from medfusion.data.io import atomic_write_text, read_json, write_json
+from medfusion.figures import learning_curves, metric_bars, qualitative_grid
+from medfusion.report import build_tables, metrics_json, summarize_runs, table_csv
+from medfusion.training.tracking import Tracker, resolve_tracking_uri
+
+
+def _csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.exists() else None
 
 
 def main(
     eval_dir: Path = typer.Option(...),
+    runs_dir: Path = typer.Option(...),
     stats: Path = typer.Option(...),
     out_dir: Path = typer.Option(...),
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
-    summary = pd.concat(
-        pd.read_csv(eval_dir / d / m / "summary.csv") for d in params.datasets for m in params.model_names
+    models = params.model_names
+    per_case = pd.concat(
+        pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in models
     )
+    infos = {}
+    for d in params.datasets:
+        info = read_json(eval_dir / d / models[0] / "eval.json")
+        infos[d] = {**info, "title": params.spec(d).title, "note": params.spec(d).note}
     tests = pd.read_csv(stats)
-    for dataset in params.datasets:
-        atomic_write_text(
-            out_dir / "tables" / f"{dataset}.md",
-            dataset_table(summary, tests, dataset, params.data.image_size, params.spec(dataset)),
-        )
+    for name, (markdown, frame) in build_tables(per_case, infos, models, params.ablations, tests).items():
+        atomic_write_text(out_dir / "tables" / f"{name}.md", markdown)
+        atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))
+
+    summary = summarize_runs(per_case)
+    figures: dict[str, list[Path]] = {}
+    for d in params.datasets:
+        fig_dir = out_dir / "figures"
+        cases = []
+        for m in models:
+            ex = np.load(eval_dir / d / m / "examples.npz")
+            for i, case_id in enumerate(ex["case_ids"]):
+                if len(cases) <= i:
+                    cases.append(
+                        {
+                            "case_id": str(case_id),
+                            "image": ex["images"][i],
+                            "target": ex["targets"][i],
+                            "preds": {},
+                        }
+                    )
+                cases[i]["preds"][m] = ex["preds"][i]
+        histories = {
+            m: [read_json(p) for p in sorted((runs_dir / d / m).glob("fold*_seed*/history.json"))]
+            for m in models
+        }
+        figures[d] = [
+            metric_bars(summary, d, models, fig_dir / f"bars_{d}.png", title=params.spec(d).title),
+            qualitative_grid(cases, models, fig_dir / f"qualitative_{d}.png"),
+            learning_curves(histories, fig_dir / f"curves_{d}.png", title=params.spec(d).title),
+        ]
     atomic_write_text(
-        out_dir / "tables" / "ablations.md",
-        ablation_table(
-            summary, tests, params.models.casnet, {n: params.ablations[n] for n in params.models.casnet}
+        out_dir / "claims.md",
+        claims_markdown(
+            per_case,
+            tests,
+            infos,
+            _csv(out_dir / "efficiency.csv"),
+            _csv(out_dir / "device" / "device_bench.csv"),
+            reference=models[0],
+            baselines=params.models.baselines,
         ),
     )
     summary.to_csv(out_dir / "summary.csv", index=False)
     write_json(out_dir / "metrics.json", metrics_json(summary))
-    print(f"report: tables in {out_dir / 'tables'}, metrics in {out_dir / 'metrics.json'}")
+
+    uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    for d in params.datasets:
+        for m in models:
+            state = runs_dir / d / m / "mlflow.json"
+            if state.exists():
+                Tracker.attach(uri, read_json(state).get("parent_run_id")).log_test_metrics(
+                    None, {}, figures[d]
+                )
+    print(
+        f"report: tables in {out_dir / 'tables'}, figures in {out_dir / 'figures'}, claims in {out_dir / 'claims.md'}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,24 +51,40 @@ def quickstart_repo(tmp_path_factory) -> tuple[Path, dict, str]:
     return repo, env, result.stdout
 
 
-def test_quickstart_writes_tables_metrics_and_keeps_params(quickstart_repo):
+def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_repo):
     repo, _, stdout = quickstart_repo
-    assert "reports/tables/synthetic.md" in stdout and "mlflow ui --backend-store-uri sqlite:///" in stdout
+    assert "reports/tables/table1.md" in stdout and "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert (repo / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
-    table = (repo / "reports" / "tables" / "synthetic_volumes.md").read_text()
-    assert "per test case = one volume" in table.lower()
-    for model in ENTRIES:
-        assert f"| {model} | organ |" in table and f"| {model} | lesion |" in table
+    tables = repo / "reports" / "tables"
+    table1, table2 = (tables / "table1.md").read_text(), (tables / "table2.md").read_text()
+    assert "`synthetic`" in table1 and "`synthetic_volumes`" in table2
+    assert "per test case = one volume rebuilt from its slice predictions" in table2.lower()
+    assert "hd95 (mm)" in table2.lower() and "hd95 (px)" in table1.lower()  # spacing known for NIfTI only
+    for model in ["casnet", *ENTRIES[4:]]:  # CASNet and the baselines; the ablations are in tables 3-4
+        for cls in ("organ", "lesion"):
+            assert f"| {model} | {cls} | mean ± std over runs |" in table2
+            assert f"| {model} | {cls} | fold ensemble |" in table2
+    for name in ("table1", "table2", "table3", "table4", "statistics"):
+        assert (tables / f"{name}.md").exists() and (tables / f"{name}.csv").exists()
+    assert "| casnet_wo_hfe | use_hfe=False | blob |" in (tables / "table3.md").read_text()
+    assert "| casnet_wo_br | use_boundary=False | lesion |" in (tables / "table4.md").read_text()
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    values = [v for ds in metrics.values() for m in ds.values() for c in m.values() for v in c.values()]
-    assert values and all(0.0 <= v <= 1.0 for v in values)
+    overlap = [
+        c[k] for ds in metrics.values() for m in ds.values() for c in m.values() for k in ("dice", "iou")
+    ]
+    assert overlap and all(0.0 <= v <= 1.0 for v in overlap)
     assert set(metrics["synthetic"]) == set(ENTRIES)
     assert metrics["synthetic"]["unet"]["blob"]["dice"] > 0.6  # it learned, not just ran
     assert metrics["synthetic"]["casnet"]["blob"]["dice"] > 0.6
-    ablations = (repo / "reports" / "tables" / "ablations.md").read_text()
-    assert "| synthetic | blob | casnet_wo_hfe | use_hfe=False |" in ablations
+    for d in ("synthetic", "synthetic_volumes"):
+        for kind in ("bars", "qualitative", "curves"):
+            assert (repo / "reports" / "figures" / f"{kind}_{d}.png").read_bytes()[:4] == b"\x89PNG"
+    claims = (repo / "reports" / "claims.md").read_text()
+    assert "35" in claims and "7.8" in claims and "not run" in claims
     efficiency = (repo / "reports" / "efficiency.md").read_text()
     assert all(f"| {m} |" in efficiency for m in ENTRIES) and "RTX 3090" in efficiency
+    per_case = (repo / "data" / "eval" / "synthetic_volumes" / "casnet" / "per_case.csv").read_text()
+    assert ",ensemble," in per_case and ",post" in per_case and ",raw" in per_case
 
 
 def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
@@ -81,11 +97,14 @@ def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
         ("synthetic_volumes", "organ"),
         ("synthetic_volumes", "lesion"),
     }
-    assert (tests["reference"] == "casnet").all()
-    assert sorted(tests.loc[tests["dataset"] == "synthetic", "model"]) == sorted(ENTRIES[1:])
-    assert (tests.loc[tests["dataset"] == "synthetic", "n_cases"] == 16).all()
-    assert tests["p_value"].dropna().between(0, 1).all()
-    assert "| casnet | medt | blob | 16 |" in (repo / "reports" / "tables" / "synthetic.md").read_text()
+    assert (tests["reference"] == "casnet").all() and set(tests["metric"]) == {"dice", "iou", "hd95"}
+    dice = tests[(tests["dataset"] == "synthetic") & (tests["metric"] == "dice")]
+    assert sorted(dice["model"]) == sorted(ENTRIES[1:]) and (dice["n_cases"] == 16).all()
+    for column in ("p_t", "p_t_holm", "p_wilcoxon", "p_wilcoxon_holm"):
+        assert tests[column].dropna().between(0, 1).all()
+    assert (tests["p_t_holm"].dropna() >= tests.loc[tests["p_t_holm"].notna(), "p_t"] - 1e-12).all()
+    statistics = (repo / "reports" / "tables" / "statistics.md").read_text()
+    assert "| blob | Dice (%) | medt | 16 |" in statistics
 
 
 def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quickstart_repo):

@@ -8,7 +8,8 @@ import torch
 from conftest import replace
 
 from medfusion.data.io import write_json
-from medfusion.evaluation import evaluate_run, summarize
+from medfusion.evaluation import evaluate_run
+from medfusion.report import summarize_runs
 from medfusion.training.cv import run_cv, run_fold
 from medfusion.training.loop import Precision, TrainingError, resolve_precision, train_one_epoch
 from medfusion.training.tracking import Tracker
@@ -154,9 +155,12 @@ def test_evaluation_rows_and_summary(tiny_params, synthetic_processed, tmp_path)
     rows = evaluate_run(tmp_path / "run" / "model.pt", processed, split["test"], 8, FP32)
     table = pd.DataFrame(rows).assign(dataset="synthetic", model="unet", run="fold0_seed0")
     assert set(table["case_id"]) == set(split["test"]) and set(table["class"]) == {"blob"}
-    assert table["value"].between(0, 1).all()
-    summary = summarize(table)
-    assert set(summary["metric"]) == {"dice", "iou", "precision", "recall"}
+    overlap = table[table["metric"].isin(["dice", "iou", "precision", "recall", "f1"])]
+    assert overlap["value"].between(0, 1).all()
+    distances = table[table["metric"].isin(["hd95", "assd"])]["value"].dropna()  # pixels: no spacing in 2-D
+    assert len(distances) and (distances >= 0).all()
+    summary = summarize_runs(table)
+    assert set(summary["metric"]) == {"dice", "iou", "precision", "recall", "f1", "hd95", "assd"}
     assert (summary["runs"] == 1).all() and (summary["std"] == 0).all()
 
 

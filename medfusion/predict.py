@@ -1,0 +1,356 @@
+"""Segment new images with a trained run: `medfusion predict --run PATH INPUT... --out DIR`.
+
+The pixels the model sees are made as in training: `preprocess.case_samples` (resize to S x S with
+area interpolation; CLAHE for grayscale; CT window or MRI percentiles + N4 and CLAHE per slice), then
+`dataset.zscore` per image or slice. With several checkpoints (every fold x seed of a run directory)
+the prediction is the argmax of the mean of their softmax probabilities.
+
+How the training data was preprocessed, in order of preference:
+    1. `--processed-meta PATH`: the processed dataset's meta.json, given explicitly;
+    2. the checkpoint's `preprocess` dict {image_size, modality, in_channels, ct_window, clahe_clip, n4};
+    3. data/processed/<dataset>/meta.json next to data/runs/<dataset>/<model> (the DVC layout);
+    4. for RGB datasets of the registry, nothing is needed (RGB images get no intensity step).
+
+Outputs in the output folder, per input <stem>:
+    <stem>_mask.png       2-D input: uint8 class indices 0..K-1 (not scaled: a binary mask looks black
+                          in a viewer; use --overlay to look at it), the input's width and height.
+    <stem>_mask.nii.gz    NIfTI input: uint8 class indices, the input's shape and affine (so its spacing).
+    <stem>_overlay.png    with --overlay, 2-D: the input with the classes in colour.
+    <stem>_overlay_slice<k>.png   with --overlay, volumes: axial slice k, the one with the largest
+                          predicted foreground (the middle one when nothing is found).
+Masks are resized back to the input's size with nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medfusion.data.dataset import zscore
+from medfusion.data.io import DataError, read_image, read_json, read_nifti, write_nifti, write_png
+from medfusion.data.preprocess import (
+    CT_WINDOW,
+    PreprocessSettings,
+    RawCase,
+    case_samples,
+    rebuild_volume,
+    to_uint8,
+)
+from medfusion.data.registry import DATASETS, DatasetSpec
+from medfusion.evaluation import load_checkpoint
+from medfusion.training.loop import Precision, predict_probs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# overlay colours of classes 1, 2, ... (RGB); background is left as is
+CLASS_COLOURS = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 128, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.float32
+)
+
+
+class PredictError(ValueError):
+    """A run or checkpoint that cannot be used for prediction (stops the command)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the model's training images were preprocessed, and where that was read from."""
+
+    image_size: int
+    modality: str  # rgb | gray (2-D images), ct | mri (volumes)
+    in_channels: int
+    ct_window: tuple[float, float] | None
+    clahe_clip: float | None
+    n4: bool
+    source: str
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.modality in ("rgb", "gray") else "volume"
+
+    def settings(self) -> PreprocessSettings:
+        return PreprocessSettings(
+            self.image_size,
+            n4=self.n4,
+            ct_window=tuple(self.ct_window) if self.ct_window else CT_WINDOW,
+            clahe_clip=self.clahe_clip or 2.0,  # unused where None (RGB)
+        )
+
+
+@dataclass
+class Ensemble:
+    """The loaded checkpoints of one run; they share inputs, classes and preprocessing."""
+
+    models: list[torch.nn.Module]
+    paths: list[Path]
+    num_classes: int
+    dataset: str
+    preprocessing: Preprocessing
+    precision: Precision
+
+
+def find_checkpoints(run: Path) -> list[Path]:
+    """`run` itself (a model.pt), run/model.pt (one fold's folder) or every run/fold*/model.pt."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    if not run.is_dir():
+        raise PredictError(f"--run {run}: no such file or directory")
+    if (run / "model.pt").is_file():
+        return [run / "model.pt"]
+    found = sorted(run.glob("fold*/model.pt"))
+    if not found:
+        raise PredictError(
+            f"--run {run}: no checkpoints; expected fold*/model.pt (a trained data/runs/<dataset>/<model>) "
+            "or the path of a model.pt"
+        )
+    return found
+
+
+def preprocessing_from_meta(meta_path: Path, checkpoint: dict) -> Preprocessing:
+    """The preprocessing recorded in a processed dataset's meta.json, checked against the checkpoint."""
+    try:
+        meta = read_json(meta_path)
+    except DataError as err:
+        raise PredictError(str(err)) from None
+    try:
+        intensity = meta["intensity"]
+        prep = Preprocessing(
+            int(meta["image_size"]),
+            meta["modality"],
+            int(meta["in_channels"]),
+            intensity["ct_window"],
+            intensity["clahe_clip"],
+            bool(intensity["n4"]),
+            str(meta_path),
+        )
+    except (KeyError, TypeError) as err:
+        raise PredictError(f"{meta_path}: not a processed dataset's meta.json (no {err})") from None
+    if meta.get("dataset") != checkpoint.get("dataset"):
+        raise PredictError(
+            f"{meta_path}: describes dataset {meta.get('dataset')!r}; the model was trained on "
+            f"{checkpoint.get('dataset')!r}"
+        )
+    for key in ("image_size", "in_channels"):
+        if getattr(prep, key) != checkpoint[key]:
+            raise PredictError(
+                f"{meta_path}: {key} {getattr(prep, key)}; the checkpoint says {checkpoint[key]} "
+                "(data/processed was rebuilt with other settings after training?)"
+            )
+    return prep
+
+
+def resolve_preprocessing(
+    checkpoint: dict, checkpoint_path: Path, processed_meta: Path | None = None
+) -> Preprocessing:
+    """The training preprocessing of `checkpoint` (see the module docstring for the order)."""
+    if processed_meta is not None:
+        return preprocessing_from_meta(Path(processed_meta), checkpoint)
+    if "preprocess" in checkpoint:
+        p = checkpoint["preprocess"]
+        window = tuple(p["ct_window"]) if p.get("ct_window") else None
+        return Preprocessing(
+            int(p["image_size"]),
+            p["modality"],
+            int(p["in_channels"]),
+            window,
+            p.get("clahe_clip"),
+            bool(p.get("n4")),
+            f"{checkpoint_path} (preprocess)",
+        )
+    dataset = checkpoint.get("dataset")
+    fold_dir = Path(checkpoint_path).resolve().parent
+    model_dir = fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+    meta_path = model_dir.parent.parent.parent / "processed" / str(dataset) / "meta.json"
+    if meta_path.is_file():  # data/runs/<dataset>/<model> -> data/processed/<dataset>/meta.json
+        return preprocessing_from_meta(meta_path, checkpoint)
+    spec: DatasetSpec | None = DATASETS.get(str(dataset))
+    if spec is not None and spec.modality == "rgb":
+        return Preprocessing(
+            checkpoint["image_size"], "rgb", spec.in_channels, None, None, False, f"registry ({dataset})"
+        )
+    raise PredictError(
+        f"{checkpoint_path}: the checkpoint does not record how dataset {dataset!r} was preprocessed and "
+        f"{meta_path} does not exist; pass --processed-meta data/processed/{dataset}/meta.json"
+    )
+
+
+def load_ensemble(run: Path, precision: Precision, processed_meta: Path | None = None) -> Ensemble:
+    """Load every checkpoint of `run` (see `find_checkpoints`) and the preprocessing they expect."""
+    paths = find_checkpoints(run)
+    models, checkpoints = [], []
+    for path in paths:
+        try:
+            model, checkpoint = load_checkpoint(path, precision)
+        except KeyError as err:
+            raise PredictError(f"{path}: not a medfusion checkpoint (no {err} entry)") from None
+        except (ValueError, RuntimeError) as err:  # unreadable, or weights that do not fit the model
+            raise PredictError(f"{path}: cannot load ({err})") from None
+        models.append(model)
+        checkpoints.append(checkpoint)
+    first = checkpoints[0]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
+        for key in ("dataset", "in_channels", "num_classes", "image_size", "preprocess"):
+            if checkpoint.get(key) != first.get(key):
+                raise PredictError(
+                    f"{path}: {key} {checkpoint.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}; "
+                    "an ensemble needs checkpoints of one dataset and model"
+                )
+    prep = resolve_preprocessing(first, paths[0], processed_meta)
+    return Ensemble(models, paths, first["num_classes"], first.get("dataset", "?"), prep, precision)
+
+
+def output_stem(path: Path) -> str:
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def read_input(path: Path, prep: Preprocessing) -> RawCase:
+    """One input as a RawCase (zero label) for `case_samples`; DataError names the file and the problem.
+
+    2-D: (H, W, 3) RGB, or (H, W) for a 1-channel model (refused when the image has colour: the model
+    saw grayscale). A grayscale image for an RGB model is repeated to 3 channels, as training reads it.
+    NIfTI: (M, D, H, W) with spacing and affine; 3-D for a 1-channel model, 4-D (x, y, z, M) otherwise.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    is_nifti = name.endswith(NIFTI_SUFFIXES)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if not is_nifti and not name.endswith(IMAGE_SUFFIXES):
+        raise DataError(
+            f"{path}: unsupported file type; expected {', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}"
+        )
+    trained_on = f"{prep.modality} {'2-D images' if prep.kind == 'image' else 'volumes'}"
+    if is_nifti and prep.kind == "image":
+        raise DataError(
+            f"{path}: a NIfTI volume, but the model was trained on {trained_on}; give PNG/JPG/TIF"
+        )
+    if not is_nifti and prep.kind == "volume":
+        raise DataError(f"{path}: a 2-D image, but the model was trained on {trained_on}; give NIfTI")
+    if not is_nifti:
+        image = read_image(path)  # (H, W, 3)
+        if prep.in_channels == 1:
+            if not (
+                np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+            ):
+                raise DataError(f"{path}: a colour image, but the model takes 1 channel (grayscale)")
+            image = image[..., 0]
+        return RawCase(path.name, path.name, image, np.zeros(image.shape[:2], np.uint8), None)
+    ndim = 3 if prep.in_channels == 1 else 4
+    volume, spacing, affine = read_nifti(path, ndim=ndim, with_affine=True)
+    volume = volume[None] if ndim == 3 else volume  # (M, D, H, W)
+    if volume.shape[0] != prep.in_channels:
+        raise DataError(f"{path}: {volume.shape[0]} modalities; the model takes {prep.in_channels}")
+    if not np.isfinite(volume).all():
+        raise DataError(f"{path}: volume has NaN or infinite voxels")
+    return RawCase(path.name, path.name, volume, np.zeros(volume.shape[1:], np.uint8), spacing, affine)
+
+
+def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
+    """(n, C, S, S) float32: the case's image or slices exactly as training fed them to the model."""
+    spec = DatasetSpec(
+        name="predict",
+        title="predict",
+        kind=prep.kind,
+        in_channels=prep.in_channels,
+        class_names=("background",),  # unused: the label is a zero placeholder
+        modality=prep.modality,
+        url=None,
+        checksum=None,
+        access="",
+        test_rule="",
+    )
+    images, _, _ = case_samples(case, spec, prep.settings())  # (n, C, S, S) uint8
+    return np.stack([zscore(image) for image in images])
+
+
+def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Mean softmax probabilities (B, K, S, S) of `models` on `images` (B, C, S, S)."""
+    total = predict_probs(models[0], images, precision)
+    for model in models[1:]:
+        total += predict_probs(model, images, precision)
+    return total / len(models)
+
+
+def predict_labels(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Argmax of the ensemble's mean probabilities: (n, C, S, S) float32 -> (n, S, S) uint8."""
+    labels = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size])
+        labels.append(ensemble_probs(ensemble.models, batch, ensemble.precision).argmax(1).numpy())
+    return np.concatenate(labels).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) or (H, W) uint8 image with class c > 0 of `mask` (H, W) blended in colour c."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    out = rgb.astype(np.float32)
+    for c in range(1, int(mask.max(initial=0)) + 1):
+        hit = mask == c
+        out[hit] = (1 - alpha) * out[hit] + alpha * CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
+    return np.rint(out).astype(np.uint8)
+
+
+def predict_file(
+    ensemble: Ensemble, path: Path, out_dir: Path, with_overlay: bool = False, batch_size: int = 16
+) -> list[Path]:
+    """Predict one input and write its mask (and overlay) into `out_dir`; returns the files written."""
+    prep = ensemble.preprocessing
+    case = read_input(path, prep)
+    labels = predict_labels(ensemble, model_inputs(case, prep), batch_size)  # (n, S, S)
+    stem = output_stem(path)
+    written = []
+    if prep.kind == "image":
+        h, w = case.image.shape[:2]
+        mask = cv2.resize(labels[0], (w, h), interpolation=cv2.INTER_NEAREST)
+        written.append(out_dir / f"{stem}_mask.png")
+        write_png(written[-1], mask)
+        if with_overlay:
+            written.append(out_dir / f"{stem}_overlay.png")
+            write_png(written[-1], overlay(case.image, mask))
+        return written
+    mask = rebuild_volume(labels, case.label.shape)  # (D, H, W)
+    written.append(out_dir / f"{stem}_mask.nii.gz")
+    write_nifti(written[-1], mask, case.spacing, case.affine)
+    if with_overlay:
+        area = (mask > 0).sum(axis=(1, 2))
+        k = int(area.argmax()) if area.any() else len(mask) // 2
+        window = prep.settings().ct_window
+        shown = to_uint8(case.image[0, k], prep.modality, window)
+        written.append(out_dir / f"{stem}_overlay_slice{k}.png")
+        write_png(written[-1], overlay(shown, mask[k]))
+    return written
+
+
+def predict_files(
+    ensemble: Ensemble, paths: list[Path], out_dir: Path, with_overlay: bool = False, batch_size: int = 16
+) -> dict[Path, str]:
+    """Predict every input, with a progress bar; a bad input is reported (stderr) and skipped.
+
+    Returns:
+        The failed inputs and why; empty when every mask was written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: dict[Path, str] = {}
+    owner: dict[str, Path] = {}  # output stem -> the input that writes it
+    for path in tqdm(paths, desc="predict", unit="input"):
+        path = Path(path)
+        stem = output_stem(path)
+        try:
+            if stem in owner:
+                raise DataError(f"{path}: its outputs ({stem}_mask.*) would overwrite those of {owner[stem]}")
+            owner[stem] = path
+            predict_file(ensemble, path, out_dir, with_overlay, batch_size)
+        except (DataError, OSError, RuntimeError) as err:  # RuntimeError: e.g. out of GPU memory
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            failed[path] = message
+            tqdm.write(f"error: {message}", file=sys.stderr)
+    return failed

@@ -1,0 +1,74 @@
+"""evaluate_model: every run and the fold ensemble, raw and post-processed, per test case; 2-D and volumes."""
+
+import numpy as np
+import pytest
+from conftest import replace, tiny_raw_params
+
+from medfusion.config import params_from_dict
+from medfusion.data.fetch import fetch_dataset
+from medfusion.data.io import read_json
+from medfusion.data.preprocess import preprocess_dataset
+from medfusion.data.splits import make_split
+from medfusion.evaluation import evaluate_model
+from medfusion.training.cv import run_fold
+from medfusion.training.loop import resolve_precision
+
+FP32 = resolve_precision("cpu", cpu_bf16=False, channels_last=False)
+
+
+def _train_two_folds(params, dataset, processed, split, runs_dir):
+    runs = []
+    for fold in range(2):
+        run_fold(params, dataset, "unet", processed, split, fold, 0, runs_dir / f"fold{fold}_seed0",
+                 lambda m, s: None, FP32)  # fmt: skip
+        runs.append({"fold": fold, "seed": 0})
+    return runs
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "synthetic_volumes"])
+def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
+    params = params_from_dict(tiny_raw_params())
+    params = replace(params, "train", epochs=1)
+    fetch_dataset(dataset, tmp_path / "raw", None, params.data.synthetic)
+    preprocess_dataset(dataset, tmp_path / "raw", tmp_path / "proc", 32)
+    cases = read_json(tmp_path / "proc" / "cases.json")
+    split = make_split({c["case_id"]: c["group"] for c in cases}, "fraction", 2, 0, 0.2)
+    runs = _train_two_folds(params, dataset, tmp_path / "proc", split, tmp_path / "runs")
+
+    per_case, info, examples = evaluate_model(runs, tmp_path / "runs", tmp_path / "proc", split, 8, FP32)
+
+    assert set(per_case["run"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
+    assert set(per_case["postprocess"]) == {"raw", "post"}
+    assert set(per_case["case_id"]) == set(split["test"])  # a volume is one case, not its slices
+    assert set(per_case["metric"]) == {"dice", "iou", "precision", "recall", "f1", "hd95", "assd"}
+    overlap = per_case[~per_case["metric"].isin(["hd95", "assd"])]["value"]
+    assert overlap.between(0, 1).all()
+    n_classes = 2 if dataset == "synthetic_volumes" else 1
+    assert len(per_case) == 3 * 2 * len(split["test"]) * n_classes * 7
+    assert info["distance_unit"] == ("mm" if dataset == "synthetic_volumes" else "px")
+    assert set(info["postprocess"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
+    for chosen in info["postprocess"].values():  # chosen on validation: never worse there
+        assert chosen["val_dice_after"] >= chosen["val_dice_before"] - 1e-12
+    n = min(4, len(split["test"]))
+    assert examples["images"].shape[0] == examples["targets"].shape[0] == examples["preds"].shape[0] == n
+    assert (
+        examples["targets"].shape[1:] == (32, 32) and list(examples["case_ids"]) == sorted(split["test"])[:n]
+    )
+
+
+def test_the_ensemble_averages_the_runs_probabilities(tmp_path, synthetic_processed):
+    """Two copies of one checkpoint: the ensemble must score exactly like either run (raw)."""
+    import shutil
+
+    processed, split = synthetic_processed
+    params = replace(params_from_dict(tiny_raw_params()), "train", epochs=1)
+    run_fold(
+        params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "fold0_seed0", lambda m, s: None, FP32
+    )
+    shutil.copytree(tmp_path / "fold0_seed0", tmp_path / "fold1_seed0")
+    runs = [{"fold": 0, "seed": 0}, {"fold": 1, "seed": 0}]
+    per_case, _, _ = evaluate_model(runs, tmp_path, processed, split, 8, FP32)
+    raw = per_case[(per_case["postprocess"] == "raw") & (per_case["metric"] == "dice")]
+    one = raw[raw["run"] == "fold0_seed0"].set_index("case_id")["value"]
+    ens = raw[raw["run"] == "ensemble"].set_index("case_id")["value"]
+    assert np.allclose(one.sort_index(), ens.sort_index(), atol=1e-3)  # float16 probabilities
