@@ -52,7 +52,7 @@ from medfusion.efficiency import count_parameters, hardware_name  # noqa: E402
 from medfusion.losses import segmentation_loss  # noqa: E402
 from medfusion.losses.drgo import DRGOSettings, class_frequencies, distance_map  # noqa: E402
 from medfusion.models import build_model  # noqa: E402
-from medfusion.training.loop import DRGOObjective, Precision  # noqa: E402
+from medfusion.training.loop import DRGOObjective, Precision, optimizer_step  # noqa: E402
 
 BATCH = 16
 PAPER_ROW = {"model": "CASNet, paper (RTX 3090)", "ms_per_image_b1": 35.0, "peak_train_gb_b16": 7.8}
@@ -331,13 +331,7 @@ class ModelBench:
             with self.precision.autocast():
                 logits = self.forward(x)
             loss = objective(logits.float(), y, batch)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            optimizer_step(loss, optimizer, scaler)
 
         with PeakMemory(self.device) as memory:
             self.row["train_ms_per_step_b16"] = self.measure(step, "train")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from medfusion.losses import segmentation_loss
-from medfusion.training.loop import Precision
+from medfusion.training.loop import Precision, optimizer_step
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -96,13 +96,7 @@ def train_step_seconds(
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             loss = segmentation_loss(model(x), y)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        optimizer_step(loss, optimizer, scaler)
 
     return _median_seconds(step, precision.device, warmup, repeats)
 

@@ -140,6 +140,19 @@ class DRGOObjective:
         return means
 
 
+def optimizer_step(
+    loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """Backward and update, through the GradScaler under CUDA fp16 (the caller zeroes the gradients)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -166,13 +179,7 @@ def train_one_epoch(
                 f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})"
             )
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         total += loss.item() * len(mask)
         count += len(mask)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
