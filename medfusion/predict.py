@@ -260,7 +260,7 @@ def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
         title="predict",
         kind=prep.kind,
         in_channels=prep.in_channels,
-        class_names=("background",),  # unused: the label is a zero placeholder
+        class_names=("background",),  # no labels at prediction time: case_samples resizes an all-zero one
         modality=prep.modality,
         url=None,
         checksum=None,
