@@ -209,6 +209,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _copy_files(spec: DatasetSpec, source: Path, dest: Path) -> dict:
     root, files = dataset_files(spec, source)
     record: dict = {"files": len(files)}
+    if spec.cases is not None:
+        record["cases"] = _count_cases(spec, files)
     expected = FINGERPRINTS.get(spec.name)
     if expected:
         digest = fingerprint(root, files)
@@ -384,19 +386,17 @@ def _from_local(spec: DatasetSpec, source: Path, dest: Path) -> dict:
             shutil.rmtree(unpacked, ignore_errors=True)
     else:
         record = _copy_files(spec, source, dest)
-    if spec.cases is not None:
-        found = _count_cases(spec, dest)
-        record["cases"] = found
-        if found != spec.cases:
-            print(
-                f"fetch {spec.name}: {source} holds {found} labelled cases; the official release has "
-                f"{spec.cases}. Using what is there; results are not comparable to the full dataset's."
-            )
+    found = record.get("cases")
+    if found is not None and found != spec.cases:
+        print(
+            f"fetch {spec.name}: {source} holds {found} labelled cases; the official release has "
+            f"{spec.cases}. Using what is there; results are not comparable to the full dataset's."
+        )
     return record
 
 
-def _count_cases(spec: DatasetSpec, root: Path) -> int:
-    _, files = dataset_files(spec, root)
+def _count_cases(spec: DatasetSpec, files: list[Path]) -> int:
+    """Labelled cases among a dataset's files (as listed by `dataset_files`)."""
     per_case = {"promise12": 4, "chase_db1": None}.get(spec.name, 2)
     if per_case is None:  # CHASE_DB1: image + 1stHO (+ 2ndHO)
         return sum(1 for f in files if re.fullmatch(r"Image_\d+[LR]\.jpg", f.name))
