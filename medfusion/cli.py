@@ -43,6 +43,7 @@ QUICKSTART_OVERRIDES = [
     "medt.heads=4",
     "drgo.region_size=16",
     "train.epochs=15",
+    "train.compile=off",  # tiny models at 64x64: compiling would cost more than it saves
     "train.batch_size=4",  # 8 optimizer steps per epoch: at 4 steps a fold can stall (seen at batch 8)
     "train.lr=0.003",
     "train.patience=10",

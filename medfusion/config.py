@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DatasetSpec, dataset_spec
-from medfusion.models import MODELS
+from medfusion.models import COMPILE_CHOICES, MODELS
 
 
 class ConfigError(ValueError):
@@ -169,6 +169,7 @@ class TrainParams:
     patience: int
     augment: bool
     num_workers: int
+    compile: str = "off"  # off | regions | full: medfusion.models.compile_model
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,7 @@ def _check_values(p: Params, source: str) -> None:
         ("train.device", p.train.device, DEVICES),
         ("train.optimizer", p.train.optimizer, OPTIMIZERS),
         ("train.scheduler", p.train.scheduler, SCHEDULERS),
+        ("train.compile", p.train.compile, COMPILE_CHOICES),
     ):
         if value not in allowed:
             fail(key, value, f"one of {list(allowed)}")

@@ -247,3 +247,47 @@ def test_medt_local_branch_sees_patches():
         feats = model.stem(x)
         patches = feats.reshape(1, feats.shape[1], 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(16, -1, 8, 8)
         assert base(patches).shape == (16, 8, 16, 16)
+
+
+def test_compile_regions_are_the_attention_blocks_only():
+    from medfusion.models import compile_regions
+    from medfusion.models.attention_unet import AttentionGate
+    from medfusion.models.casnet import ContextualAttention
+
+    casnet = build_model("casnet", 3, 2, base_channels=4, transformer_dim=16, transformer_layers=1)
+    assert len(compile_regions(casnet)) == 5 and all(
+        isinstance(m, ContextualAttention) for m in compile_regions(casnet)
+    )
+    gates = compile_regions(build_model("attention_unet", 3, 2, base_channels=4))
+    assert len(gates) == 4 and all(isinstance(m, AttentionGate) for m in gates)
+    assert compile_regions(build_model("unet", 3, 2, base_channels=4)) == []
+    assert compile_regions(build_model("casnet", 3, 2, base_channels=4, use_attention=False)) == []
+
+
+def test_compiled_regions_match_eager_and_keep_parameter_names():
+    """One attention block (no skips) so that a single graph compiles: forward and gradients agree."""
+    from medfusion.models import compile_model
+
+    torch.manual_seed(0)
+    kwargs = dict(base_channels=4, transformer_dim=16, transformer_layers=1, use_hfe=False)
+    eager = build_model("casnet", 1, 2, **kwargs)
+    compiled = build_model("casnet", 1, 2, **kwargs)
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_model(compiled, "regions") == 1
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    outs = []
+    for model in (eager, compiled):
+        model.train()
+        out = model(x)
+        out.square().mean().backward()
+        outs.append((out.detach(), model.bottleneck_attention.theta.grad.clone()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-3, atol=1e-6)
+
+
+def test_compile_choice_is_checked():
+    from medfusion.models import compile_model
+
+    with pytest.raises(ValueError, match="train.compile = 'fast'"):
+        compile_model(build_model("unet", 3, 2, base_channels=4), "fast")

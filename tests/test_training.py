@@ -224,3 +224,14 @@ def test_dataset_distance_maps_follow_the_augmented_mask(synthetic_processed):
         assert item["distance"].shape == item["mask"].shape
         assert np.array_equal(item["distance"].numpy(), distance_map(item["mask"].numpy()))
     assert "distance" not in SegDataset(processed, split["test"])[0]
+
+
+def test_a_compile_failure_names_the_setting_and_the_way_out():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from medfusion.training.cv import compile_errors_explained
+    from medfusion.training.loop import TrainingError
+
+    with pytest.raises(TrainingError, match=r"train.compile = 'regions'.*-S train.compile=off"):
+        with compile_errors_explained("regions"):
+            raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler found"), None)

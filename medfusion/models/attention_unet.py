@@ -63,6 +63,8 @@ class AttentionUNet(nn.Module):
         forward: (B, C_in, H, W) -> logits (B, K, H, W); H and W multiples of 16.
     """
 
+    compile_regions = (AttentionGate,)  # what `train.compile: regions` compiles
+
     def __init__(self, in_channels: int, num_classes: int, base_channels: int = 64) -> None:
         super().__init__()
         self.encoder = UNetEncoder(in_channels, base_channels)

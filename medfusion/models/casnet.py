@@ -184,6 +184,8 @@ class CASNet(nn.Module):
         forward: (B, C_in, H, W) -> logits (B, K, H, W); H and W multiples of 16.
     """
 
+    compile_regions = (ContextualAttention,)  # what `train.compile: regions` compiles
+
     def __init__(
         self,
         in_channels: int,

@@ -13,6 +13,7 @@ with another hash (params, split or data changed) is retrained. Runs no longer a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -32,11 +33,12 @@ from medfusion.data.dataset import EpochSampler, SegDataset
 from medfusion.data.io import read_json, write_json
 from medfusion.losses import segmentation_loss
 from medfusion.losses.drgo import DRGOSettings, class_frequencies
-from medfusion.models import build_model
+from medfusion.models import build_model, compile_model
 from medfusion.seed import seed_everything, worker_init_fn
 from medfusion.training.loop import (
     DRGOObjective,
     Precision,
+    TrainingError,
     plain_objective,
     resolve_precision,
     train_one_epoch,
@@ -84,6 +86,25 @@ def make_loader(
     )
 
 
+@contextlib.contextmanager
+def compile_errors_explained(how: str) -> Iterator[None]:
+    """torch.compile fails at the first call of a graph (no C++ compiler, an unsupported op): say
+    which setting caused it and how to run without it."""
+    if how == "off":
+        yield
+        return
+    from torch._dynamo.exc import BackendCompilerFailed  # inductor's errors derive from it
+
+    try:
+        yield
+    except BackendCompilerFailed as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"torch.compile failed (train.compile = {how!r}): {first}. Inductor needs a C++ compiler "
+            "on CPU (gcc/clang) and Triton on CUDA; run with `-S train.compile=off` to train eagerly."
+        ) from err
+
+
 def run_fold(
     params: Params,
     dataset: str,
@@ -122,6 +143,7 @@ def run_fold(
     model = build_model(architecture, spec.in_channels, spec.num_classes, **kwargs).to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    compiled = compile_model(model, t.compile)
     optimizer_cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
     optimizer = optimizer_cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = (
@@ -152,10 +174,11 @@ def run_fold(
     for epoch in epochs:
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)  # order and augmentation of epoch e: f(seed, e)
-        train_loss = train_one_epoch(
-            model, train_loader, optimizer, objective, precision, scaler, f"epoch {epoch + 1}"
-        )
-        val_loss, val_dice = validate(model, val_loader, loss_fn, precision, spec.num_classes)
+        with compile_errors_explained(t.compile):
+            train_loss = train_one_epoch(
+                model, train_loader, optimizer, objective, precision, scaler, f"epoch {epoch + 1}"
+            )
+            val_loss, val_dice = validate(model, val_loader, loss_fn, precision, spec.num_classes)
         scheduler.step()
         row = {
             "epoch": epoch,
@@ -211,6 +234,7 @@ def run_fold(
         "epochs_run": len(history),
         "train_seconds": sum(r["seconds"] for r in history),
         "device": str(precision.device),
+        "compile": f"{t.compile} ({compiled} modules)" if compiled else "off",
         "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else "float32",
     }
 
