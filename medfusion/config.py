@@ -226,6 +226,32 @@ class MLflowParams:
 
 
 @dataclass(frozen=True)
+class SlurmParams:
+    """One array task per (fold, seed) run, each on one node. The names are submitit's
+    (AutoExecutor's generic ones, `partition`/`account`/`array_parallelism`/`setup` its slurm_ ones)."""
+
+    partition: str | None = None  # null: the cluster's default partition
+    account: str | None = None  # null: the user's default account
+    gpus_per_node: int = 1  # GPUs of each run
+    cpus_per_task: int = 8  # CPUs of each run (DataLoader workers + the main process)
+    mem_gb: float = 32.0
+    timeout_min: int = 1440  # wall-clock limit of each run
+    array_parallelism: int = 16  # runs of one train stage on the cluster at a time
+    setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before each run
+
+
+@dataclass(frozen=True)
+class ExecutorParams:
+    """How the train stage runs its (fold, seed) runs: medfusion/training/executor.py. Not part of any
+    run's hash: where a run was trained does not change what it depends on."""
+
+    kind: str = "local"  # local | slurm
+    processes: int = 1  # local: 1 = serially in this process; N > 1 = N at a time; 0 = one per visible GPU
+    folder: str = "logs/submitit"  # submitit's job pickles and each job's stdout/stderr (relative: repo root)
+    slurm: SlurmParams = dataclasses.field(default_factory=SlurmParams)
+
+
+@dataclass(frozen=True)
 class Params:
     datasets: list[str]
     models: ModelsParams
@@ -245,6 +271,7 @@ class Params:
     cv: CVParams
     eval: EvalParams
     mlflow: MLflowParams
+    executor: ExecutorParams = dataclasses.field(default_factory=ExecutorParams)
 
     @property
     def model_names(self) -> list[str]:
@@ -298,6 +325,7 @@ LOSS_KEYS = ("use_boundary", "drgo")  # settings of the loss, not constructor ar
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
+EXECUTOR_KINDS = ("local", "slurm")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -317,6 +345,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and train.get("compile") is False:
+        # YAML 1.1 reads a bare `off` as false, and `dvc exp run -S train.compile=off` writes it bare
+        raw = {**raw, "train": {**train, "compile": "off"}}
     params = _build(Params, raw, prefix="", source=source)
     _check_values(params, source)
     return params
@@ -536,6 +568,7 @@ def _check_values(p: Params, source: str) -> None:
     if not 0 < p.cv.test_fraction < 1:
         fail("cv.test_fraction", p.cv.test_fraction, "a number strictly between 0 and 1")
     _check_augment(p.augment, fail)
+    _check_executor(p.executor, fail)
 
 
 def _check_augment(a: AugmentParams, fail: typing.Callable[[str, Any, str], None]) -> None:
@@ -563,6 +596,32 @@ def _check_augment(a: AugmentParams, fail: typing.Callable[[str, Any, str], None
             fail(f"augment.{key}", getattr(a, key), "a number in [0, 1]")
     if not a.mixup_alpha > 0:
         fail("augment.mixup_alpha", a.mixup_alpha, "a number > 0 (the Beta distribution's parameter)")
+
+
+def _check_executor(e: ExecutorParams, fail: typing.Callable[[str, Any, str], None]) -> None:
+    """Checked before any work: a bad slurm setting must not surface only after the first folds trained."""
+    if e.kind not in EXECUTOR_KINDS:
+        fail("executor.kind", e.kind, "local (this machine) or slurm (a submitit job array)")
+    if e.processes < 0:
+        fail(
+            "executor.processes",
+            e.processes,
+            "an integer >= 0 (1 = serially in this process, N = N runs at a time, 0 = one per visible GPU)",
+        )
+    if not e.folder.strip():
+        fail("executor.folder", e.folder, "a folder for submitit's job files and logs, e.g. logs/submitit")
+    s = e.slurm
+    if s.partition is not None and not s.partition.strip():
+        fail("executor.slurm.partition", s.partition, "a partition name, or null for the cluster's default")
+    if s.account is not None and not s.account.strip():
+        fail("executor.slurm.account", s.account, "an account name, or null for your default account")
+    if s.gpus_per_node < 0:
+        fail("executor.slurm.gpus_per_node", s.gpus_per_node, "an integer >= 0 (GPUs of each run)")
+    for key in ("cpus_per_task", "timeout_min", "array_parallelism"):
+        if getattr(s, key) < 1:
+            fail(f"executor.slurm.{key}", getattr(s, key), "an integer >= 1")
+    if not s.mem_gb > 0:
+        fail("executor.slurm.mem_gb", s.mem_gb, "a number > 0 (GB of memory of each run)")
 
 
 def config_hash(*parts: Any) -> str:

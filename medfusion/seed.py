@@ -27,3 +27,20 @@ def worker_init_fn(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**63  # base seed from the loader's generator + worker id
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def rng_states() -> dict:
+    """The global generators' states (Python, numpy, torch CPU and CUDA), for a resumable checkpoint."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` saved (CUDA only where both the checkpoint and this machine have it)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

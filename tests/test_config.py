@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import yaml
 from conftest import REPO, raw_params
 
 from medfusion.config import ConfigError, load_params, params_from_dict
@@ -124,3 +125,13 @@ def test_params_are_frozen():
     p = load_params(REPO / "params.yaml")
     with pytest.raises(AttributeError):
         p.train.epochs = 1
+
+
+def test_compile_off_written_bare_by_dvc_reads_as_off():
+    """`dvc exp run -S train.compile=off` writes `compile: off`, which YAML reads as false."""
+    raw = copy.deepcopy(raw_params())
+    raw["train"]["compile"] = yaml.safe_load("off")
+    assert params_from_dict(raw).train.compile == "off"
+    raw["train"]["compile"] = True
+    with pytest.raises(ConfigError, match="train.compile"):
+        params_from_dict(raw)

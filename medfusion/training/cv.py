@@ -34,7 +34,7 @@ from medfusion.data.io import read_json, write_json
 from medfusion.losses import segmentation_loss
 from medfusion.losses.drgo import DRGOSettings, class_frequencies
 from medfusion.models import build_model, compile_model
-from medfusion.seed import seed_everything, worker_init_fn
+from medfusion.seed import rng_states, seed_everything, set_rng_states, worker_init_fn
 from medfusion.training.loop import (
     DRGOObjective,
     Precision,
@@ -55,10 +55,40 @@ def run_name(fold: int, seed: int) -> str:
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """torch.save through a temp file and a rename: a crash never leaves a half-written checkpoint."""
+    """torch.save through a temp file and a rename: a crash (or a full disk) never leaves a half-written
+    checkpoint, and the previous one stays in place until the new one is complete."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(
+                err.errno, f"cannot write checkpoint {path} ({err.strerror or err}); the previous one is kept"
+            ) from err
+        raise
+
+
+RESUME_FILE = "last.pt"  # the state after the last finished epoch; removed when the run finishes
+
+
+def load_resume_state(path: Path, key: str) -> dict | None:
+    """The training state in `path` if it belongs to this run (same `key`, the run's config hash);
+    None (with a message) when it is missing, unreadable, or from other settings: the run starts over."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or corrupt file: only this run's progress is lost
+        print(
+            f"{path}: unreadable resume checkpoint ({type(err).__name__}: {err}); training this run from epoch 1"
+        )
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        print(f"{path}: resume checkpoint from other settings; training this run from epoch 1")
+        return None
+    return state
 
 
 def make_loader(
@@ -116,11 +146,19 @@ def run_fold(
     out_dir: Path,
     log: LogFn,
     precision: Precision | None = None,
+    resume_key: str | None = None,
 ) -> dict:
     """Train model `model_name` on fold `fold` of `split` with seed `seed`; returns the result record.
 
     Adam (or AdamW), cosine annealing over train.epochs, early stopping on validation loss with
     train.patience; the best epoch's weights are kept in out_dir/model.pt.
+
+    Resume: with a `resume_key` (run_cv passes the run's config hash), the complete training state
+    (model, optimizer, scheduler, GradScaler, early-stopping state, history, DRGO's c_t and region
+    generator, the Python/numpy/torch RNG states) is written atomically to out_dir/last.pt after every
+    epoch. A rerun with the same key continues after the last finished epoch; the data order and
+    augmentation are functions of (seed, epoch, index), so on CPU the result equals an uninterrupted
+    run's exactly. Without a matching state the folder is cleared and training starts at epoch 1.
     """
     spec = params.spec(dataset)
     t = params.train
@@ -165,11 +203,34 @@ def run_fold(
     else:
         objective = plain_objective(loss_fn)  # lam L(y_a) + (1 - lam) L(y_b) on MixUp batches
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
     best = {"val_loss": float("inf"), "epoch": -1, "val_dice": float("nan")}
+    start_epoch, stopped = 0, False
+    state = load_resume_state(out_dir / RESUME_FILE, resume_key) if resume_key else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if drgo:
+            objective.load_state_dict(state["objective"])
+        history, best, stopped = state["history"], state["best"], state["stopped"]
+        set_rng_states(state["rng"])
+        start_epoch = state["epoch"] + 1
+        print(
+            f"{dataset}/{model_name} {run_name(fold, seed)}: resumed after epoch {start_epoch} of {t.epochs}"
+        )
+    elif resume_key:
+        shutil.rmtree(out_dir, ignore_errors=True)  # another run's files must not mix with this one's
+    out_dir.mkdir(parents=True, exist_ok=True)
     epochs = tqdm(
-        range(t.epochs), desc=f"{dataset}/{model_name} {run_name(fold, seed)}", unit="epoch", position=0
+        range(start_epoch, t.epochs if not stopped else start_epoch),
+        desc=f"{dataset}/{model_name} {run_name(fold, seed)}",
+        unit="epoch",
+        position=0,
+        initial=start_epoch,
+        total=t.epochs,
     )
     for epoch in epochs:
         start = time.perf_counter()
@@ -220,7 +281,25 @@ def run_fold(
                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             }
             save_checkpoint(out_dir / "model.pt", checkpoint)
-        elif epoch - best["epoch"] >= t.patience:
+        stopped = epoch - best["epoch"] >= t.patience
+        if resume_key:
+            save_checkpoint(
+                out_dir / RESUME_FILE,
+                {
+                    "key": resume_key,
+                    "epoch": epoch,
+                    "stopped": stopped,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "objective": objective.state_dict() if drgo else None,
+                    "history": history,
+                    "best": best,
+                    "rng": rng_states(),
+                },
+            )
+        if stopped:
             epochs.write(f"early stop at epoch {epoch + 1}: no val loss improvement for {t.patience} epochs")
             break
     epochs.close()
@@ -306,25 +385,23 @@ def run_cv(
     for stale in out_dir.iterdir():
         if stale.is_dir() and stale.name not in wanted:
             shutil.rmtree(stale)
-    results = []
+    from medfusion.training.executor import run_pending  # it imports this module: not at the top
+
+    results, pending = {}, []
     for fold, seed in planned_runs(params):
         run_dir = out_dir / run_name(fold, seed)
         digest = fold_hash(params, dataset, model_name, processed_dir, split, fold, seed)
         record_path = run_dir / "result.json"
         if record_path.exists() and read_json(record_path).get("config_hash") == digest:
             print(f"{dataset}/{model_name} {run_dir.name}: finished earlier with this config, skipped")
-            results.append(read_json(record_path))
+            results[fold, seed] = read_json(record_path)
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_params = {"fold": fold, "seed": seed, "config_hash": digest}
-        with tracker(fold, seed, run_params) as log:
-            result = run_fold(params, dataset, model_name, processed_dir, split, fold, seed, run_dir, log)
-            result["config_hash"] = digest
-            result["mlflow_run_id"] = getattr(log, "run_id", None)
-            write_json(record_path, result)  # written last: the run counts as finished only now
-        results.append(result)
-    write_json(out_dir / "summary.json", {"dataset": dataset, "model": model_name, "runs": results})
-    return results
+        pending.append((fold, seed, run_dir, digest))
+    # executor.train_run trains each (run_fold, then result.json), here or in submitit jobs: params.executor
+    results.update(run_pending(params, dataset, model_name, processed_dir, split, pending, tracker))
+    runs = [results[run] for run in planned_runs(params)]
+    write_json(out_dir / "summary.json", {"dataset": dataset, "model": model_name, "runs": runs})
+    return runs
 
 
 def asdict_flat(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""Kill a real training process with SIGKILL at several points, rerun, and get an uninterrupted run's
+numbers exactly (CPU)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_raw_params
+
+from medfusion.data.io import write_json
+
+TRAIN = """
+import contextlib, json, sys
+from pathlib import Path
+import torch
+from medfusion.config import params_from_dict
+from medfusion.training.cv import run_cv
+
+torch.set_num_threads(1)
+raw, processed, split, out = sys.argv[1:5]
+
+@contextlib.contextmanager
+def tracker(fold, seed, run_params):
+    yield lambda metrics, step: None
+
+params = params_from_dict(json.loads(Path(raw).read_text()))
+run_cv(params, "synthetic", "casnet", Path(processed), Path(split), Path(out), tracker)
+print("DONE", flush=True)
+"""
+EPOCHS = 6
+VOLATILE = {"seconds", "train_seconds"}  # wall times
+
+
+def _raw() -> dict:
+    raw = tiny_raw_params()
+    raw["model"].update(base_channels=4, transformer_dim=16, transformer_layers=1)
+    raw["drgo"]["region_size"] = 8
+    raw["train"].update(epochs=EPOCHS, patience=EPOCHS, num_workers=1)
+    raw["models"] = {"casnet": ["casnet"], "baselines": []}
+    return raw
+
+
+def _start(tmp_path: Path, processed: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "train.py"), str(tmp_path / "params.json"), str(processed),
+         str(tmp_path / "split.json"), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _last_epoch(run_dir: Path) -> int:
+    try:
+        return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError, KeyError):
+        return -1
+
+
+def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended before the kill point ({what}):\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"kill point not reached in {timeout} s: {what}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {what}: rc {proc.returncode}\n{output}"
+    return output
+
+
+def _run_to_end(proc: subprocess.Popen) -> str:
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0 and "DONE" in output, output
+    return output
+
+
+def _numbers(out: Path) -> dict:
+    runs = {}
+    for run in sorted(out.glob("fold*_seed*")):
+        result = json.loads((run / "result.json").read_text())
+        history = json.loads((run / "history.json").read_text())
+        runs[run.name] = {
+            "result": {k: v for k, v in result.items() if k not in VOLATILE},
+            "history": [{k: v for k, v in row.items() if k not in VOLATILE} for row in history],
+            "weights": torch.load(run / "model.pt", map_location="cpu", weights_only=True)["state_dict"],
+        }
+    return runs
+
+
+def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(synthetic_processed, tmp_path):
+    processed, split = synthetic_processed
+    write_json(tmp_path / "split.json", split)
+    write_json(tmp_path / "params.json", _raw())
+    (tmp_path / "train.py").write_text(TRAIN)
+
+    reference = tmp_path / "reference"
+    _run_to_end(_start(tmp_path, processed, reference))
+
+    out = tmp_path / "killed"
+    fold0, fold1 = out / "fold0_seed0", out / "fold1_seed0"
+    kills = [
+        ("fold 0, right after its first epoch's checkpoint", lambda: _last_epoch(fold0) >= 0),
+        ("fold 0, during epoch 4 (3 finished)", lambda: _last_epoch(fold0) >= 2),
+        ("fold 1, before its first checkpoint", lambda: fold1.exists() and not (fold1 / "last.pt").exists()),
+        ("fold 1, after epoch 3", lambda: _last_epoch(fold1) >= 2),
+    ]
+    logs = [_kill_when(_start(tmp_path, processed, out), cond, what) for what, cond in kills]
+    final = _run_to_end(_start(tmp_path, processed, out))
+
+    assert any("resumed after epoch" in log for log in logs[1:] + [final])
+    assert "fold0_seed0: finished earlier with this config, skipped" in final
+    assert "fold1_seed0: resumed after epoch" in final
+    assert not (fold0 / "last.pt").exists() and not (fold1 / "last.pt").exists()  # removed when finished
+
+    got, want = _numbers(out), _numbers(reference)
+    assert list(got) == list(want) == ["fold0_seed0", "fold1_seed0"]
+    for name in want:
+        assert got[name]["result"] == want[name]["result"], name
+        assert got[name]["history"] == want[name]["history"], name
+        for key, tensor in want[name]["weights"].items():
+            assert torch.equal(got[name]["weights"][key], tensor), f"{name}: {key} differs"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_unusable_resume_state_restarts_the_run(synthetic_processed, tmp_path, content, capsys):
+    """A truncated/corrupt last.pt or one from other settings: the run starts over and says so."""
+    from medfusion.config import params_from_dict
+    from medfusion.training.cv import run_fold
+
+    processed, split = synthetic_processed
+    raw = _raw()
+    raw["train"]["epochs"] = 1
+    params = params_from_dict(raw)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if content is None:
+        torch.save({"key": "other settings", "epoch": 0}, run_dir / "last.pt")
+    else:
+        (run_dir / "last.pt").write_bytes(content)
+    (run_dir / "stale.txt").write_text("from an older run")
+    result = run_fold(
+        params, "synthetic", "casnet", processed, split, 0, 0, run_dir, lambda m, s: None, resume_key="k"
+    )
+    assert result["epochs_run"] == 1
+    assert "training this run from epoch 1" in capsys.readouterr().out
+    assert not (run_dir / "stale.txt").exists()
+    assert torch.load(run_dir / "last.pt", weights_only=False)["key"] == "k"
