@@ -135,6 +135,28 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
     assert {r["mlflow_run_id"] for r in results} == {c.info.run_id for c in children}
 
 
+def test_an_interrupted_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    """After a kill (the run left RUNNING) or an exception (FAILED), the rerun of the same (fold, seed,
+    config) logs into the same MLflow run; another config starts a new one."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "medfusion/synthetic", "unet", {}, {}, tmp_path / "mlflow.json")
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.child(0, 0, {"config_hash": "abc"}) as log:
+            log({"val_dice": 0.5}, 0)
+            raise KeyboardInterrupt
+    with tracker.child(0, 0, {"config_hash": "abc"}) as log:
+        log({"val_dice": 0.6}, 1)
+    with tracker.child(0, 0, {"config_hash": "other"}) as other:
+        other({"val_dice": 0.1}, 0)
+    client = MlflowClient(uri)
+    assert log.run_id != other.run_id
+    assert [m.step for m in client.get_metric_history(log.run_id, "val_dice")] == [0, 1]
+    assert client.get_run(log.run_id).info.status == "FINISHED"
+
+
 def test_unreachable_tracking_server_does_not_stop_training(
     tiny_params, synthetic_processed, tmp_path, capsys
 ):

@@ -8,7 +8,10 @@ DVC experiment name. The evaluate stage adds test metrics to the same runs.
 Where the store is: `MLFLOW_TRACKING_URI` if set, else `mlflow.tracking_uri` from params.yaml,
 else `sqlite:///<repo root>/mlflow.db`, with the repo root taken from `DVC_ROOT`, which DVC points
 at the main repository even inside `dvc exp run --queue`/`--temp` workspaces, so runs made there
-land in the same store. If the store cannot be reached, training goes on untracked and says so.
+land in the same store (a relative `sqlite:///` path is taken from that root too). An http:// URI
+names an MLflow tracking server, the store for many concurrent writers (`dvc queue start -j N`, slurm
+jobs); MLflow's client retries its transient errors (5xx, 429, dropped connections) with backoff. If
+the store cannot be reached, training goes on untracked and says so.
 """
 
 from __future__ import annotations
@@ -33,10 +36,20 @@ def repo_root() -> Path:
 
 def resolve_tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _anchor_sqlite(os.environ["MLFLOW_TRACKING_URI"])
     if configured:
-        return configured
+        return _anchor_sqlite(configured)
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _anchor_sqlite(uri: str) -> str:
+    """A relative sqlite path (`sqlite:///mlflow.db`) taken from the repo root, not the cwd: stages of
+    a queued experiment run in a temporary copy of the repo, and runs logged there would go with it."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix) :] if uri.startswith(prefix) else ""
+    if not path or path.startswith(":memory:") or Path(path).is_absolute():
+        return uri
+    return f"{prefix}{repo_root() / path}"
 
 
 def _git_commit(root: Path) -> str:
@@ -66,6 +79,67 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
     urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
 
 
+@contextlib.contextmanager
+def _sqlite_open_lock(uri: str, timeout: float = 300.0) -> Iterator[None]:
+    """Held while a process opens a sqlite store. MLflow creates and migrates a new sqlite file's
+    schema unguarded, so processes opening it at once (`dvc queue start -j N` before the first run)
+    fail with "table ... already exists" or "duplicate column name" and would go on untracked.
+    A lock file in the temp dir covers one machine; across machines, use a tracking server."""
+    if not uri.startswith("sqlite:") or os.name == "nt":
+        yield
+        return
+    import fcntl
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"medfusion-mlflow-{digest}.lock", "w") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has held {lock.name} for over {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _client(uri: str) -> Any:
+    """An MlflowClient with its store opened (where a new sqlite file gets its schema), one process
+    at a time per sqlite file."""
+    from mlflow.tracking import MlflowClient
+
+    with _sqlite_open_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+def _experiment_id(client: Any, name: str, location: str | None) -> str:
+    """The id of experiment `name`, created if missing. Concurrent stages (`dvc queue start -j N`,
+    slurm jobs) race to create a new dataset's experiment: the losers get RESOURCE_ALREADY_EXISTS
+    and take the winner's experiment instead of going on untracked."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:  # not the race: a real failure
+            raise
+        return found.experiment_id
+
+
 class _RunLogger:
     """The `log(metrics, step)` callback for one run; `run_id` None when tracking is off."""
 
@@ -78,9 +152,15 @@ class _RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        try:  # runs in parallel processes share the store: a locked sqlite file must not end a run
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+            )
+        except Exception as err:
+            print(
+                f"MLflow: cannot log step {step} of run {self.run_id} ({err}); training goes on",
+                file=sys.stderr,
+            )
 
 
 class Tracker:
@@ -116,15 +196,10 @@ class Tracker:
         try:
             _check_server(uri)
             _quiet_mlflow()
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=uri)
-            found = self.client.get_experiment_by_name(experiment)
-            if found:
-                self.experiment_id = found.experiment_id
-            else:  # artifacts beside the sqlite store, not in the cwd (a DVC temp workspace would lose them)
-                location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.client = _client(uri)
+            # artifacts beside the sqlite store, not in the cwd (a DVC temp workspace would lose them)
+            location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            self.experiment_id = _experiment_id(self.client, experiment, location)
             # a resumed stage with the same params continues its parent run; changed params start a new one
             params_hash = config_hash(params)
             state = read_json(state_file) if state_file and state_file.exists() else {}
@@ -154,10 +229,9 @@ class Tracker:
         self.client, self.parent_id, self.params, self.uri, self.tags = None, parent_id, {}, uri, {}
         if parent_id:
             try:
+                _check_server(uri)  # else get_run retries an unreachable server for minutes
                 _quiet_mlflow()
-                from mlflow.tracking import MlflowClient
-
-                self.client = MlflowClient(tracking_uri=uri)
+                self.client = _client(uri)
                 self.client.get_run(parent_id)
             except Exception as err:
                 print(
@@ -166,6 +240,30 @@ class Tracker:
                 )
                 self.client = None
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its MLflow client: submitit sends `tracker.child` to other processes or
+        slurm nodes (medfusion/training/executor.py), which reconnect by URI in `__setstate__` and open
+        their own child runs under the same parent."""
+        state = dict(self.__dict__)
+        state["client"], state["_connected"] = None, self.client is not None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        connected = state.pop("_connected", False)
+        self.__dict__.update(state)
+        if not connected:
+            return
+        try:
+            _quiet_mlflow()
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+        except Exception as err:
+            print(
+                f"MLflow tracking at {self.uri} is unavailable here ({err}); this run is untracked",
+                file=sys.stderr,
+            )
 
     def _alive(self, run_id: str) -> bool:
         try:
@@ -182,15 +280,28 @@ class Tracker:
 
     @contextlib.contextmanager
     def child(self, fold: int, seed: int, run_params: dict[str, Any]) -> Iterator[_RunLogger]:
-        """A nested run for one (fold, seed); marked FAILED if training raises."""
+        """A nested run for one (fold, seed); marked FAILED if training raises.
+
+        A run of the same parent, fold, seed and config hash that never finished (killed, or FAILED) is
+        continued instead of starting another: training resumes after its last finished epoch
+        (run_fold's last.pt), so its metric history goes on where it stopped."""
         if self.client is None:
             yield _RunLogger(None, None)
             return
         try:
-            tags = {**self.tags, "mlflow.parentRunId": self.parent_id, "fold": str(fold), "seed": str(seed)}
-            run = self.client.create_run(self.experiment_id, run_name=f"fold{fold}_seed{seed}", tags=tags)
-            run_id = run.info.run_id
-            self._log_params(run_id, {**self.params, **run_params})
+            run_id = self._unfinished_child(fold, seed, run_params.get("config_hash"))
+            if run_id is None:
+                tags = {
+                    **self.tags,
+                    "mlflow.parentRunId": self.parent_id,
+                    "fold": str(fold),
+                    "seed": str(seed),
+                }
+                run = self.client.create_run(self.experiment_id, run_name=f"fold{fold}_seed{seed}", tags=tags)
+                run_id = run.info.run_id
+                self._log_params(run_id, {**self.params, **run_params})
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         except Exception as err:
             print(
                 f"MLflow: cannot create the run for fold {fold} seed {seed} ({err}); untracked",
@@ -203,7 +314,24 @@ class Tracker:
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise
-        self.client.set_terminated(run_id, status="FINISHED")
+        try:  # the run is trained and recorded: a busy store (parallel jobs) must not fail it now
+            self.client.set_terminated(run_id, status="FINISHED")
+        except Exception as err:
+            print(f"MLflow: cannot mark run {run_id} finished ({err})", file=sys.stderr)
+
+    def _unfinished_child(self, fold: int, seed: int, config_hash: str | None) -> str | None:
+        if not config_hash:
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.fold = '{fold}' "
+                f"and tags.seed = '{seed}' and params.config_hash = '{config_hash}'"
+            ),
+            max_results=10,
+        )
+        unfinished = [r for r in runs if r.info.status in ("RUNNING", "FAILED", "KILLED")]
+        return unfinished[0].info.run_id if unfinished else None
 
     def finish(self) -> None:
         if self.client is not None:
