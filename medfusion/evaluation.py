@@ -21,26 +21,113 @@ from medfusion.metrics import case_metrics, processed_spacing
 from medfusion.models import build_model
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.postprocess import choose_postprocess
-from medfusion.training.loop import Precision, predict_probs
+from medfusion.training.loop import Precision, out_of_memory_explained, predict_probs
+
+
+class CheckpointError(ValueError):
+    """A model.pt that cannot be used: names the file and what is wrong with it."""
+
+
+CHECKPOINT_KEYS = ("model", "kwargs", "in_channels", "num_classes", "state_dict")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def weights_mismatch(expected: dict, found: dict) -> str:
+    """What differs between a model's state_dict (`expected`) and a checkpoint's (`found`); "" if they fit."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        (k, tuple(getattr(found[k], "shape", ())), tuple(v.shape))
+        for k, v in expected.items()
+        if k in found and tuple(getattr(found[k], "shape", ())) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the file (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) the model does not have (e.g. {unexpected[0]!r})")
+    if shapes:
+        key, in_file, in_model = shapes[0]
+        parts.append(
+            f"{len(shapes)} weight(s) of another shape (e.g. {key!r}: {in_file} in the file, {in_model} in the model)"
+        )
+    return "; ".join(parts)
 
 
 def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by `run_fold`."""
+    """Rebuild a model from a checkpoint written by `run_fold`.
+
+    Raises:
+        CheckpointError: naming the file: unreadable (truncated, corrupt), not a medfusion checkpoint,
+            or weights that do not fit the model its record describes (another model's file, or other
+            widths / classes / channels).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no such checkpoint; expected a model.pt written by training (train the run first)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable medfusion checkpoint ({err})") from err
-    model = build_model(
-        checkpoint.get("architecture", checkpoint["model"]),
-        checkpoint["in_channels"],
-        checkpoint["num_classes"],
-        **checkpoint["kwargs"],
+        raise CheckpointError(
+            f"{path}: not a readable medfusion checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            "the file is truncated or corrupt (an interrupted copy, a full disk?): restore it or retrain the run"
+        ) from err
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else None
+    if missing is None or missing:
+        if not isinstance(checkpoint, dict):
+            found = f"a {type(checkpoint).__name__}"
+        elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            found = f"only weights (a bare state_dict of {len(checkpoint)} tensors)"
+        else:
+            keys = list(checkpoint)
+            found = f"keys {keys[:6]}{' ...' if len(keys) > 6 else ''}"
+        raise CheckpointError(
+            f"{path}: not a medfusion checkpoint: no {missing or list(CHECKPOINT_KEYS)}; it holds {found}. "
+            "Expected a model.pt written by medfusion training (data/runs/<dataset>/<model>/fold*/model.pt)"
+        )
+    architecture = checkpoint.get("architecture", checkpoint["model"])
+    described = (
+        f"{architecture} {checkpoint['kwargs']} with {checkpoint['in_channels']} input channel(s) and "
+        f"{checkpoint['num_classes']} classes"
     )
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model = build_model(
+            architecture, checkpoint["in_channels"], checkpoint["num_classes"], **checkpoint["kwargs"]
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: cannot build the model it records, {described}: {_first_line(err)}"
+        ) from err
+    state = checkpoint["state_dict"]
+    problem = weights_mismatch(model.state_dict(), state) if isinstance(state, dict) else "no weights dict"
+    if problem:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its record describes ({described}): {problem}. "
+            "The file was written by another model or with other settings (widths, classes, channels)"
+        )
+    model.load_state_dict(state)
     model.to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.eval(), checkpoint
+
+
+def check_fits_data(path: Path, checkpoint: dict, meta: dict, processed_dir: Path) -> None:
+    """A checkpoint must have been trained on data like `processed_dir`'s: same classes and channels."""
+    theirs = (len(meta["class_names"]), meta["in_channels"])
+    ours = (checkpoint["num_classes"], checkpoint["in_channels"])
+    if ours != theirs:
+        raise CheckpointError(
+            f"{path}: trained for {ours[0]} classes from {ours[1]} channel(s), but {processed_dir} has "
+            f"{theirs[0]} classes and {theirs[1]} channel(s): the run belongs to another dataset, or "
+            "data/processed was rebuilt after training (rerun the train stage)"
+        )
 
 
 def predict_dataset(
@@ -75,7 +162,10 @@ def predict_dataset_probs(
     out = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        out.append(predict_probs(model, torch.stack([it["image"] for it in items]), precision).numpy())
+        images = torch.stack([it["image"] for it in items])
+        where = f"prediction of samples {start}..{start + len(items) - 1}"
+        with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
+            out.append(predict_probs(model, images, precision).numpy())
     return np.concatenate(out).astype(dtype)
 
 
@@ -120,6 +210,7 @@ def evaluate_run(
 ) -> list[dict]:
     """Metric rows (case_id, class, metric, value) of one checkpoint on `test_ids`, raw argmax, no post-processing."""
     model, checkpoint = load_checkpoint(checkpoint_path, precision)
+    check_fits_data(checkpoint_path, checkpoint, read_json(Path(processed_dir) / "meta.json"), processed_dir)
     dataset = SegDataset(processed_dir, test_ids)
     targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only these rows
     labels = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
@@ -165,7 +256,8 @@ def evaluate_model(
     oof_targets: list[np.ndarray] = []
     for run in runs:
         name = f"fold{run['fold']}_seed{run['seed']}"
-        model, _ = load_checkpoint(runs_dir / name / "model.pt", precision)
+        model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
+        check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
         val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
         val_probs = group_probs(val_set, predict_dataset_probs(model, val_set, batch_size, precision))
         val_targets = group_cases(val_set, np.asarray(val_set.masks[val_set.indices]))

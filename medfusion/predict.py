@@ -44,7 +44,7 @@ from medfusion.data.preprocess import (
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint
-from medfusion.training.loop import Precision, predict_probs
+from medfusion.training.loop import Precision, out_of_memory_explained, predict_probs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -191,7 +191,9 @@ def load_ensemble(run: Path, precision: Precision, processed_meta: Path | None =
         except KeyError as err:
             raise PredictError(f"{path}: not a medfusion checkpoint (no {err} entry)") from None
         except (ValueError, RuntimeError) as err:  # unreadable, or weights that do not fit the model
-            raise PredictError(f"{path}: cannot load ({err})") from None
+            raise PredictError(
+                str(err) if str(path) in str(err) else f"{path}: cannot load ({err})"
+            ) from None
         models.append(model)
         checkpoints.append(checkpoint)
     first = checkpoints[0]
@@ -284,7 +286,11 @@ def predict_labels(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16)
     labels = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size])
-        labels.append(ensemble_probs(ensemble.models, batch, ensemble.precision).argmax(1).numpy())
+        device = ensemble.precision.device
+        with out_of_memory_explained(
+            "prediction", batch, ensemble.models[0], device, "--batch-size", None, "--device"
+        ):
+            labels.append(ensemble_probs(ensemble.models, batch, ensemble.precision).argmax(1).numpy())
     return np.concatenate(labels).astype(np.uint8)
 
 

@@ -279,7 +279,10 @@ def download(
                 raise
         part.replace(dest)
         return
-    raise FetchError(last)
+    kept = (
+        f"; the {part.stat().st_size} bytes in {part} are kept and resumed next time" if part.exists() else ""
+    )
+    raise FetchError(f"{url}: {last} (after {retries} attempt(s){kept})")
 
 
 def safe_extract_zip(archive: Path, dest: Path) -> None:
@@ -426,7 +429,7 @@ def _from_url(spec: DatasetSpec, dest: Path) -> dict:
         try:
             download(url, archive, spec.checksum)
         except FetchError as err:
-            errors.append(f"{url}: {err}")
+            errors.append(str(err) if url in str(err) else f"{url}: {err}")
     else:
         if not archive.exists():
             raise FetchError(

@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from medfusion.data.fetch import custom_pairs, dataset_files, file_stem, mask_path, msd_pairs
+from medfusion.data.fetch import FetchError, custom_pairs, dataset_files, file_stem, mask_path, msd_pairs
 from medfusion.data.io import (
     DataError,
     read_image,
@@ -347,7 +347,10 @@ def preprocess_dataset(
     if custom and name == "custom":
         settings = PreprocessSettings(**{**settings.__dict__, "group_pattern": custom.get("group_pattern")})
     out_dir = Path(out_dir)
-    refs = case_refs(spec, Path(raw_dir), settings.group_pattern)
+    try:
+        refs = case_refs(spec, Path(raw_dir), settings.group_pattern)
+    except FetchError as err:  # the layout of data/raw changed since the fetch (a mask deleted, ...)
+        raise DataError(str(err)) from err
     if not refs:
         raise DataError(f"{raw_dir}: no cases found for {name}")
     workers = min(workers or os.cpu_count() or 1, len(refs))

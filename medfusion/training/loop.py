@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,64 @@ from medfusion.metrics import case_metrics
 
 class TrainingError(RuntimeError):
     pass
+
+
+# The messages of PyTorch's allocators when memory runs out (CUDA raises torch.OutOfMemoryError).
+OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return (
+        isinstance(err, RuntimeError)
+        and not isinstance(err, TrainingError)
+        and any(marker in str(err) for marker in OOM_MARKERS)
+    )
+
+
+def smaller_image_size(size: int) -> int:
+    """Half of `size`, still a multiple of 16 (data.image_size's rule)."""
+    return max(16, size // 2 // 16 * 16)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(
+    where: str,
+    images: Tensor,
+    model: nn.Module,
+    device: torch.device,
+    batch_option: str = "-S train.batch_size",
+    image_option: str | None = "-S data.image_size",
+    device_option: str = "-S train.device",
+) -> Iterator[None]:
+    """Turn running out of memory on `images` (B, C, H, W) into a TrainingError that says what to lower.
+
+    The options are how the user changes the batch size, the image size (None: not at this step, e.g.
+    prediction, where the model fixes it) and the device; the original error stays as __cause__.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        batch, channels, height, width = tuple(images.shape)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        remedies = [f"lower the batch size (`{batch_option}={batch // 2}`)"] if batch > 1 else []
+        if image_option:
+            remedies.append(
+                f"the image size (`{image_option}={smaller_image_size(height)}`; the data is preprocessed again)"
+            )
+        if device.type == "cuda":
+            remedies.append(f"free the GPU of other jobs, or run on the CPU (`{device_option}=cpu`, slower)")
+        else:
+            remedies.append(f"close other programs, or use a GPU (`{device_option}=cuda`)")
+        raise TrainingError(
+            f"{where}: out of memory on {device.type} with a batch of {batch} images of "
+            f"{channels}x{height}x{width} through {type(model).__name__} ({first}). "
+            f"To fit: {'; or '.join(remedies)}."
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -133,6 +191,21 @@ class DRGOObjective:
         self._count += 1
         return loss
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly: c_t and the region generators' states."""
+        return {
+            "confidence": self.confidence,
+            "generators": {str(d): g.get_state() for d, g in self.generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.confidence = float(state["confidence"])
+        self.generators = {}
+        for name, rng_state in state["generators"].items():
+            device = torch.device(name)
+            self.generators[device] = torch.Generator(device=device)
+            self.generators[device].set_state(rng_state)
+
     def epoch_terms(self) -> dict[str, float]:
         """Mean of each loss term over the batches since the last call, as drgo_<term>; then resets."""
         means = {f"drgo_{k}": v / max(self._count, 1) for k, v in self._sums.items()}
@@ -170,20 +243,36 @@ def train_one_epoch(
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, unit="batch", position=1, mininterval=1.0)
     for step, batch in enumerate(bar):
-        image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
-        with precision.autocast():
-            logits = model(image)
-        loss = loss_fn(logits.float(), mask, batch)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(
-                f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        optimizer_step(loss, optimizer, scaler)
+        with out_of_memory_explained(f"{desc}, step {step}", batch["image"], model, precision.device):
+            image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
+            with precision.autocast():
+                logits = model(image)
+            loss = loss_fn(logits.float(), mask, batch)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(
+                    f"{desc}: loss is {loss.item()} at step {step} (sample indices {batch['index'].tolist()})"
+                    f"{_case_ids(loader, batch)}; the weights were not updated with it. Check those samples, "
+                    f"or lower train.lr (now {optimizer.param_groups[0]['lr']:g})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, optimizer, scaler)
         total += loss.item() * len(mask)
         count += len(mask)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     return total / max(count, 1)
+
+
+def _case_ids(loader: DataLoader, batch: dict) -> str:
+    """The batch's case ids (", cases [...]") where the loader's dataset knows them (SegDataset)."""
+    samples = getattr(loader.dataset, "samples", None)
+    try:
+        rows = [samples[i] for i in batch["index"].tolist()]
+        names = [
+            r["case_id"] if r.get("slice") is None else f"{r['case_id']} slice {r['slice']}" for r in rows
+        ]
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return ""
+    return f", cases {names}"
 
 
 @torch.no_grad()
@@ -202,11 +291,13 @@ def validate(
     """Mean loss and mean Dice over samples and foreground classes (2-D, per sample)."""
     model.eval()
     total, count, dices = 0.0, 0, []
-    for batch in loader:
-        image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
-        with precision.autocast():
-            logits = model(image).float()
-        total += loss_fn(logits, mask).item() * len(mask)
+    for step, batch in enumerate(loader):
+        where = f"validation, step {step}"
+        with out_of_memory_explained(where, batch["image"], model, precision.device, "-S eval.batch_size"):
+            image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
+            with precision.autocast():
+                logits = model(image).float()
+            total += loss_fn(logits, mask).item() * len(mask)
         count += len(mask)
         pred, target = logits.argmax(1).cpu().numpy(), mask.cpu().numpy()
         for p, t in zip(pred, target, strict=True):
