@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
         help="torch.compile mode; reduce-overhead = CUDA graphs (batch-1 latency)",
     )
+    ap.add_argument("--no-train", action="store_true", help="inference only (no training-step phase)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="off by default, as in the pipeline")
     ap.add_argument("--quick", action="store_true", help="the quickstart's tiny widths, size 64")
     ap.add_argument("--warmup", type=int, default=None, help="default 5 on CUDA, 1 on CPU")
@@ -362,7 +363,8 @@ class ModelBench:
         if self.phase("build", self.build, deadline):
             self.phase("infer b1", lambda: self.inference(1), deadline)
             self.phase(f"infer b{BATCH}", lambda: self.inference(BATCH), deadline)
-            self.phase(f"train b{BATCH}", self.train, deadline)
+            if not self.args.no_train:
+                self.phase(f"train b{BATCH}", self.train, deadline)
         if self.row.get("compile_s"):
             self.notes.append(f"compile + first runs {self.row['compile_s']:.1f} s")
         self.row["notes"] = "; ".join(self.notes)

@@ -174,7 +174,9 @@ def main() -> None:
         "Per test image, polyp class, argmax prediction without post-processing; mean ± std over the "
         "200 images; one run per model (one fold, one seed).\n"
     )
-    md.append("| model | Dice % | IoU % | HD95 px (defined) | HD95 undefined | best epoch | val Dice | train min |")
+    md.append(
+        "| model | Dice % | IoU % | HD95 px (defined) | HD95 undefined | best epoch | val Dice | train min |"
+    )
     md.append("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         d, i, h = (np.asarray(r[k], dtype=float) for k in ("dice", "iou", "hd95"))
@@ -187,7 +189,9 @@ def main() -> None:
     comparisons = []
     if "casnet" in results:
         md.append("\nPaired Wilcoxon signed-rank tests (two-sided), CASNet + DRGO minus the other model:\n")
-        md.append("| other model | Δ Dice points | p (Dice) | Δ IoU points | p (IoU) | Δ HD95 px | p (HD95) | n (HD95) |")
+        md.append(
+            "| other model | Δ Dice points | p (Dice) | Δ IoU points | p (IoU) | Δ HD95 px | p (HD95) | n (HD95) |"
+        )
         md.append("|---|---|---|---|---|---|---|---|")
         a = results["casnet"]
         for name, b in results.items():
@@ -222,7 +226,9 @@ def main() -> None:
         last = r["history"][-1]
         terms = {k: round(v, 4) for k, v in last.items() if k.startswith("drgo_")}
         if terms:
-            md.append(f"\n{TITLES.get(name, name)}, DRGO terms in the last epoch (means over batches): {terms}.")
+            md.append(
+                f"\n{TITLES.get(name, name)}, DRGO terms in the last epoch (means over batches): {terms}."
+            )
     text = "\n".join(md) + "\n"
     (out / "results.md").write_text(text)
     write_json(out / "results.json", {

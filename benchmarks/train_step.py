@@ -19,7 +19,7 @@ import time
 import torch
 
 from medfusion.efficiency import count_parameters, hardware_name, train_step_seconds
-from medfusion.models import MODELS, build_model
+from medfusion.models import MODELS, build_model, compile_model
 from medfusion.training.loop import Precision
 
 
@@ -33,6 +33,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--fp32", action="store_true", help="fp32 NCHW instead of bf16 autocast + channels_last")
     ap.add_argument("--cuda", action="store_true", help="run on CUDA with fp16 AMP + channels_last")
+    ap.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "regions", "full"),
+        help="train.compile: regions = CASNet's attention and Attention U-Net's gates (medfusion.models)",
+    )
     ap.add_argument(
         "--casnet-parts", action="store_true", help="also time CASNet with each part switched off"
     )
@@ -51,7 +57,8 @@ def main() -> None:
         entries += [(f"casnet {s}=false", "casnet", {s: False}) for s in switches]
         entries.append(("casnet, all four off", "casnet", dict.fromkeys(switches, False)))
     print(
-        f"# train step, batch {args.batch}, {args.size}x{args.size}, {args.in_channels} channels, base width {args.base}"
+        f"# train step, batch {args.batch}, {args.size}x{args.size}, {args.in_channels} channels, base width {args.base}, "
+        f"train.compile = {args.compile}"
     )
     print(
         f"# {hardware_name(precision.device)}; torch {torch.__version__}; {precision}; {time.strftime('%Y-%m-%d')}"
@@ -61,8 +68,18 @@ def main() -> None:
     for label, name, switches in entries:
         torch.manual_seed(0)
         model = build_model(name, args.in_channels, 2, base_channels=args.base, **switches)
+        if precision.channels_last:  # compiled for the layout it runs in (train_step_seconds converts too)
+            model = model.to(memory_format=torch.channels_last)
+        compiled = compile_model(model, args.compile)
         seconds = train_step_seconds(
-            model, args.in_channels, 2, args.size, args.batch, precision, repeats=args.repeats
+            model,
+            args.in_channels,
+            2,
+            args.size,
+            args.batch,
+            precision,
+            warmup=2 if compiled else 1,  # the first steps compile
+            repeats=args.repeats,
         )
         reference = reference or seconds
         print(
