@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import http.server
 import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -59,3 +68,98 @@ def synthetic_processed(tmp_path_factory) -> tuple[Path, dict]:
     groups = {c["case_id"]: c["group"] for c in read_json(root / "processed" / "cases.json")}
     split = make_split(groups, "fraction", 2, 0, 0.2)
     return root / "processed", split
+
+
+def with_key(raw: dict, path: str, value: Any = None, delete: bool = False) -> dict:
+    """A deep copy of params dict `raw` with dotted key `path` set to `value` (or deleted)."""
+    raw = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+class RecordingTracker:
+    """A run_cv tracker that records which (fold, seed) runs were started and logs nothing."""
+
+    def __init__(self):
+        self.started = []
+
+    @contextlib.contextmanager
+    def __call__(self, fold, seed, run_params):
+        self.started.append((fold, seed))
+        yield lambda metrics, step: None
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `payload` with HTTP Range support; `cut_after` drops the next response after that many
+    bytes; `requests` records each request's Range header (None for a full request)."""
+
+    payload = b""
+    cut_after: int | None = None
+    requests: list = []
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        rng = self.headers.get("Range")
+        type(self).requests.append(rng)
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = self.payload[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if type(self).cut_after is not None:
+            body, type(self).cut_after = body[: type(self).cut_after], None
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def range_server(payload: bytes, name: str) -> Iterator[tuple[str, type[RangeHandler]]]:
+    """A loopback HTTP server of `payload` at /`name`: yields (url, handler class)."""
+    RangeHandler.payload, RangeHandler.cut_after, RangeHandler.requests = payload, None, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/{name}", RangeHandler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def run_cmd(cmd: list[str], cwd: Path, env: dict, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run `cmd`; a failure shows the ends of its stdout and stderr."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def copy_repo(repo: Path) -> dict:
+    """The tracked and untracked-but-not-ignored files of the repository (no reports, no dvc.lock) in
+    `repo`, committed to a fresh git repository; returns the environment to run DVC there (this
+    Python's bin first on PATH, MLflow's default store)."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("reports/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run_cmd(cmd, repo, env)
+    return env

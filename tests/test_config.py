@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import yaml
-from conftest import REPO, raw_params
+from conftest import REPO, raw_params, with_key
 
 from medfusion.config import ConfigError, load_params, params_from_dict
 from medfusion.data.registry import DATASET_NAMES
@@ -47,16 +47,7 @@ def test_ablation_entries_override_the_model_section():
 
 
 def _with(path: str, value, delete: bool = False) -> dict:
-    raw = copy.deepcopy(raw_params())
-    *parents, last = path.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    if delete:
-        del node[last]
-    else:
-        node[last] = value
-    return raw
+    return with_key(raw_params(), path, value, delete)
 
 
 @pytest.mark.parametrize(

@@ -2,15 +2,13 @@
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import re
 import tarfile
-import threading
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATASETS, tiny_raw_params
+from conftest import SHARED_DATASETS, range_server, tiny_raw_params
 from PIL import Image
 
 from medfusion.config import ConfigError, params_from_dict
@@ -216,36 +214,10 @@ def test_archive_checksum_mismatch_is_refused_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Task05_Prostate.tar"]
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    payload = b""
-    cut_after: int | None = None  # first full request: close the connection after this many bytes
-    requests: list = []
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        rng = self.headers.get("Range")
-        type(self).requests.append(rng)
-        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-        body = self.payload[start:]
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if type(self).cut_after is not None:
-            body, type(self).cut_after = body[: type(self).cut_after], None
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    _RangeHandler.payload = np.random.default_rng(0).bytes(300_000)
-    _RangeHandler.requests = []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/data.tar", _RangeHandler
-    httpd.shutdown()
+    with range_server(np.random.default_rng(0).bytes(300_000), "data.tar") as served:
+        yield served
 
 
 def test_truncated_download_resumes_and_is_verified(tmp_path, server):

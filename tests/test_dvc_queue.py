@@ -9,15 +9,12 @@ runs must land in the main copy's mlflow.db, not in the workers' temporary works
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import copy_repo
 
 from medfusion.cli import QUICKSTART_OVERRIDES
 
@@ -46,37 +43,13 @@ def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess
 
 
 def _overrides(extra: str) -> list[str]:
-    """QUICKSTART_OVERRIDES (tiny widths) with TINY and `extra` replacing their keys: -S takes each
-    key once. Not train.compile=off: DVC writes it back as a bare `off`, which YAML 1.1 (PyYAML) reads
-    as False and load_params rejects; TORCH_COMPILE_DISABLE=1 (see _repo_copy) trains eagerly instead."""
+    """QUICKSTART_OVERRIDES (tiny widths, train.compile=off) with TINY and `extra` replacing their keys:
+    -S takes each key once."""
     merged = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in QUICKSTART_OVERRIDES}
-    merged.pop("train.compile")
     merged.update(TINY)
     key, value = extra.split("=", 1)
     merged[key] = value
     return [a for k, v in merged.items() for a in ("-S", f"{k}={v}")]
-
-
-def _repo_copy(repo: Path) -> dict:
-    """The tracked and untracked-but-not-ignored files of REPO in `repo`, committed; the env to run DVC."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("reports/", "dvc.lock")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: <main repo>/mlflow.db
-    env["TORCH_COMPILE_DISABLE"] = "1"  # train.compile stays `regions`, as a no-op: eager tiny models
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        _run(cmd, repo, env)
-    return env
 
 
 def _queue_state(repo: Path, env: dict) -> tuple[dict[str, str], str]:
@@ -126,7 +99,7 @@ def test_two_queued_ablations_run_in_parallel_into_one_mlflow_store(tmp_path):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = _repo_copy(repo)
+    env = copy_repo(repo)
     for name, extra in EXPERIMENTS.items():
         _run(["dvc", "exp", "run", "--queue", "-n", name, *_overrides(extra)], repo, env)
     start = time.perf_counter()

@@ -1,6 +1,5 @@
 """The fold launcher (medfusion/training/executor.py): submitit jobs write what the serial loop writes."""
 
-import contextlib
 import json
 import os
 import stat
@@ -8,7 +7,7 @@ import stat
 import pytest
 import submitit
 import torch
-from conftest import replace, tiny_raw_params
+from conftest import RecordingTracker, replace, tiny_raw_params
 
 from medfusion.config import ConfigError, ExecutorParams, SlurmParams, params_from_dict
 from medfusion.data.io import write_json
@@ -29,16 +28,6 @@ RUNS = ("fold0_seed0", "fold1_seed0")
 def _untracked() -> Tracker:
     """A Tracker whose store is unreachable: picklable, and it costs nothing."""
     return Tracker("http://127.0.0.1:9/", "x", "unet", {}, {}).child
-
-
-class _Recorder:
-    def __init__(self):
-        self.started = []
-
-    @contextlib.contextmanager
-    def __call__(self, fold, seed, run_params):
-        self.started.append((fold, seed))
-        yield lambda metrics, step: None
 
 
 def _local(params, processes, folder):
@@ -103,7 +92,7 @@ def test_two_local_processes_write_what_the_serial_loop_writes(
     assert {c.info.status for c in children} == {"FINISHED"}
     assert all(len(client.get_metric_history(c.info.run_id, "val_dice")) == 2 for c in children)
 
-    recorder = _Recorder()  # a run trained by a job counts as finished for the serial loop, and back
+    recorder = RecordingTracker()  # a run trained by a job counts as finished for the serial loop, and back
     again = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",
                    recorder)  # fmt: skip
     assert recorder.started == [] and again == parallel

@@ -1,11 +1,10 @@
-import contextlib
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import replace
+from conftest import RecordingTracker, replace
 
 from medfusion.data.io import write_json
 from medfusion.evaluation import evaluate_run
@@ -75,20 +74,10 @@ def test_non_finite_loss_stops_with_step_and_samples(tiny_params, synthetic_proc
         )
 
 
-class _RecordingTracker:
-    def __init__(self):
-        self.started = []
-
-    @contextlib.contextmanager
-    def __call__(self, fold, seed, run_params):
-        self.started.append((fold, seed))
-        yield lambda metrics, step: None
-
-
 def test_run_cv_skips_finished_runs_and_redoes_changed_ones(tiny_params, synthetic_processed, tmp_path):
     processed, split = synthetic_processed
     write_json(tmp_path / "split.json", split)
-    tracker = _RecordingTracker()
+    tracker = RecordingTracker()
     out = tmp_path / "runs"
     run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
     assert tracker.started == [(0, 0), (1, 0)]

@@ -4,12 +4,11 @@ allowed; nothing is written (params are checked before any work)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_raw_params
+from conftest import tiny_raw_params, with_key
 from typer.testing import CliRunner
 
 from medfusion.cli import app
@@ -18,16 +17,7 @@ runner = CliRunner()
 
 
 def _with(path: str, value=None, delete: bool = False) -> dict:
-    raw = copy.deepcopy(tiny_raw_params())
-    *parents, last = path.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    if delete:
-        del node[last]
-    else:
-        node[last] = value
-    return raw
+    return with_key(tiny_raw_params(), path, value, delete)
 
 
 BAD_PARAMS = {

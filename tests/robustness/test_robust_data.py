@@ -10,16 +10,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_raw_params
+from conftest import range_server, tiny_raw_params
 from PIL import Image
 
 from medfusion.config import params_from_dict
@@ -271,35 +269,10 @@ def test_path_traversal_in_an_archive_is_refused_before_anything_is_extracted(ca
 # ---------------------------------------------------------------- downloads
 
 
-class _Server(http.server.BaseHTTPRequestHandler):
-    payload = b""
-    cut_after: int | None = None  # the next response stops after this many bytes
-    ranges: list = []
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        rng = self.headers.get("Range")
-        type(self).ranges.append(rng)
-        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-        body = self.payload[start:]
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if type(self).cut_after is not None:
-            body, type(self).cut_after = body[: type(self).cut_after], None
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    _Server.payload, _Server.cut_after, _Server.ranges = np.random.default_rng(0).bytes(200_000), None, []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/Task05_Prostate.tar", _Server
-    httpd.shutdown()
-    httpd.server_close()
+    with range_server(np.random.default_rng(0).bytes(200_000), "Task05_Prostate.tar") as served:
+        yield served
 
 
 def test_checksum_mismatch_of_a_download_names_url_and_checksums_and_keeps_nothing(
@@ -329,5 +302,5 @@ def test_interrupted_download_keeps_its_bytes_and_the_next_attempt_resumes(tmp_p
     assert "resumed next time" in message
     assert not dest.exists() and dest.with_name(dest.name + ".part").stat().st_size == 80_000
     download(url, dest, md5, retries=1, timeout=5)  # the network is back
-    assert handler.ranges == [None, "bytes=80000-"]  # only the missing bytes were asked for
+    assert handler.requests == [None, "bytes=80000-"]  # only the missing bytes were asked for
     assert dest.read_bytes() == handler.payload and leftovers(tmp_path) == []
