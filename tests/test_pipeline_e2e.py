@@ -18,6 +18,15 @@ ENTRIES = ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "s
            "attention_unet", "transunet", "medt"]  # fmt: skip
 
 
+def _load_params(repo: Path) -> dict:
+    """params.yaml as DVC reads it: YAML 1.2, where the quickstart's bare `compile: off` is the string
+    "off" (PyYAML's YAML 1.1 reads false, and dumping that back would change the param for DVC)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    if params["train"]["compile"] is False:
+        params["train"]["compile"] = "off"
+    return params
+
+
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, (
@@ -115,7 +124,7 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
     repro = _run(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in repro
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = _load_params(repo)
     params["unet"]["base_channels"] += 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
@@ -128,7 +137,7 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     # the ablation switch users type: only the CASNet entries (and efficiency) are out of date
     _run(["git", "checkout", "params.yaml"], repo, env)
     _run(["dvc", "exp", "apply", "qs-test"], repo, env)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = _load_params(repo)
     params["model"]["use_boundary"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
