@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from medfusion.config import load_params
-from medfusion.data.io import read_json, write_json
+from medfusion.data.io import atomic_dir, read_json, write_json
 from medfusion.evaluation import evaluate_model
 from medfusion.report import summarize_runs
 from medfusion.training.loop import resolve_precision
@@ -38,11 +38,11 @@ def main(
         ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess"]
     ]
     summary = summarize_runs(per_case)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_case.to_csv(out_dir / "per_case.csv", index=False)
-    summary.to_csv(out_dir / "summary.csv", index=False)
-    write_json(out_dir / "eval.json", {"dataset": dataset, "model": model, **info})
-    np.savez_compressed(out_dir / "examples.npz", **examples)
+    with atomic_dir(out_dir) as tmp:  # an interrupted stage leaves no mix of old and new files
+        per_case.to_csv(tmp / "per_case.csv", index=False)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        write_json(tmp / "eval.json", {"dataset": dataset, "model": model, **info})
+        np.savez_compressed(tmp / "examples.npz", **examples)
 
     state = read_json(runs_dir / "mlflow.json") if (runs_dir / "mlflow.json").exists() else {}
     tracker = Tracker.attach(resolve_tracking_uri(params.mlflow.tracking_uri), state.get("parent_run_id"))

@@ -83,7 +83,7 @@ def main(
             baselines=params.models.baselines,
         ),
     )
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
     uri = resolve_tracking_uri(params.mlflow.tracking_uri)

@@ -10,6 +10,7 @@ import pandas as pd
 import typer
 
 from medfusion.config import load_params
+from medfusion.data.io import atomic_write_text
 from medfusion.stats import compare_models
 
 
@@ -21,8 +22,7 @@ def main(
         pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in params.model_names
     )
     tests = compare_models(per_case, params.model_names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tests.to_csv(out, index=False)
+    atomic_write_text(out, tests.to_csv(index=False))
     shown = tests[tests["metric"] == "dice"]
     print(shown.to_string(index=False) if len(shown) else "stats: one model only, no comparison")
 

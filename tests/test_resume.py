@@ -4,6 +4,7 @@ numbers exactly (CPU)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def _start(tmp_path: Path, processed: Path, out: Path) -> subprocess.Popen:
         [sys.executable, str(tmp_path / "train.py"), str(tmp_path / "params.json"), str(processed),
          str(tmp_path / "split.json"), str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, so that a kill takes its loader workers too
     )  # fmt: skip
 
 
@@ -62,14 +64,16 @@ def _last_epoch(run_dir: Path) -> int:
         return -1
 
 
-def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> str:
+def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 300.0) -> str:
+    """SIGKILL the trainer and its DataLoader workers at once, as a lost node would. Killing only the
+    trainer leaves a worker holding the output pipe open until it notices its parent is gone."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"training ended before the kill point ({what}):\n{proc.stdout.read()}"
         assert time.monotonic() < deadline, f"kill point not reached in {timeout} s: {what}"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    output = proc.communicate(timeout=60)[0]
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate(timeout=120)[0]
     assert proc.returncode == -signal.SIGKILL, f"not killed at {what}: rc {proc.returncode}\n{output}"
     return output
 

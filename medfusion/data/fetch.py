@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medfusion.config import SyntheticParams
-from medfusion.data.io import write_json
+from medfusion.data.io import atomic_dir, write_json
 from medfusion.data.registry import CUSTOM_LAYOUT, DatasetSpec, dataset_spec
 from medfusion.data.synthetic import write_synthetic_images, write_synthetic_volumes
 
@@ -340,10 +340,7 @@ def fetch_dataset(
     """
     spec = dataset_spec(name, custom)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         if name == "synthetic":
             write_synthetic_images(tmp, synthetic.num_images, synthetic.seed)
             record = {"generated": True, "seed": synthetic.seed, "num_images": synthetic.num_images}
@@ -355,10 +352,6 @@ def fetch_dataset(
         else:
             record = _from_url(spec, tmp)
         write_json(tmp / "FETCHED.json", record)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.replace(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 

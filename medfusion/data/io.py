@@ -6,9 +6,13 @@ reader of our own (PROMISE12's format). Every reader raises `DataError` naming t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +157,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Fill a sibling temp folder, then swap it in for `out_dir`: a crash or a full disk leaves the
+    previous `out_dir` as it was (or none), never a half-written one.
+
+    Yields the temp folder to write into. A full disk raises OSError(ENOSPC) naming `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.replace(out_dir)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                err.errno,
+                f"no space left writing {out_dir} ({err}); nothing was replaced, free space and rerun",
+            ) from err
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

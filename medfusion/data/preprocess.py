@@ -39,7 +39,6 @@ import hashlib
 import multiprocessing
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from tqdm import tqdm
 from medfusion.data.fetch import FetchError, custom_pairs, dataset_files, file_stem, mask_path, msd_pairs
 from medfusion.data.io import (
     DataError,
+    atomic_dir,
     read_image,
     read_label_image,
     read_metaimage,
@@ -402,10 +402,7 @@ def preprocess_dataset(
         "spacing_unit": "mm" if spec.kind == "volume" else None,
         "cases": per_case,
     }
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         digest = hashlib.sha256()
         for fname, parts in (("images.npy", images), ("masks.npy", masks), ("observer2.npy", seconds)):
             if parts:
@@ -415,10 +412,6 @@ def preprocess_dataset(
             meta["inter_observer_dice"] = _inter_observer_dice(masks, seconds)
         write_json(tmp / "cases.json", cases)
         write_json(tmp / "meta.json", meta)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.replace(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

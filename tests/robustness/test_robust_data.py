@@ -184,9 +184,29 @@ def test_disk_full_while_writing_processed_data_keeps_the_previous_version(tmp_p
         real(path, parts, digest)
 
     monkeypatch.setattr(preprocess, "_write_stacked", full_disk)
-    with pytest.raises(OSError, match=r"No space left on device.*masks\.npy"):
+    with pytest.raises(OSError, match=r"No space left on device.*masks\.npy") as err:
         preprocess_dataset("custom", raw, proc, 32, IMAGES)
+    assert err.value.errno == errno.ENOSPC
+    assert f"no space left writing {proc}" in str(err.value) and "nothing was replaced" in str(err.value)
     assert snapshot(proc) == before and leftovers(tmp_path) == []
+
+
+def test_evaluate_stage_outputs_are_replaced_whole_or_not_at_all(tmp_path):
+    """atomic_dir (fetch, preprocess, evaluate): an error midway keeps the previous folder untouched."""
+    from medfusion.data.io import atomic_dir
+
+    out = tmp_path / "eval" / "unet"
+    with atomic_dir(out) as tmp:
+        (tmp / "per_case.csv").write_text("old\n")
+        (tmp / "summary.csv").write_text("old\n")
+    before = snapshot(out)
+    with pytest.raises(RuntimeError, match="midway"), atomic_dir(out) as tmp:
+        (tmp / "per_case.csv").write_text("new\n")
+        raise RuntimeError("midway")
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "per_case.csv").write_text("new\n")
+    assert sorted(p.name for p in out.iterdir()) == ["per_case.csv"]  # no stale file from the old version
 
 
 # ---------------------------------------------------------------- bad sources: fetch stops, data/raw intact
