@@ -238,6 +238,7 @@ class SlurmParams:
     timeout_min: int = 1440  # wall-clock limit of each run
     array_parallelism: int = 16  # runs of one train stage on the cluster at a time
     setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before each run
+    max_requeues: int = 3  # a run at its time limit is requeued (resuming from last.pt) this many times
 
 
 @dataclass(frozen=True)
@@ -620,6 +621,12 @@ def _check_executor(e: ExecutorParams, fail: typing.Callable[[str, Any, str], No
     for key in ("cpus_per_task", "timeout_min", "array_parallelism"):
         if getattr(s, key) < 1:
             fail(f"executor.slurm.{key}", getattr(s, key), "an integer >= 1")
+    if s.max_requeues < 0:
+        fail(
+            "executor.slurm.max_requeues",
+            s.max_requeues,
+            "an integer >= 0 (times a run that reaches timeout_min is requeued to continue)",
+        )
     if not s.mem_gb > 0:
         fail("executor.slurm.mem_gb", s.mem_gb, "a number > 0 (GB of memory of each run)")
 

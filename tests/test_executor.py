@@ -1,8 +1,11 @@
 """The fold launcher (medfusion/training/executor.py): submitit jobs write what the serial loop writes."""
 
+import dataclasses
 import json
 import os
 import stat
+import time
+from pathlib import Path
 
 import pytest
 import submitit
@@ -15,6 +18,7 @@ from medfusion.training.cv import fold_hash, run_cv
 from medfusion.training.executor import (
     ExecutorError,
     RunJob,
+    TrainRun,
     run_pending,
     slurm_executor,
     train_run,
@@ -144,14 +148,15 @@ def _fake_slurm(tmp_path, monkeypatch):
 def test_slurm_array_gets_the_params_resources(tiny_params, synthetic_processed, tmp_path, monkeypatch):
     submitted = _fake_slurm(tmp_path, monkeypatch)
     processed, split = synthetic_processed
-    settings = SlurmParams("gpu", "lab", 2, 6, 48.0, 90, 2, ["module load cuda/12.4"])
+    settings = SlurmParams("gpu", "lab", 2, 6, 48.0, 90, 2, ["module load cuda/12.4"], max_requeues=5)
     jobs = [RunJob(tiny_params, "synthetic", "unet", processed, split, f, 0, tmp_path / f"f{f}", "h", _untracked())
             for f in range(3)]  # fmt: skip
     try:
         executor = slurm_executor(settings, tmp_path / "logs", "medfusion-synthetic-unet")
-        handles = executor.map_array(train_run, jobs)
+        handles = executor.map_array(TrainRun(), jobs)
     finally:
         submitit.slurm.slurm.SlurmJob.watcher.clear()
+    assert executor._executor.max_num_timeout == 5  # time-limit requeues: executor.slurm.max_requeues
     lines = set(submitted.read_text().splitlines())
     for flag in ("--partition=gpu", "--account=lab", "--gpus-per-node=2", "--cpus-per-task=6",
                  "--mem=48GB", "--time=90", "--array=0-2%2", "--job-name=medfusion-synthetic-unet",
@@ -212,6 +217,7 @@ def test_gpu_uuids_are_refused(monkeypatch):
         ("slurm.timeout_min", 0, r"executor.slurm.timeout_min = 0; expected an integer >= 1"),
         ("slurm.array_parallelism", 0, r"executor.slurm.array_parallelism = 0; expected an integer >= 1"),
         ("slurm.setup", "module load cuda", r"executor.slurm.setup: expected a list"),
+        ("slurm.max_requeues", -1, r"executor.slurm.max_requeues = -1; expected an integer >= 0"),
         ("slurm.gpus", 1, r"unknown key\(s\) \['executor.slurm.gpus'\]"),
     ],
 )
@@ -230,3 +236,56 @@ def test_params_yaml_default_is_the_serial_loop():
     raw = tiny_raw_params()
     assert params_from_dict(raw).executor == ExecutorParams()
     assert ExecutorParams().kind == "local" and ExecutorParams().processes == 1
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _epochs_done(run_dir) -> int:
+    try:
+        return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"] + 1
+    except (FileNotFoundError, EOFError, RuntimeError, KeyError):
+        return 0
+
+
+def test_a_preempted_task_is_requeued_and_resumes_from_last_pt(
+    tiny_params, synthetic_processed, tmp_path, one_thread
+):
+    """What slurm does to a preempted task (or one at its time limit), on this machine: the job gets
+    submitit's USR2 mid-training, TrainRun is requeued, and the new process continues from last.pt to
+    the numbers of an uninterrupted run."""
+    processed, split = synthetic_processed
+    params = replace(tiny_params, "train", epochs=30, patience=30)
+    job = RunJob(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "plain", "h", _untracked(),
+                 torch_threads=1)  # fmt: skip
+    reference = train_run(job)
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=60)
+    run_dir = tmp_path / "preempted"
+    handle = executor.submit(TrainRun(), dataclasses.replace(job, run_dir=run_dir))
+    deadline = time.monotonic() + 300
+    while _epochs_done(run_dir) < 3:
+        assert not handle.done(), f"the job ended before it was preempted:\n{handle.stderr()}"
+        assert time.monotonic() < deadline, "no third epoch within 300 s"
+        time.sleep(0.05)
+    for task in _children(int(handle.job_id)):  # what submitit's local controller does at a time limit
+        os.kill(task, submitit.JobEnvironment._usr_sig())  # USR2, as slurm sends before preempting
+    result = handle.result()
+
+    log = handle.stdout() + handle.stderr()
+    assert "Requeued job" in log and "fold0_seed0: resumed after epoch" in log, log[-3000:]
+    assert {k: v for k, v in result.items() if k not in ("seconds", "train_seconds")} == {
+        k: v for k, v in reference.items() if k not in ("seconds", "train_seconds")
+    }
+    _same_run_files(tmp_path / "plain", run_dir)

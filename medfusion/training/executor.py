@@ -6,6 +6,10 @@
   robin over the job slots); processes 0 = one slot per visible GPU;
 - slurm: one submitit job array (`map_array`), one array task per run, with executor.slurm's resources.
 
+Jobs are submitted as `TrainRun()`, a submitit Checkpointable: a task that slurm preempts, or that
+reaches its time limit (executor.slurm.timeout_min; at most executor.slurm.max_requeues times), is
+requeued and continues from the run's last.pt.
+
 Every way trains a run with the same function, `train_run`, which writes the run's directory and
 result.json exactly as a serial run does; the executor section is in no run's hash (`fold_hash`), so
 a run trained on slurm counts as finished for a local rerun and the other way round. The parent
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from submitit.helpers import Checkpointable
 
 from medfusion.config import ExecutorParams, Params, SlurmParams
 from medfusion.data.io import write_json
@@ -89,6 +94,18 @@ def train_run(job: RunJob) -> dict:
         write_json(job.run_dir / "result.json", result)
     (job.run_dir / RESUME_FILE).unlink(missing_ok=True)
     return result
+
+
+class TrainRun(Checkpointable):
+    """`train_run` as submitit runs it. When slurm preempts the task or its time limit is near
+    (submitit asks for USR2 before the limit), submitit calls `checkpoint`, which Checkpointable
+    answers with the same call, `self(job)`, and requeues the task: the requeued task's train_run
+    resumes from last.pt, the state after the last finished epoch (the epoch under way is trained
+    again, with the same numbers). Time-limit requeues are capped by executor.slurm.max_requeues;
+    preemptions are not counted. Nothing needs saving at the signal: last.pt is written every epoch."""
+
+    def __call__(self, job: RunJob) -> dict:
+        return train_run(job)
 
 
 def run_pending(
@@ -192,7 +209,7 @@ def _run_local(jobs: list[RunJob], processes: int, gpus: list[int], folder: Path
                     job = queue.popleft()
                     parameters = _gpu_parameters(gpus, slot)
                     executor.update_parameters(**parameters)
-                    handle = executor.submit(train_run, job)
+                    handle = executor.submit(TrainRun(), job)
                     running[slot] = (job, handle)
                     gpu = parameters.get("visible_gpus", ("none",))[0]
                     print(f"executor: {job.name} started as job {handle.job_id} (GPU {gpu})")
@@ -232,7 +249,9 @@ def slurm_executor(settings: SlurmParams, folder: Path, name: str) -> Any:
     import submitit
 
     try:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor = submitit.AutoExecutor(
+            folder=folder, cluster="slurm", slurm_max_num_timeout=settings.max_requeues
+        )
     except RuntimeError as err:
         raise ExecutorError(
             f"executor.kind = 'slurm' but slurm is not reachable from here ({err}); run the stage on a "
@@ -244,7 +263,7 @@ def slurm_executor(settings: SlurmParams, folder: Path, name: str) -> Any:
 
 def _run_slurm(jobs: list[RunJob], settings: SlurmParams, folder: Path, name: str) -> dict:
     """One job array; the stage waits for all its tasks (DVC records the outputs only then)."""
-    handles = slurm_executor(settings, folder, name).map_array(train_run, jobs)
+    handles = slurm_executor(settings, folder, name).map_array(TrainRun(), jobs)
     array_id = handles[0].job_id.split("_")[0]
     print(f"executor: {len(jobs)} runs submitted as slurm array {array_id}; logs in {folder}")
     try:
