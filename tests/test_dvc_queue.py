@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 JOBS = 2  # queue workers; each runs one experiment at a time in its own temporary workspace
 WAIT_S = 1800  # both experiments, on a busy 2-core machine
-POLL_S = 10
+POLL_S = 3
 EXPERIMENTS = {"q-boundary": "model.use_boundary=true", "q-noboundary": "model.use_boundary=false"}
 TINY = {
     "datasets": "[synthetic]",
