@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/device_bench.py` without an install
     sys.path.insert(0, str(REPO))
 
-from medfusion.config import Params, params_from_dict  # noqa: E402
+from medfusion.config import Params, params_from_dict, parse_yaml  # noqa: E402
 from medfusion.efficiency import count_parameters, hardware_name  # noqa: E402
 from medfusion.losses import segmentation_loss  # noqa: E402
 from medfusion.losses.drgo import DRGOSettings, class_frequencies, distance_map  # noqa: E402
@@ -115,9 +115,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _yaml(text: str):
+    """YAML 1.2 as DVC reads it (medfusion.config.parse_yaml). The GPU machine has PyYAML but not
+    ruamel.yaml: there YAML 1.1's extra booleans (a bare `off`, `on`, `yes`, `no`) are kept as strings."""
+    try:
+        return parse_yaml(text)
+    except ModuleNotFoundError:
+        value = yaml.safe_load(text)
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            return text.strip()
+        return value
+
+
 def load_bench_params(path: Path, quick: bool) -> Params:
     """params.yaml, with the quickstart's `-S key=value` overrides applied when `quick`."""
-    raw = yaml.safe_load(path.read_text())
+    raw = _yaml(path.read_text())
     if quick:
         from medfusion.cli import QUICKSTART_OVERRIDES  # imports typer: only here
 
@@ -127,7 +139,7 @@ def load_bench_params(path: Path, quick: bool) -> Params:
             section = raw
             for part in parents:
                 section = section[part]
-            section[leaf] = yaml.safe_load(value)
+            section[leaf] = _yaml(value)
     return params_from_dict(raw, source=str(path))
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from scipy import stats
 
-from medfusion.config import params_from_dict
+from medfusion.config import params_from_dict, read_yaml
 from medfusion.data.dataset import SegDataset
 from medfusion.data.fetch import fetch_dataset
 from medfusion.data.io import read_json
@@ -58,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="drgo_effect_"))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = read_yaml(REPO / "params.yaml")
     raw["data"]["image_size"] = args.size
     raw["model"]["base_channels"] = args.base
     raw["drgo"]["region_size"] = args.region_size

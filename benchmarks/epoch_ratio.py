@@ -30,9 +30,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from medfusion.config import params_from_dict  # noqa: E402
+from medfusion.config import params_from_dict, read_yaml  # noqa: E402
 from medfusion.data.augment import MixCollate  # noqa: E402
 from medfusion.data.dataset import SegDataset  # noqa: E402
 from medfusion.data.io import read_json  # noqa: E402
@@ -59,7 +58,7 @@ def main() -> None:
 
     from loader_throughput import kvasir_subset  # (benchmarks/ is on sys.path) same subset, preprocessing
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = read_yaml(REPO / "params.yaml")
     raw["data"]["image_size"] = args.size
     raw["model"]["base_channels"] = args.base
     raw["train"].update(batch_size=args.batch, num_workers=args.workers, compile=args.compile)

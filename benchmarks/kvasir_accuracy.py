@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from scipy import stats
 
-from medfusion.config import params_from_dict
+from medfusion.config import params_from_dict, read_yaml
 from medfusion.data.dataset import SegDataset
 from medfusion.data.fetch import fetch_dataset
 from medfusion.data.io import read_json, write_json
@@ -84,7 +83,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def bench_params(args: argparse.Namespace):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = read_yaml(REPO / "params.yaml")
     raw["datasets"] = ["kvasir_seg"]
     raw["data"]["image_size"] = args.size
     raw["model"]["base_channels"] = args.base

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DatasetSpec, dataset_spec
 from medfusion.models import COMPILE_CHOICES, MODELS
 
@@ -329,27 +327,38 @@ SCHEDULERS = ("cosine", "constant")
 EXECUTOR_KINDS = ("local", "slurm")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml.
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2, as DVC reads params.yaml (ruamel.yaml): `off`, `on`, `yes` and `no` are strings, only
+    `true`/`false` are booleans. PyYAML's YAML 1.1 would read the bare `compile: off` that
+    `dvc exp run -S train.compile=off` writes as false, and so disagree with DVC about a param."""
+    from ruamel.yaml import YAML
 
-    Raises:
-        ConfigError: naming the dotted key, the value found and what was expected.
-    """
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """parse_yaml of a file; an unreadable or malformed file raises ConfigError naming it."""
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        return parse_yaml(path.read_text())
+    except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return params_from_dict(raw, source=str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read (YAML 1.2, as DVC does) and validate params.yaml.
+
+    Raises:
+        ConfigError: naming the dotted key, the value found and what was expected.
+    """
+    return params_from_dict(read_yaml(path), source=str(path))
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
-    train = raw.get("train") if isinstance(raw, dict) else None
-    if isinstance(train, dict) and train.get("compile") is False:
-        # YAML 1.1 reads a bare `off` as false, and `dvc exp run -S train.compile=off` writes it bare
-        raw = {**raw, "train": {**train, "compile": "off"}}
     params = _build(Params, raw, prefix="", source=source)
     _check_values(params, source)
     return params

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 os.environ.update(
     {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
 )
 
-from medfusion.config import Params, params_from_dict  # noqa: E402
+from medfusion.config import Params, params_from_dict, read_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
 def raw_params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return read_yaml(REPO / "params.yaml")  # YAML 1.2, as DVC and load_params read it
 
 
 def tiny_raw_params() -> dict:

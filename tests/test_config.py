@@ -118,11 +118,19 @@ def test_params_are_frozen():
         p.train.epochs = 1
 
 
-def test_compile_off_written_bare_by_dvc_reads_as_off():
-    """`dvc exp run -S train.compile=off` writes `compile: off`, which YAML reads as false."""
+def test_params_yaml_is_read_as_dvc_reads_it(tmp_path):
+    """`dvc exp run -S train.compile=off` writes a bare `compile: off`: a string in YAML 1.2 (DVC), and
+    so for load_params; only true/false are booleans (YAML 1.1's on/off/yes/no are not)."""
+    text = (REPO / "params.yaml").read_text()
+    assert "  compile: regions" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  compile: regions", "  compile: off"))
+    assert load_params(path).train.compile == "off"
+    assert yaml.safe_load(path.read_text())["train"]["compile"] is False  # what YAML 1.1 would have said
+    path.write_text(text.replace("  cpu_bf16: true", "  cpu_bf16: on"))
+    with pytest.raises(ConfigError, match=r"train.cpu_bf16: expected bool, got str 'on'"):
+        load_params(path)
     raw = copy.deepcopy(raw_params())
-    raw["train"]["compile"] = yaml.safe_load("off")
-    assert params_from_dict(raw).train.compile == "off"
     raw["train"]["compile"] = True
     with pytest.raises(ConfigError, match="train.compile"):
         params_from_dict(raw)

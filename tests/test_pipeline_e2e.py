@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import REPO, copy_repo
 
+from medfusion.config import read_yaml
+
 pytestmark = pytest.mark.slow
 
 ENTRIES = ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "segnet", "deeplabv3",
@@ -21,10 +23,7 @@ ENTRIES = ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "s
 def _load_params(repo: Path) -> dict:
     """params.yaml as DVC reads it: YAML 1.2, where the quickstart's bare `compile: off` is the string
     "off" (PyYAML's YAML 1.1 reads false, and dumping that back would change the param for DVC)."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    if params["train"]["compile"] is False:
-        params["train"]["compile"] = "off"
-    return params
+    return read_yaml(repo / "params.yaml")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
