@@ -3,6 +3,7 @@ numbers exactly (CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,13 +49,45 @@ def _raw() -> dict:
     return raw
 
 
-def _start(tmp_path: Path, processed: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(tmp_path / "train.py"), str(tmp_path / "params.json"), str(processed),
-         str(tmp_path / "split.json"), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group, so that a kill takes its loader workers too
-    )  # fmt: skip
+class Training:
+    """One training process; its output goes to a file, not a pipe, so that a DataLoader worker left
+    behind by a kill cannot keep the test waiting."""
+
+    def __init__(self, tmp_path: Path, processed: Path, out: Path):
+        self.log = tmp_path / f"train_{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(tmp_path / "train.py"), str(tmp_path / "params.json"), str(processed),
+                 str(tmp_path / "split.json"), str(out)],
+                stdout=log, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,  # its own process group: the cleanup finds its workers
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill_when(self, condition, what: str, timeout: float = 300.0) -> str:
+        """SIGKILL the training process (as the OOM killer would: not its loader workers) once
+        `condition()` holds; then remove what is left of its process group."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, (
+                f"training ended before the kill point ({what}):\n{self.output()}"
+            )
+            assert time.monotonic() < deadline, f"kill point not reached in {timeout} s: {what}"
+            time.sleep(0.02)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # an orphaned loader worker, if one is still there
+        assert self.proc.returncode == -signal.SIGKILL, f"not killed at {what}: rc {self.proc.returncode}"
+        return self.output()
+
+    def run_to_end(self) -> str:
+        self.proc.wait(timeout=600)
+        output = self.output()
+        assert self.proc.returncode == 0 and "DONE" in output, output
+        return output
 
 
 def _last_epoch(run_dir: Path) -> int:
@@ -62,26 +95,6 @@ def _last_epoch(run_dir: Path) -> int:
         return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"]
     except (FileNotFoundError, EOFError, RuntimeError, KeyError):
         return -1
-
-
-def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 300.0) -> str:
-    """SIGKILL the trainer and its DataLoader workers at once, as a lost node would. Killing only the
-    trainer leaves a worker holding the output pipe open until it notices its parent is gone."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"training ended before the kill point ({what}):\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"kill point not reached in {timeout} s: {what}"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == -signal.SIGKILL, f"not killed at {what}: rc {proc.returncode}\n{output}"
-    return output
-
-
-def _run_to_end(proc: subprocess.Popen) -> str:
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0 and "DONE" in output, output
-    return output
 
 
 def _numbers(out: Path) -> dict:
@@ -104,7 +117,7 @@ def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(syntheti
     (tmp_path / "train.py").write_text(TRAIN)
 
     reference = tmp_path / "reference"
-    _run_to_end(_start(tmp_path, processed, reference))
+    Training(tmp_path, processed, reference).run_to_end()
 
     out = tmp_path / "killed"
     fold0, fold1 = out / "fold0_seed0", out / "fold1_seed0"
@@ -114,8 +127,8 @@ def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(syntheti
         ("fold 1, before its first checkpoint", lambda: fold1.exists() and not (fold1 / "last.pt").exists()),
         ("fold 1, after epoch 3", lambda: _last_epoch(fold1) >= 2),
     ]
-    logs = [_kill_when(_start(tmp_path, processed, out), cond, what) for what, cond in kills]
-    final = _run_to_end(_start(tmp_path, processed, out))
+    logs = [Training(tmp_path, processed, out).kill_when(cond, what) for what, cond in kills]
+    final = Training(tmp_path, processed, out).run_to_end()
 
     assert any("resumed after epoch" in log for log in logs[1:] + [final])
     assert "fold0_seed0: finished earlier with this config, skipped" in final
