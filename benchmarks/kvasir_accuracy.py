@@ -103,6 +103,11 @@ def attention_summary(model: torch.nn.Module) -> dict:
     then the bottleneck) and the MSF branch weights softmax(phi)."""
     if not isinstance(model, CASNet):
         return {}
+    with torch.no_grad():
+        return _blends(model)
+
+
+def _blends(model: CASNet) -> dict:
     alphas = {}
     if model.skip_attention is not None:
         for i, ca in enumerate(model.skip_attention):
