@@ -69,6 +69,16 @@ def synthetic_processed(tmp_path_factory) -> tuple[Path, dict]:
     return root / "processed", split
 
 
+def epochs_checkpointed(run_dir: Path) -> int:
+    """How many epochs the run's last.pt (the resume state) holds; 0 while it is absent or being written."""
+    import torch
+
+    try:
+        return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"] + 1
+    except (FileNotFoundError, EOFError, RuntimeError, KeyError):
+        return 0
+
+
 def with_key(raw: dict, path: str, value: Any = None, delete: bool = False) -> dict:
     """A deep copy of params dict `raw` with dotted key `path` set to `value` (or deleted)."""
     raw = copy.deepcopy(raw)

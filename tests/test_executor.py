@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import RecordingTracker, replace, tiny_raw_params
+from conftest import RecordingTracker, epochs_checkpointed, replace, tiny_raw_params
 
 from medfusion.config import ConfigError, ExecutorParams, SlurmParams, params_from_dict
 from medfusion.data.io import write_json
@@ -251,13 +251,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _epochs_done(run_dir) -> int:
-    try:
-        return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"] + 1
-    except (FileNotFoundError, EOFError, RuntimeError, KeyError):
-        return 0
-
-
 def test_a_preempted_task_is_requeued_and_resumes_from_last_pt(
     tiny_params, synthetic_processed, tmp_path, one_thread
 ):
@@ -275,7 +268,7 @@ def test_a_preempted_task_is_requeued_and_resumes_from_last_pt(
     run_dir = tmp_path / "preempted"
     handle = executor.submit(TrainRun(), dataclasses.replace(job, run_dir=run_dir))
     deadline = time.monotonic() + 300
-    while _epochs_done(run_dir) < 3:
+    while epochs_checkpointed(run_dir) < 3:
         assert not handle.done(), f"the job ended before it was preempted:\n{handle.stderr()}"
         assert time.monotonic() < deadline, "no third epoch within 300 s"
         time.sleep(0.05)

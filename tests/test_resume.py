@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw_params
+from conftest import epochs_checkpointed, tiny_raw_params
 
 from medfusion.data.io import write_json
 
@@ -90,13 +90,6 @@ class Training:
         return output
 
 
-def _last_epoch(run_dir: Path) -> int:
-    try:
-        return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"]
-    except (FileNotFoundError, EOFError, RuntimeError, KeyError):
-        return -1
-
-
 def _numbers(out: Path) -> dict:
     runs = {}
     for run in sorted(out.glob("fold*_seed*")):
@@ -122,10 +115,10 @@ def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(syntheti
     out = tmp_path / "killed"
     fold0, fold1 = out / "fold0_seed0", out / "fold1_seed0"
     kills = [
-        ("fold 0, right after its first epoch's checkpoint", lambda: _last_epoch(fold0) >= 0),
-        ("fold 0, during epoch 4 (3 finished)", lambda: _last_epoch(fold0) >= 2),
+        ("fold 0, right after its first epoch's checkpoint", lambda: epochs_checkpointed(fold0) >= 1),
+        ("fold 0, during epoch 4 (3 finished)", lambda: epochs_checkpointed(fold0) >= 3),
         ("fold 1, before its first checkpoint", lambda: fold1.exists() and not (fold1 / "last.pt").exists()),
-        ("fold 1, after epoch 3", lambda: _last_epoch(fold1) >= 2),
+        ("fold 1, after epoch 3", lambda: epochs_checkpointed(fold1) >= 3),
     ]
     logs = [Training(tmp_path, processed, out).kill_when(cond, what) for what, cond in kills]
     final = Training(tmp_path, processed, out).run_to_end()
