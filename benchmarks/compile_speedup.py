@@ -4,8 +4,9 @@ measured interleaved so that the VM's drift hits every setting alike.
     python benchmarks/compile_speedup.py --base 32 --batch 8 --size 256 --rounds 7
 
 Each entry (model x compile setting) gets its own model, Adam optimizer and random batch (3 x size x
-size, 2 classes); forward + soft Dice + backward + Adam, CPU bf16 autocast + channels_last (the
-pipeline's CPU setting). After --warmup steps of every entry (the first ones compile), --rounds
+size, 2 classes); forward + soft Dice + backward + Adam, at the precision training resolves on this
+CPU (`--precision auto`, medfusion/hardware.py: bf16 + channels_last with native bf16, else fp32
+NCHW), or forced with `--precision fp32|bf16`. After --warmup steps of every entry (the first ones compile), --rounds
 rounds each time one step of every entry in turn; the table gives the median per entry, relative
 to eager U-Net, and the compilation time (first steps). Prints a markdown table.
 """
@@ -18,10 +19,10 @@ import time
 
 import torch
 
-from medfusion.efficiency import hardware_name
+from medfusion.hardware import Precision, machine_summary, resolve_precision
 from medfusion.losses import segmentation_loss
 from medfusion.models import build_model, compile_model
-from medfusion.training.loop import Precision, optimizer_step
+from medfusion.training.loop import optimizer_step
 
 DEFAULT_ENTRIES = [
     "unet:off",
@@ -36,7 +37,9 @@ DEFAULT_ENTRIES = [
 
 def make_step(name: str, how: str, args: argparse.Namespace, precision: Precision):
     torch.manual_seed(0)
-    model = build_model(name, 3, 2, base_channels=args.base).to(memory_format=torch.channels_last).train()
+    model = build_model(name, 3, 2, base_channels=args.base).train()
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     compile_model(model, how)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = precision.to_device(torch.randn(args.batch, 3, args.size, args.size))
@@ -61,8 +64,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--entries", nargs="+", default=DEFAULT_ENTRIES, help="model:compile pairs")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     args = ap.parse_args()
-    precision = Precision(torch.device("cpu"), torch.bfloat16, True)
+    bf16 = {"auto": "auto", "fp32": False, "bf16": True}[args.precision]
+    precision: Precision = resolve_precision("cpu", bf16, "auto")
     steps, first = {}, {}
     for entry in args.entries:
         name, how = entry.split(":")
@@ -76,8 +81,7 @@ def main() -> None:
     median = {e: statistics.median(t) for e, t in times.items()}
     reference = median.get("unet:off") or next(iter(median.values()))
     print(f"\n# batch {args.batch}, {args.size}x{args.size}, base width {args.base}; median of {args.rounds} "
-          f"interleaved rounds; {hardware_name(precision.device)}; torch {torch.__version__}; "
-          f"bf16 autocast + channels_last; {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+          f"interleaved rounds; {machine_summary()}; {precision.describe()}; {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
     print("| model | train.compile | s/step (median) | min-max | relative to eager U-Net | warm-up steps s |")
     print("|---|---|---|---|---|---|")
     for entry, m in median.items():

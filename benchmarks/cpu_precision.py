@@ -10,7 +10,6 @@ prints a markdown table with seconds per epoch and the speed-up over fp32 NCHW.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
@@ -20,9 +19,10 @@ import torch
 
 from medfusion.data.dataset import SegDataset
 from medfusion.data.preprocess import preprocess_dataset
+from medfusion.hardware import Precision, cpu_bf16_auto, machine_summary
 from medfusion.losses import segmentation_loss
 from medfusion.models import build_model
-from medfusion.training.loop import Precision, train_one_epoch
+from medfusion.training.loop import train_one_epoch
 
 
 def main() -> None:
@@ -53,9 +53,7 @@ def main() -> None:
     print(
         f"# U-Net base {args.base}, {args.images} Kvasir-SEG images at {args.size}x{args.size}, batch {args.batch}"
     )
-    print(
-        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    print(f"# {machine_summary()}; train.cpu_bf16 auto here: {cpu_bf16_auto()[1]}")
     print("| setting | s/epoch | speed-up vs fp32 NCHW |\n|---|---|---|")
     baseline = None
     for name, precision in settings.items():

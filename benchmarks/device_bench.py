@@ -48,11 +48,13 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/device_bench.py` with
     sys.path.insert(0, str(REPO))
 
 from medfusion.config import Params, params_from_dict, parse_yaml  # noqa: E402
-from medfusion.efficiency import count_parameters, hardware_name  # noqa: E402
+from medfusion.data.distance import distance_map  # noqa: E402
+from medfusion.efficiency import count_parameters  # noqa: E402
+from medfusion.entries import drgo_settings, resolve_model  # noqa: E402
+from medfusion.hardware import Precision, machine_summary, resolve_precision  # noqa: E402
 from medfusion.losses import segmentation_loss  # noqa: E402
-from medfusion.losses.drgo import DRGOSettings, class_frequencies, distance_map  # noqa: E402
-from medfusion.models import build_model  # noqa: E402
-from medfusion.training.loop import DRGOObjective, Precision, optimizer_step  # noqa: E402
+from medfusion.losses.drgo import class_frequencies  # noqa: E402
+from medfusion.training.loop import DRGOObjective, optimizer_step  # noqa: E402
 
 BATCH = 16
 PAPER_ROW = {"model": "CASNet, paper (RTX 3090)", "ms_per_image_b1": 35.0, "peak_train_gb_b16": 7.8}
@@ -87,8 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--models", default=None, help="comma-separated entries; default all of params.yaml")
     ap.add_argument("--size", type=int, default=None, help="input side (default 256; 64 with --quick)")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="CUDA fp16, CPU bf16")
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--amp", choices=("auto", "on", "off"), default="auto",
+        help="CUDA fp16 / CPU bf16 autocast; auto = as training resolves it (medfusion/hardware.py)",
+    )  # fmt: skip
+    ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile each model (dynamic=False)")
     ap.add_argument(
         "--compile-mode",
@@ -131,9 +136,9 @@ def load_bench_params(path: Path, quick: bool) -> Params:
     """params.yaml, with the quickstart's `-S key=value` overrides applied when `quick`."""
     raw = _yaml(path.read_text())
     if quick:
-        from medfusion.cli import QUICKSTART_OVERRIDES  # imports typer: only here
+        from medfusion.quickstart import quickstart_overrides
 
-        for override in QUICKSTART_OVERRIDES:
+        for override in quickstart_overrides():  # every entry at its tiny width
             key, value = override.split("=", 1)
             *parents, leaf = key.split(".")
             section = raw
@@ -245,18 +250,6 @@ def disc_masks(batch: int, size: int) -> np.ndarray:
     )
 
 
-def drgo_settings(params: Params, name: str) -> DRGOSettings:
-    """The DRGO settings entry `name` trains with (training/cv.py's `drgo_settings`, which is not
-    imported here because cv.py pulls in the data layer and its augmentation libraries)."""
-    shared = {
-        f.name: getattr(params.drgo, f.name)
-        for f in dataclasses.fields(DRGOSettings)
-        if f.name != "use_boundary"
-    }
-    shared["importance_weights"] = tuple(shared["importance_weights"])
-    return DRGOSettings(**shared, use_boundary=params.use_boundary(name))
-
-
 def training_objective(
     params: Params, name: str, masks: np.ndarray, num_classes: int, device: torch.device
 ) -> tuple[Callable, str, dict]:
@@ -264,16 +257,16 @@ def training_objective(
     ce = params.loss.ce_weight
     plain = "L_seg (soft Dice" + (f" + {ce} CE)" if ce else ")")
     size = masks.shape[-1]
-    if not params.uses_drgo(name) or size % params.drgo.region_size:
-        if params.uses_drgo(name):
+    settings = drgo_settings(params, name)
+    if settings is None or size % settings.region_size:
+        if settings is not None:
             plain += ", DRGO off: size not a multiple of drgo.region_size"
         return (lambda logits, target, batch: segmentation_loss(logits, target, ce)), plain, {}
-    settings = drgo_settings(params, name)
     batch = {}
     if settings.use_boundary:  # distance maps come from the data side in training: not timed
         batch["distance"] = torch.from_numpy(np.stack([distance_map(m) for m in masks])).to(device)
     freq = class_frequencies(masks, num_classes)
-    objective = DRGOObjective(settings, freq, ce, params.drgo.confidence_momentum, seed=0)
+    objective = DRGOObjective(settings, freq, ce, seed=0)
     return objective, "DRGO" + ("" if settings.use_boundary else " w/o boundary"), batch
 
 
@@ -284,17 +277,16 @@ class ModelBench:
         self.args, self.params, self.name, self.precision = args, params, name, precision
         self.device = precision.device
         self.in_channels, self.num_classes = dataset_shape(params, args.dataset)
-        self.row: dict = {"model": name, "architecture": params.architecture(name)}
+        modalities = params.spec(args.dataset).modalities
+        self.spec = resolve_model(params, name, modalities, image_size=args.size)  # position tables at size
+        self.row: dict = {"model": name, "architecture": self.spec.architecture}
         if args.compile:
             self.row["compile_s"] = 0.0
         self.notes: list[str] = []
 
     def build(self) -> None:
         torch.manual_seed(0)
-        kwargs = self.params.model_kwargs(self.name, self.args.dataset)
-        if "image_size" in kwargs:  # position tables learned at the measured size
-            kwargs["image_size"] = self.args.size
-        model = build_model(self.row["architecture"], self.in_channels, self.num_classes, **kwargs)
+        model = self.spec.build(self.in_channels, self.num_classes)
         self.row["parameters_m"] = count_parameters(model) / 1e6
         model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if self.precision.channels_last else model
@@ -402,10 +394,9 @@ def header(args: argparse.Namespace, precision: Precision, params: Params) -> st
     in_channels, num_classes = dataset_shape(params, args.dataset)
     amp = str(precision.amp_dtype).replace("torch.", "") + " autocast" if precision.amp_dtype else "fp32"
     cuda = precision.device.type == "cuda"
-    versions = f"torch {torch.__version__}"
-    device = hardware_name(precision.device)
+    versions = f"cuDNN {torch.backends.cudnn.version()}" if cuda else "precision " + precision.describe()
+    device = machine_summary(precision.device)
     if cuda:
-        versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
         device += f" ({torch.cuda.get_device_properties(precision.device).total_memory / 1e9:.0f} GB)"
     memory = (
         "torch.cuda.max_memory_allocated (tensors; context and allocator cache extra)"
@@ -475,8 +466,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [n for n in names if n not in params.model_names]
     if unknown:
         raise SystemExit(f"unknown model entries {unknown}; params.yaml has {params.model_names}")
-    amp = (torch.float16 if args.device == "cuda" else torch.bfloat16) if args.amp else None
-    precision = Precision(torch.device(args.device), amp, args.channels_last)
+    choice = {"auto": "auto", "on": True, "off": False}
+    resolved = resolve_precision(args.device, choice[args.amp], choice[args.channels_last])
+    amp = resolved.amp_dtype if args.amp != "off" else None
+    if args.device == "cuda" and args.amp == "off":
+        resolved = dataclasses.replace(resolved, reason="fp32 (--amp off)")
+    precision = dataclasses.replace(resolved, amp_dtype=amp)
     head = header(args, precision, params)
     print(head, flush=True)
     deadline = time.perf_counter() + (args.budget_s or math.inf)

@@ -2,7 +2,7 @@
 
     python benchmarks/drgo_cost.py --batch 16 --size 256 --base 32
 
-CPU, channels_last + bf16 autocast for the model (the pipeline's CPU setting), DRGO computed in fp32
+CPU, the model at the precision training resolves on this CPU (medfusion/hardware.py), DRGO computed in fp32
 as in training. "model" = forward + soft-Dice loss + backward of CASNet; "DRGO" = everything DRGO adds
 on top of L_seg: the four terms on the logits and their backward (the logits are a leaf here);
 "distance maps" = d(x) for the batch with scipy on the data side (in training this runs in the
@@ -18,9 +18,10 @@ import time
 import numpy as np
 import torch
 
-from medfusion.efficiency import hardware_name
+from medfusion.data.distance import distance_map
+from medfusion.hardware import machine_summary, resolve_precision
 from medfusion.losses import segmentation_loss
-from medfusion.losses.drgo import DRGOSettings, class_frequencies, distance_map, drgo_loss
+from medfusion.losses.drgo import DRGOSettings, class_frequencies, drgo_loss
 from medfusion.models import build_model
 
 
@@ -44,8 +45,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = build_model("casnet", 3, 2, base_channels=args.base).to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    precision = resolve_precision("cpu")  # as training resolves it on this CPU
+    model = build_model("casnet", 3, 2, base_channels=args.base)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = precision.to_device(torch.randn(args.batch, 3, args.size, args.size))
     yy, xx = np.mgrid[: args.size, : args.size]
     masks = np.stack(
         [
@@ -58,7 +62,7 @@ def main() -> None:
     settings = DRGOSettings(region_size=args.region_size)
 
     def model_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with precision.autocast():
             logits = model(x)
         segmentation_loss(logits.float(), target).backward()
 
@@ -76,9 +80,9 @@ def main() -> None:
     t_drgo = median_time(drgo_step, args.repeats)
     t_dist = median_time(distances, args.repeats)
     print(f"# CASNet base {args.base}, batch {args.batch}, {args.size}x{args.size}, DRGO regions {args.region_size}; "
-          f"{hardware_name(torch.device('cpu'))}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
+          f"{machine_summary()}; {precision.describe()}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
     print("| part | s/batch | relative to model forward+backward |\n|---|---|---|")
-    for name, t in (("model forward + backward (bf16, channels_last)", t_model), ("DRGO terms + their backward (fp32)", t_drgo),
+    for name, t in ((f"model forward + backward ({precision.dtype_name})", t_model), ("DRGO terms + their backward (fp32)", t_drgo),
                     ("distance maps, scipy (data side)", t_dist)):  # fmt: skip
         print(f"| {name} | {t:.3f} | {t / t_model:.3f} |")
 

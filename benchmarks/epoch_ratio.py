@@ -35,11 +35,12 @@ from medfusion.config import params_from_dict, read_yaml  # noqa: E402
 from medfusion.data.augment import MixCollate  # noqa: E402
 from medfusion.data.dataset import SegDataset  # noqa: E402
 from medfusion.data.io import read_json  # noqa: E402
-from medfusion.efficiency import hardware_name  # noqa: E402
+from medfusion.entries import resolve_entry  # noqa: E402
+from medfusion.hardware import machine_summary, resolve_compile, resolve_precision  # noqa: E402
 from medfusion.losses.drgo import class_frequencies  # noqa: E402
-from medfusion.models import build_model, compile_model  # noqa: E402
-from medfusion.training.cv import drgo_settings, make_loader  # noqa: E402
-from medfusion.training.loop import DRGOObjective, resolve_precision, train_one_epoch  # noqa: E402
+from medfusion.models import compile_model  # noqa: E402
+from medfusion.training.fold import make_loader  # noqa: E402
+from medfusion.training.loop import DRGOObjective, train_one_epoch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,22 +67,19 @@ def main() -> None:
     processed = kvasir_subset(args.kvasir, args.images, args.size, Path(tempfile.mkdtemp()))
     ids = [c["case_id"] for c in read_json(processed / "cases.json")]
     precision = resolve_precision("cpu", params.train.cpu_bf16, params.train.channels_last)
+    entry = resolve_entry(params, "kvasir_seg", "casnet")
+    how, _ = resolve_compile(args.compile, precision)
 
     torch.manual_seed(0)
     dataset = SegDataset(processed, ids, augment=params.augment, seed=0, distance=True)
     loader = make_loader(dataset, args.batch, True, args.workers, 0, False, MixCollate(params.augment, 0))
-    model = build_model("casnet", 3, 2, **params.model_kwargs("casnet", "kvasir_seg"))
-    model = model.to(memory_format=torch.channels_last)
-    compile_model(model, args.compile)
+    model = entry.build()
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    compile_model(model, how)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    frequencies = class_frequencies(dataset.masks[dataset.indices], 2)
-    objective = DRGOObjective(
-        drgo_settings(params, "casnet"),
-        frequencies,
-        params.loss.ce_weight,
-        params.drgo.confidence_momentum,
-        0,
-    )
+    frequencies = class_frequencies(dataset.masks, 2, dataset.indices)
+    objective = DRGOObjective(entry.drgo, frequencies, params.loss.ce_weight, 0)
 
     def epoch_seconds(epoch: int, batches=None) -> float:
         loader.sampler.set_epoch(epoch)
@@ -104,7 +102,7 @@ def main() -> None:
     epoch, compute, load = (statistics.median(v) for v in (epochs, computes, loads))
     print(f"# CASNet + DRGO, base width {args.base}, {args.images} Kvasir-SEG images at {args.size}x{args.size}, "
           f"batch {args.batch} ({steps} steps/epoch), {args.workers} workers, augmentation on, "
-          f"train.compile = {args.compile}; {hardware_name(precision.device)}; torch {torch.__version__}; "
+          f"train.compile = {args.compile} ({how}); {machine_summary()}; {precision.describe()}; "
           f"{time.strftime('%Y-%m-%d')}; warm-up epoch {warmup:.1f} s; median of {args.repeats}")  # fmt: skip
     print("\n| what | s/epoch | s/step | ratio to compute |\n|---|---|---|---|")
     for label, value in (

@@ -12,7 +12,7 @@ before training has finished):
   size --size, base width --base for every model, --epochs epochs with early stopping switched off
   (patience = epochs; the checkpoint kept is the epoch of lowest validation loss), Adam lr --lr with
   cosine annealing, batch 16, params.yaml's augmentation, DRGO regions of --region-size pixels (16 at
-  128x128 keeps the paper's N = 64 regions), bf16 autocast + channels_last, `train.compile` as in
+  128x128 keeps the paper's N = 64 regions), the CPU precision resolved as training resolves it (medfusion/hardware.py), `train.compile` as in
   params.yaml (regions: CASNet's attention and Attention U-Net's gates are compiled).
 * models (--variants): `casnet` (CASNet + DRGO, the method), `unet`, `attention_unet` (the paper's
   baselines, trained with L_seg as the paper does), and `casnet_no_drgo` (CASNet trained with L_seg
@@ -45,15 +45,15 @@ from scipy import stats
 from medfusion.config import params_from_dict, read_yaml
 from medfusion.data.dataset import SegDataset
 from medfusion.data.fetch import fetch_dataset
-from medfusion.data.io import read_json, write_json
+from medfusion.data.io import read_history, read_json, write_json
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
-from medfusion.efficiency import hardware_name
+from medfusion.entries import resolve_entry, resources
 from medfusion.evaluation import load_checkpoint, predict_dataset
+from medfusion.hardware import machine_summary, resolve_precision
 from medfusion.metrics import hd95, overlap_metrics
 from medfusion.models.casnet import CASNet
-from medfusion.training.cv import run_fold
-from medfusion.training.loop import resolve_precision
+from medfusion.training.fold import run_fold
 
 REPO = Path(__file__).resolve().parents[1]
 TITLES = {
@@ -133,7 +133,7 @@ def main() -> None:
     groups = {c["case_id"]: c["group"] for c in read_json(proc / "cases.json")}
     split = make_split(groups, "fraction", params.cv.n_folds, params.cv.split_seed, params.cv.test_fraction)
     fold = split["folds"][args.fold]
-    precision = resolve_precision("cpu", cpu_bf16=True, channels_last=True)
+    precision = resolve_precision("cpu", params.train.cpu_bf16, params.train.channels_last)
     print(f"# data ready in {time.perf_counter() - start:.0f} s: {len(fold['train'])} train, "
           f"{len(fold['val'])} val, {len(split['test'])} test", flush=True)  # fmt: skip
 
@@ -146,8 +146,17 @@ def main() -> None:
         if not cached.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.perf_counter()
+            entry = resolve_entry(params, "kvasir_seg", name)
             record = run_fold(
-                params, "kvasir_seg", name, proc, split, args.fold, args.seed, run_dir, lambda m, s: None
+                entry,
+                proc,
+                split,
+                args.fold,
+                args.seed,
+                run_dir,
+                lambda m, s: None,
+                resources(params),
+                precision,
             )
             record["wall_seconds"] = time.perf_counter() - t0
             model, _ = load_checkpoint(run_dir / "model.pt", precision)
@@ -157,7 +166,7 @@ def main() -> None:
             record["iou"] = [m["iou"] for m in per]
             record["hd95"] = [hd95(p == 1, t == 1) for p, t in zip(preds, targets, strict=True)]
             record["attention"] = attention_summary(model)
-            record["history"] = read_json(run_dir / "history.json")
+            record["history"] = read_history(run_dir / "history.json")
             write_json(cached, record)
         results[name] = read_json(cached)
         r = results[name]
@@ -169,7 +178,7 @@ def main() -> None:
         f"{params.cv.n_folds} for validation ({len(fold['train'])} train / {len(fold['val'])} val), seed "
         f"{args.seed}; base width {args.base}; {args.epochs} epochs, Adam lr {args.lr} cosine, batch 16, "
         f"augmentation on; DRGO regions {args.region_size}px; train.compile = {params.train.compile}; "
-        f"{hardware_name(precision.device)}; torch {torch.__version__}; {platform.python_version()}; "
+        f"{machine_summary()}; {precision.describe()}; Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d')}; total wall time {(time.perf_counter() - start) / 60:.1f} min "
         "(variants read from --work are counted at their own training time below)."
     )

@@ -37,12 +37,12 @@ import torch  # noqa: E402
 from medfusion.config import AugmentParams, load_params  # noqa: E402
 from medfusion.data.augment import MixCollate, augment_sample, build_transform  # noqa: E402
 from medfusion.data.dataset import SegDataset, zscore  # noqa: E402
+from medfusion.data.distance import distance_map  # noqa: E402
 from medfusion.data.io import read_json  # noqa: E402
-from medfusion.efficiency import hardware_name, train_step_seconds  # noqa: E402
-from medfusion.losses.drgo import distance_map  # noqa: E402
+from medfusion.efficiency import train_step_seconds  # noqa: E402
+from medfusion.hardware import machine_summary, resolve_precision  # noqa: E402
 from medfusion.models import build_model  # noqa: E402
-from medfusion.training.cv import make_loader  # noqa: E402
-from medfusion.training.loop import Precision  # noqa: E402
+from medfusion.training.fold import make_loader  # noqa: E402
 
 PROBABILITIES = [f.name for f in dataclasses.fields(AugmentParams) if f.name.endswith("_p")]
 PER_SAMPLE = [k for k in PROBABILITIES if k not in ("mixup_p", "cutmix_p")]
@@ -111,7 +111,7 @@ def main() -> None:
     n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     print(f"# {n} images, {channels} x {size} x {size}; batch {args.batch}; {time.strftime('%Y-%m-%d')}")
     print(
-        f"# {hardware_name(torch.device('cpu'))}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
+        f"# {machine_summary()}; {os.cpu_count()} CPUs; "
         f"cv2 {cv2.__version__} with {cv2.getNumThreads()} threads"
     )
 
@@ -148,13 +148,10 @@ def main() -> None:
         per_batch = ms_per_image(lambda i, c=collate: c([{**it, "epoch": i} for it in items]), 20)
         print(f"| {label} | {per_batch / args.batch:.2f} |", flush=True)
 
-    if args.cuda:  # the pipeline's CUDA setting: fp16 AMP + channels_last
-        precision = Precision(torch.device("cuda"), torch.float16, True)
-    else:
-        precision = Precision(torch.device("cpu"), torch.bfloat16, True)
+    precision = resolve_precision("cuda" if args.cuda else "cpu")  # as training resolves it
     print(
         f"\n## Consumption: CASNet base {args.base} train step, batch {args.batch}, "
-        f"{hardware_name(precision.device)}, {str(precision.amp_dtype).removeprefix('torch.')} + channels_last\n"
+        f"{machine_summary(precision.device)}, {precision.describe()}\n"
     )
     torch.manual_seed(0)
     model = build_model("casnet", channels, 2, base_channels=args.base)

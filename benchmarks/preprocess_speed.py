@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from medfusion.config import load_params
 from medfusion.data.fetch import fetch_dataset
 from medfusion.data.preprocess import preprocess_dataset
+from medfusion.hardware import machine_summary
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
             f"read all {len(images)} samples from the memmap ({size_mb:.0f} MB): {seconds:.2f} s "
             f"({len(images) / seconds:.0f} images/s; {total} non-blank)"
         )
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"machine: {machine_summary()}, {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

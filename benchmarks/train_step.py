@@ -2,8 +2,9 @@
 
     python benchmarks/train_step.py --base 32 --batch 8 --size 256
 
-Forward + soft-Dice loss + backward + Adam on random data, CPU with channels_last + bf16 autocast
-(the pipeline's CPU setting; `--fp32` to compare), median of --repeats steps after one warm-up.
+Forward + soft-Dice loss + backward + Adam on random data, at the precision training resolves on
+this CPU (medfusion/hardware.py: bf16 + channels_last with native bf16, else fp32 NCHW; `--fp32` /
+`--bf16` force one), median of --repeats steps after one warm-up.
 "Same base width": U-Net, Attention U-Net, SegNet and CASNet use w = --base for their first stage;
 DeepLabV3 and TransUNet use it as their ResNet width; MedT as its first axial stage width. Every other
 setting is the model's default (the paper's depth: DeepLabV3 ResNet-50, TransUNet 12 x 768 ViT, CASNet
@@ -18,9 +19,9 @@ import time
 
 import torch
 
-from medfusion.efficiency import count_parameters, hardware_name, train_step_seconds
+from medfusion.efficiency import count_parameters, train_step_seconds
+from medfusion.hardware import Precision, machine_summary, resolve_precision
 from medfusion.models import MODELS, build_model, compile_model
-from medfusion.training.loop import Precision
 
 
 def main() -> None:
@@ -31,7 +32,8 @@ def main() -> None:
     ap.add_argument("--in-channels", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--fp32", action="store_true", help="fp32 NCHW instead of bf16 autocast + channels_last")
+    ap.add_argument("--fp32", action="store_true", help="fp32 NCHW whatever the CPU")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast + channels_last whatever the CPU")
     ap.add_argument("--cuda", action="store_true", help="run on CUDA with fp16 AMP + channels_last")
     ap.add_argument(
         "--compile",
@@ -46,10 +48,8 @@ def main() -> None:
 
     if args.cuda:
         precision = Precision(torch.device("cuda"), torch.float16, True)
-    elif args.fp32:
-        precision = Precision(torch.device("cpu"), None, False)
     else:
-        precision = Precision(torch.device("cpu"), torch.bfloat16, True)
+        precision = resolve_precision("cpu", False if args.fp32 else True if args.bf16 else "auto")
     names = ["unet"] + [m for m in args.models if m != "unet"]
     entries = [(name, name, {}) for name in names]
     if args.casnet_parts:
@@ -60,9 +60,7 @@ def main() -> None:
         f"# train step, batch {args.batch}, {args.size}x{args.size}, {args.in_channels} channels, base width {args.base}, "
         f"train.compile = {args.compile}"
     )
-    print(
-        f"# {hardware_name(precision.device)}; torch {torch.__version__}; {precision}; {time.strftime('%Y-%m-%d')}"
-    )
+    print(f"# {machine_summary(precision.device)}; {precision.describe()}; {time.strftime('%Y-%m-%d')}")
     print("| model | parameters | s/step | relative to U-Net |\n|---|---|---|---|")
     reference = None
     for label, name, switches in entries:

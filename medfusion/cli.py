@@ -11,46 +11,11 @@ from pathlib import Path
 
 import typer
 
+from medfusion.common import telemetry_off
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="MedFusion-TransNet segmentation pipeline."
 )
-
-TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
-
-# A CPU-sized version of the whole pipeline on the generated datasets (a few minutes on 2 cores).
-QUICKSTART_OVERRIDES = [
-    "datasets=[synthetic,synthetic_volumes]",
-    "data.image_size=64",
-    "data.synthetic.num_images=80",
-    "data.synthetic.num_volumes=8",
-    "data.synthetic.slices_per_volume=12",
-    "model.base_channels=8",
-    "model.transformer_dim=32",
-    "model.transformer_layers=1",
-    "unet.base_channels=8",
-    "segnet.base_channels=8",
-    "deeplabv3.base_channels=8",
-    "deeplabv3.depth=18",
-    "deeplabv3.aspp_channels=32",
-    "attention_unet.base_channels=8",
-    "transunet.base_channels=8",
-    "transunet.hidden_size=64",
-    "transunet.num_layers=2",
-    "transunet.num_heads=4",
-    "transunet.mlp_dim=128",
-    "transunet.decoder_scale=0.25",
-    "medt.base_channels=16",
-    "medt.heads=4",
-    "drgo.region_size=16",
-    "train.epochs=15",
-    "train.compile=off",  # tiny models at 64x64: compiling would cost more than it saves
-    "train.batch_size=4",  # 8 optimizer steps per epoch: at 4 steps a fold can stall (seen at batch 8)
-    "train.lr=0.003",
-    "train.patience=10",
-    "train.num_workers=0",
-    "cv.n_folds=2",
-    "cv.seeds=[0]",
-]
 
 
 def _repo_root() -> Path:
@@ -72,7 +37,7 @@ def _pipeline_env(root: Path) -> dict[str, str]:
     """Environment for DVC and its stages: this interpreter's bin first (so `dvc` and the stages'
     `python` are the ones medfusion is installed in, without activating a venv), telemetry off, and a
     git identity for the experiment commits where the user has none."""
-    env = {**os.environ, **TELEMETRY_OFF}
+    env = telemetry_off(dict(os.environ))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     has_identity = subprocess.run(
         ["git", "config", "user.email"], cwd=root, capture_output=True, text=True
@@ -88,27 +53,45 @@ def _pipeline_env(root: Path) -> dict[str, str]:
 def quickstart(
     name: str = typer.Option("", help="experiment name (default: quickstart-<time>)"),
     set_param: list[str] = typer.Option([], "--set", "-S", help="extra params override, e.g. train.epochs=2"),
+    all_models: bool = typer.Option(
+        False, "--all-models", help="train all ten model entries (default: casnet, casnet_wo_br and unet)"
+    ),
 ) -> None:
     """Run the whole DVC pipeline on synthetic data on CPU, as a real `dvc exp run` with small settings.
 
-    fetch -> preprocess -> split -> train -> evaluate -> stats -> report, offline. params.yaml is
-    restored afterwards (the paper protocol stays the default); `dvc exp show` lists the experiment.
+    fetch -> preprocess -> split -> train -> evaluate -> stats -> report, and efficiency, offline, on
+    CASNet, one ablation and U-Net (`--all-models`: every entry). The experiment runs in a temporary
+    copy of the repository; its results are then applied to the workspace and params.yaml is put
+    back (the paper protocol stays the default). Interrupted, it leaves the workspace as it was.
     """
+    from medfusion.quickstart import (
+        DEFAULT_MODELS,
+        Interrupted,
+        apply_experiment,
+        quickstart_overrides,
+        run_guarded,
+    )
+
     root = _repo_root()
     name = name or time.strftime("quickstart-%Y%m%d-%H%M%S")
-    overrides = QUICKSTART_OVERRIDES + list(set_param)
-    cmd = ["dvc", "exp", "run", "-n", name] + [a for o in overrides for a in ("-S", o)]
-    params_file = root / "params.yaml"
-    saved = params_file.read_bytes()
+    overrides = quickstart_overrides(None if all_models else DEFAULT_MODELS) + list(set_param)
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
+    saved = (root / "params.yaml").read_bytes()
+    env = _pipeline_env(root)
     typer.echo(f"$ {shlex.join(cmd)}")
     start = time.perf_counter()
     try:
-        result = subprocess.run(cmd, cwd=root, env=_pipeline_env(root))
-    finally:
-        params_file.write_bytes(saved)  # the paper protocol stays the default for `dvc repro`
-    if result.returncode:
-        raise typer.Exit(result.returncode)
-    minutes = (time.perf_counter() - start) / 60
+        code = run_guarded(cmd, root, env)
+    except Interrupted as err:
+        typer.echo(f"\nquickstart stopped by {err}; the workspace is as it was before it started.", err=True)
+        raise typer.Exit(128 + err.signum) from None
+    if code:
+        raise typer.Exit(code)
+    apply_experiment(name, root, env, saved)
+    _print_quickstart_results(root, name, (time.perf_counter() - start) / 60)
+
+
+def _print_quickstart_results(root: Path, name: str, minutes: float) -> None:
     tables = sorted((root / "reports" / "tables").glob("*.md"))
     typer.echo(f"\nquickstart finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
     for table in tables:
@@ -171,8 +154,9 @@ def models(
 ) -> None:
     """Every model entry of params.yaml: parameters, forward GFLOPs and inference ms/image at SIZE."""
     from medfusion.config import ConfigError, load_params
-    from medfusion.efficiency import efficiency_markdown, efficiency_table
-    from medfusion.training.loop import resolve_precision
+    from medfusion.efficiency import efficiency_table
+    from medfusion.hardware import resolve_precision
+    from medfusion.report import efficiency_markdown
 
     try:
         params = load_params(params_file)
@@ -183,7 +167,7 @@ def models(
         raise typer.BadParameter(f"--size {size}: expected a multiple of 16")
     precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
     rows = efficiency_table(params, precision, size, in_channels, timed=timed)
-    typer.echo(efficiency_markdown(rows, precision, size, in_channels))
+    typer.echo(efficiency_markdown(rows))
 
 
 @app.command()
@@ -211,11 +195,12 @@ def predict(
     input's size; NIfTI masks keep the input's shape and affine. A bad input is reported and skipped;
     the exit code is then 1.
     """
+    from medfusion.common import TrainingError
+    from medfusion.hardware import resolve_precision
     from medfusion.predict import PredictError, load_ensemble, predict_files
-    from medfusion.training.loop import TrainingError, resolve_precision
 
     try:
-        precision = resolve_precision(device, cpu_bf16=False, channels_last=False)
+        precision = resolve_precision(device)  # auto: the same choice as training and evaluation
         ensemble = load_ensemble(run, precision, processed_meta)
     except (PredictError, TrainingError) as err:
         typer.echo(str(err), err=True)

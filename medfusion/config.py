@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DatasetSpec, dataset_spec
-from medfusion.models import COMPILE_CHOICES, MODELS
 
 
 class ConfigError(ValueError):
@@ -70,9 +69,33 @@ class ModelsParams:
     baselines: list[str]
 
 
+Fail = typing.Callable[[str, Any, str], None]  # (dotted key, value found, what is expected) -> raises
+
+
 @dataclass(frozen=True)
-class CASNetParams:
-    """CASNet's settings (METHOD.md section 1), the `model` section; ablation variants override keys."""
+class ModelSection:
+    """A model's params section: its constructor's keyword arguments plus `drgo` (train it with DRGO).
+
+    A baseline's section is named as its registry entry (`unet`, ...); CASNet's is `model`. The
+    fields of a subclass are the section's keys; `TINY` holds the overrides that make the model
+    tiny (the quickstart and the tests train it at these widths: a quarter of the paper's width,
+    so CASNet 8 and the 64-wide baselines 16; MedT 16, half its 32, because base_channels / 2 must
+    divide by 2 x heads); `check` validates the values (every integer >= 1 unless a subclass says more).
+    """
+
+    TINY: typing.ClassVar[dict[str, Any]] = {}
+
+    def check(self, key: str, fail: Fail) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                fail(f"{key}.{f.name}", value, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class CASNetParams(ModelSection):
+    """CASNet's settings (METHOD.md section 1), the `model` section; ablation variants override keys.
+    `use_boundary` and `drgo` are settings of the loss, the others of the network."""
 
     base_channels: int
     use_hfe: bool
@@ -87,36 +110,68 @@ class CASNetParams:
     modalities: int | None
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {
+        "base_channels": 8,
+        "transformer_dim": 32,
+        "transformer_layers": 1,
+    }
+
+    def check(self, key: str, fail: Fail) -> None:
+        if self.modalities is not None and self.modalities < 1:
+            fail(f"{key}.modalities", self.modalities, "null (from the dataset) or an integer >= 1")
+        super().check(key, fail)
+        if self.transformer_dim % 8:
+            fail(f"{key}.transformer_dim", self.transformer_dim, "a multiple of 8 (8 attention heads)")
+        if not self.atrous_rates or min(self.atrous_rates) < 1:
+            fail(f"{key}.atrous_rates", self.atrous_rates, "a non-empty list of integers >= 1")
+        if not self.transformer_scales or not set(self.transformer_scales) <= {8, 16}:
+            fail(f"{key}.transformer_scales", self.transformer_scales, "a non-empty subset of [8, 16]")
+
 
 @dataclass(frozen=True)
-class UNetParams:
+class UNetParams(ModelSection):
     base_channels: int
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16}
+
 
 @dataclass(frozen=True)
-class SegNetParams:
+class SegNetParams(ModelSection):
     base_channels: int
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16}
+
 
 @dataclass(frozen=True)
-class DeepLabV3Params:
+class DeepLabV3Params(ModelSection):
     base_channels: int
     depth: int
     output_stride: int
     aspp_channels: int
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16, "depth": 18, "aspp_channels": 32}
+
+    def check(self, key: str, fail: Fail) -> None:
+        super().check(key, fail)
+        if self.depth not in (18, 34, 50, 101):
+            fail(f"{key}.depth", self.depth, "one of [18, 34, 50, 101]")
+        if self.output_stride not in (8, 16):
+            fail(f"{key}.output_stride", self.output_stride, "8 or 16")
+
 
 @dataclass(frozen=True)
-class AttentionUNetParams:
+class AttentionUNetParams(ModelSection):
     base_channels: int
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16}
+
 
 @dataclass(frozen=True)
-class TransUNetParams:
+class TransUNetParams(ModelSection):
     base_channels: int
     hidden_size: int
     num_layers: int
@@ -125,13 +180,40 @@ class TransUNetParams:
     decoder_scale: float
     drgo: bool
 
+    TINY: typing.ClassVar[dict[str, Any]] = {
+        "base_channels": 16,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "mlp_dim": 128,
+        "decoder_scale": 0.25,
+    }
+
+    def check(self, key: str, fail: Fail) -> None:
+        super().check(key, fail)
+        if self.hidden_size % self.num_heads:
+            fail(f"{key}.hidden_size", self.hidden_size, f"a multiple of {key}.num_heads ({self.num_heads})")
+        if not self.decoder_scale > 0:
+            fail(f"{key}.decoder_scale", self.decoder_scale, "a number > 0")
+
 
 @dataclass(frozen=True)
-class MedTParams:
+class MedTParams(ModelSection):
     base_channels: int
     heads: int
     local_grid: int
     drgo: bool
+
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16, "heads": 4}
+
+    def check(self, key: str, fail: Fail) -> None:
+        super().check(key, fail)
+        if self.base_channels % 4 or (self.base_channels // 2) % (2 * self.heads):
+            fail(
+                f"{key}.base_channels",
+                self.base_channels,
+                f"a multiple of 4 with base_channels / 2 divisible by 2 x {key}.heads ({self.heads})",
+            )
 
 
 @dataclass(frozen=True)
@@ -155,9 +237,14 @@ class DRGOParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """The `train` section. `device`, `cpu_bf16`, `channels_last` and `compile` take `auto`, resolved on
+    the machine that trains (medfusion/hardware.py). `num_workers` is a resource: it cannot change a
+    result (augmentation is a function of seed, epoch and sample), so no run's hash and no train
+    stage's params hold it (`RESOURCE_KEYS`)."""
+
     device: str
-    cpu_bf16: bool
-    channels_last: bool
+    cpu_bf16: bool | typing.Literal["auto"]
+    channels_last: bool | typing.Literal["auto"]
     optimizer: str
     scheduler: str
     epochs: int
@@ -167,7 +254,7 @@ class TrainParams:
     patience: int
     augment: bool
     num_workers: int
-    compile: str = "off"  # off | regions | full: medfusion.models.compile_model
+    compile: str = "auto"  # auto | off | regions | full: medfusion.hardware.resolve_compile
 
 
 @dataclass(frozen=True)
@@ -214,7 +301,16 @@ class CVParams:
 
 @dataclass(frozen=True)
 class EvalParams:
+    """`batch_size`: images per forward pass in validation and evaluation, a memory knob (a resource:
+    every loss and metric is a mean over samples, so it cannot change a result)."""
+
     batch_size: int
+
+
+# Settings that cannot change a result: no run's hash and no train stage's params hold them, so
+# changing one (the out-of-memory advice `-S eval.batch_size=8`, more loader workers, another
+# executor) retrains nothing. tests/test_resources.py checks both.
+RESOURCE_KEYS = ("train.num_workers", "eval.batch_size", "executor")
 
 
 @dataclass(frozen=True)
@@ -277,51 +373,29 @@ class Params:
         """Every model entry the pipeline runs: CASNet and its ablations first, then the baselines."""
         return [*self.models.casnet, *self.models.baselines]
 
-    def architecture(self, name: str) -> str:
-        """The registry name that builds entry `name` (`casnet` for CASNet's ablation variants)."""
-        return "casnet" if name in self.ablations else name
-
-    def model_kwargs(self, name: str, dataset: str | None = None) -> dict[str, Any]:
-        """Constructor kwargs for model entry `name`: its params section; for CASNet entries `model`
-        with the entry's `ablations` override, without the loss-side `use_boundary`, and with
-        `modalities` from the dataset when `model.modalities` is null; `image_size` for the models
-        whose position tables are learned at a reference size."""
-        if self.architecture(name) == "casnet":
-            kwargs = self.casnet_settings(name)
-            for key in LOSS_KEYS:
-                kwargs.pop(key)
-            if kwargs["modalities"] is None:
-                kwargs["modalities"] = self.spec(dataset).modalities if dataset else 1
-            return kwargs
-        kwargs = dataclasses.asdict(getattr(self, name))
-        kwargs.pop("drgo")
-        if name in ("transunet", "medt"):
-            kwargs["image_size"] = self.data.image_size
-        return kwargs
-
     def spec(self, dataset: str) -> DatasetSpec:
         """The DatasetSpec of `dataset`; `custom` is defined by data.custom."""
         return dataset_spec(dataset, dataclasses.asdict(self.data.custom))
 
-    def uses_drgo(self, name: str) -> bool:
-        """Whether entry `name` trains with DRGO (its section's `drgo`; CASNet entries read `model`)."""
-        if self.architecture(name) == "casnet":
-            return bool(self.casnet_settings(name)["drgo"])
-        return getattr(self, name).drgo
 
-    def use_boundary(self, name: str) -> bool:
-        """DRGO's boundary term: CASNet's `use_boundary` (with the entry's override); on for baselines with DRGO."""
-        return (
-            bool(self.casnet_settings(name)["use_boundary"]) if self.architecture(name) == "casnet" else True
-        )
+def model_sections() -> dict[str, type[ModelSection]]:
+    """Params' model sections by key: `model` (CASNet) and one per baseline, named as its registry entry."""
+    hints = typing.get_type_hints(Params)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(Params)
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], ModelSection)
+    }
 
-    def casnet_settings(self, name: str) -> dict[str, Any]:
-        """The full `model` section as entry `name` sees it (ablation override applied), incl. use_boundary."""
-        return {**dataclasses.asdict(self.model), **self.ablations.get(name, {})}
+
+def baseline_names() -> list[str]:
+    """The baselines params.yaml can name: every model section but CASNet's."""
+    return sorted(set(model_sections()) - {"model"})
 
 
 LOSS_KEYS = ("use_boundary", "drgo")  # settings of the loss, not constructor arguments
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_CHOICES = ("auto", "off", "regions", "full")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
 EXECUTOR_KINDS = ("local", "slurm")
@@ -387,11 +461,27 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (types.UnionType, typing.Union):  # only `X | None` is used
-        if value is None:
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, source)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(options[0], value, key, source)
+        for option in options:  # `bool | Literal["auto"]`: the first that fits
+            try:
+                return _coerce(option, value, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(
+            f"{source}: {key}: expected {' or '.join(_describe(o) for o in options)}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ConfigError(
+                f"{source}: {key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}"
+            )
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
@@ -411,7 +501,14 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     return float(value) if tp is float else value
 
 
-def _check_data(p: Params, fail: typing.Callable[[str, Any, str], None]) -> None:
+def _describe(tp: Any) -> str:
+    """A type as the error messages name it: bool, int, 'auto'."""
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_data(p: Params, fail: Fail) -> None:
     d, c = p.data, p.data.custom
     if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
         fail("data.ct_window", d.ct_window, "[low, high] in Hounsfield units with low < high")
@@ -450,22 +547,42 @@ def _check_values(p: Params, source: str) -> None:
     def fail(key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{source}: {key} = {value!r}; expected {expected}")
 
+    _check_names(p, source, fail)
+    _check_data(p, fail)
+    if p.data.image_size < 16 or p.data.image_size % 16:
+        fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16")
+    synthetic = p.data.synthetic
+    for key in ("num_images", "num_volumes", "slices_per_volume"):
+        if getattr(synthetic, key) < 1:
+            fail(f"data.synthetic.{key}", getattr(synthetic, key), "an integer >= 1")
+    if synthetic.num_images < 10 or synthetic.num_volumes < 4:
+        fail("data.synthetic", synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
+    for key in model_sections():
+        getattr(p, key).check(key, fail)
+    _check_drgo(p.drgo, p.data.image_size, fail)
+    _check_train(p, fail)
+    _check_augment(p.augment, fail)
+    _check_executor(p.executor, fail)
+
+
+def _check_names(p: Params, source: str, fail: Fail) -> None:
+    """Dataset, model and ablation names, and the ablations' overrides."""
     for i, name in enumerate(p.datasets):
         if name not in DATASET_NAMES:
             fail(f"datasets[{i}]", name, f"one of {sorted(DATASET_NAMES)}")
-    baselines = sorted(set(MODELS) - {"casnet"})
+    baselines = baseline_names()
     for i, name in enumerate(p.models.baselines):
         if name not in baselines:
             fail(f"models.baselines[{i}]", name, f"one of {baselines}")
     for i, name in enumerate(p.models.casnet):
         if name not in p.ablations:
             fail(f"models.casnet[{i}]", name, f"a key of `ablations` ({sorted(p.ablations)})")
+    hints = typing.get_type_hints(CASNetParams)
     for name, override in p.ablations.items():
-        if name in MODELS and name != "casnet":
+        if name in baselines:
             fail(f"ablations.{name}", name, "a name that is not a baseline's")
         if not isinstance(override, dict):
             fail(f"ablations.{name}", override, "a mapping of `model` keys to values, e.g. {use_hfe: false}")
-        hints = typing.get_type_hints(CASNetParams)
         for key, value in override.items():
             if key not in hints:
                 fail(f"ablations.{name}.{key}", value, f"a key of `model`: {sorted(hints)}")
@@ -478,64 +595,9 @@ def _check_values(p: Params, source: str) -> None:
     for name in p.data.sources:
         if name not in DATASET_NAMES:
             fail(f"data.sources.{name}", name, f"a dataset name, one of {sorted(DATASET_NAMES)}")
-    _check_data(p, fail)
-    if p.data.image_size < 16 or p.data.image_size % 16:
-        fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16")
-    positive = {
-        "data.synthetic.num_images": p.data.synthetic.num_images,
-        "data.synthetic.num_volumes": p.data.synthetic.num_volumes,
-        "data.synthetic.slices_per_volume": p.data.synthetic.slices_per_volume,
-        "unet.base_channels": p.unet.base_channels,
-        "segnet.base_channels": p.segnet.base_channels,
-        "deeplabv3.base_channels": p.deeplabv3.base_channels,
-        "deeplabv3.aspp_channels": p.deeplabv3.aspp_channels,
-        "attention_unet.base_channels": p.attention_unet.base_channels,
-        "transunet.base_channels": p.transunet.base_channels,
-        "transunet.hidden_size": p.transunet.hidden_size,
-        "transunet.num_layers": p.transunet.num_layers,
-        "transunet.num_heads": p.transunet.num_heads,
-        "transunet.mlp_dim": p.transunet.mlp_dim,
-        "medt.base_channels": p.medt.base_channels,
-        "medt.heads": p.medt.heads,
-        "medt.local_grid": p.medt.local_grid,
-        "model.base_channels": p.model.base_channels,
-        "model.transformer_dim": p.model.transformer_dim,
-        "model.transformer_layers": p.model.transformer_layers,
-        "train.epochs": p.train.epochs,
-        "train.batch_size": p.train.batch_size,
-        "train.patience": p.train.patience,
-        "eval.batch_size": p.eval.batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            fail(key, value, "an integer >= 1")
-    if p.data.synthetic.num_images < 10 or p.data.synthetic.num_volumes < 4:
-        fail("data.synthetic", p.data.synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
-    if p.model.modalities is not None and p.model.modalities < 1:
-        fail("model.modalities", p.model.modalities, "null (from the dataset) or an integer >= 1")
-    if p.model.transformer_dim % 8:
-        fail("model.transformer_dim", p.model.transformer_dim, "a multiple of 8 (8 attention heads)")
-    if not p.model.atrous_rates or min(p.model.atrous_rates) < 1:
-        fail("model.atrous_rates", p.model.atrous_rates, "a non-empty list of integers >= 1")
-    if not p.model.transformer_scales or not set(p.model.transformer_scales) <= {8, 16}:
-        fail("model.transformer_scales", p.model.transformer_scales, "a non-empty subset of [8, 16]")
-    if p.transunet.hidden_size % p.transunet.num_heads:
-        fail(
-            "transunet.hidden_size",
-            p.transunet.hidden_size,
-            f"a multiple of transunet.num_heads ({p.transunet.num_heads})",
-        )
-    if p.deeplabv3.depth not in (18, 34, 50, 101):
-        fail("deeplabv3.depth", p.deeplabv3.depth, "one of [18, 34, 50, 101]")
-    if p.deeplabv3.output_stride not in (8, 16):
-        fail("deeplabv3.output_stride", p.deeplabv3.output_stride, "8 or 16")
-    if p.medt.base_channels % 4 or (p.medt.base_channels // 2) % (2 * p.medt.heads):
-        fail(
-            "medt.base_channels",
-            p.medt.base_channels,
-            f"a multiple of 4 with base_channels / 2 divisible by 2 x medt.heads ({p.medt.heads})",
-        )
-    d = p.drgo
+
+
+def _check_drgo(d: DRGOParams, image_size: int, fail: Fail) -> None:
     for key in ("alpha", "beta", "delta", "smooth_weight", "gamma0"):
         if getattr(d, key) < 0:
             fail(f"drgo.{key}", getattr(d, key), "a number >= 0")
@@ -545,8 +607,8 @@ def _check_values(p: Params, source: str) -> None:
         fail("drgo.eps", d.eps, "a number in [0, 1]")
     if not d.tau > 0:
         fail("drgo.tau", d.tau, "a number > 0")
-    if d.region_size < 1 or p.data.image_size % d.region_size:
-        fail("drgo.region_size", d.region_size, f"a divisor of data.image_size ({p.data.image_size})")
+    if d.region_size < 1 or image_size % d.region_size:
+        fail("drgo.region_size", d.region_size, f"a divisor of data.image_size ({image_size})")
     if d.regions_per_image < 1:
         fail("drgo.regions_per_image", d.regions_per_image, "an integer >= 1")
     if len(d.importance_weights) != 3 or min(d.importance_weights) < 0 or not sum(d.importance_weights) > 0:
@@ -555,19 +617,27 @@ def _check_values(p: Params, source: str) -> None:
             d.importance_weights,
             "3 numbers >= 0 (frequency, boundary, entropy), not all 0",
         )
-    if not p.transunet.decoder_scale > 0:
-        fail("transunet.decoder_scale", p.transunet.decoder_scale, "a number > 0")
-    if not p.train.lr > 0:
-        fail("train.lr", p.train.lr, "a number > 0")
-    if p.train.weight_decay < 0 or p.loss.ce_weight < 0:
-        fail("train.weight_decay / loss.ce_weight", (p.train.weight_decay, p.loss.ce_weight), ">= 0")
-    if p.train.num_workers < 0:
-        fail("train.num_workers", p.train.num_workers, "an integer >= 0")
+
+
+def _check_train(p: Params, fail: Fail) -> None:
+    """The train, loss, eval and cv sections."""
+    t = p.train
+    for key in ("epochs", "batch_size", "patience"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", getattr(t, key), "an integer >= 1")
+    if p.eval.batch_size < 1:
+        fail("eval.batch_size", p.eval.batch_size, "an integer >= 1")
+    if not t.lr > 0:
+        fail("train.lr", t.lr, "a number > 0")
+    if t.weight_decay < 0 or p.loss.ce_weight < 0:
+        fail("train.weight_decay / loss.ce_weight", (t.weight_decay, p.loss.ce_weight), ">= 0")
+    if t.num_workers < 0:
+        fail("train.num_workers", t.num_workers, "an integer >= 0")
     for key, value, allowed in (
-        ("train.device", p.train.device, DEVICES),
-        ("train.optimizer", p.train.optimizer, OPTIMIZERS),
-        ("train.scheduler", p.train.scheduler, SCHEDULERS),
-        ("train.compile", p.train.compile, COMPILE_CHOICES),
+        ("train.device", t.device, DEVICES),
+        ("train.optimizer", t.optimizer, OPTIMIZERS),
+        ("train.scheduler", t.scheduler, SCHEDULERS),
+        ("train.compile", t.compile, COMPILE_CHOICES),
     ):
         if value not in allowed:
             fail(key, value, f"one of {list(allowed)}")
@@ -577,11 +647,9 @@ def _check_values(p: Params, source: str) -> None:
         fail("cv.seeds", p.cv.seeds, "a non-empty list of distinct integers")
     if not 0 < p.cv.test_fraction < 1:
         fail("cv.test_fraction", p.cv.test_fraction, "a number strictly between 0 and 1")
-    _check_augment(p.augment, fail)
-    _check_executor(p.executor, fail)
 
 
-def _check_augment(a: AugmentParams, fail: typing.Callable[[str, Any, str], None]) -> None:
+def _check_augment(a: AugmentParams, fail: Fail) -> None:
     for field in dataclasses.fields(a):
         if field.name.endswith("_p") and not 0 <= getattr(a, field.name) <= 1:
             fail(f"augment.{field.name}", getattr(a, field.name), "a probability in [0, 1]")
@@ -608,7 +676,7 @@ def _check_augment(a: AugmentParams, fail: typing.Callable[[str, Any, str], None
         fail("augment.mixup_alpha", a.mixup_alpha, "a number > 0 (the Beta distribution's parameter)")
 
 
-def _check_executor(e: ExecutorParams, fail: typing.Callable[[str, Any, str], None]) -> None:
+def _check_executor(e: ExecutorParams, fail: Fail) -> None:
     """Checked before any work: a bad slurm setting must not surface only after the first folds trained."""
     if e.kind not in EXECUTOR_KINDS:
         fail("executor.kind", e.kind, "local (this machine) or slurm (a submitit job array)")

@@ -7,17 +7,18 @@ format); FLOPs count one forward pass of one image (a multiply-add is 2 FLOPs).
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from medfusion.config import Params
+from medfusion.entries import resolve_model
+from medfusion.hardware import Precision, machine_summary
 from medfusion.losses import segmentation_loss
-from medfusion.training.loop import Precision, optimizer_step
+from medfusion.training.loop import optimizer_step
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -101,78 +102,45 @@ def train_step_seconds(
     return _median_seconds(step, precision.device, warmup, repeats)
 
 
-def hardware_name(device: torch.device) -> str:
-    """GPU name, or CPU model name and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
-PAPER = "MedFusion-TransNet as published: 35 ms/image and 7.8 GB peak memory on an NVIDIA RTX 3090 (paper, sec. 4)"
+def efficiency_row(
+    params: Params,
+    name: str,
+    precision: Precision,
+    size: int = 256,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    timed: bool = True,
+) -> dict:
+    """Entry `name` at its params.yaml widths: parameters, forward GFLOPs of one size x size image and
+    (when `timed`) inference ms/image at batch 1 on `precision`, with where and how it was timed."""
+    torch.manual_seed(0)
+    spec = resolve_model(params, name, image_size=size)  # position tables learned at the measured size
+    model = spec.build(in_channels, num_classes)
+    row = {
+        "model": name,
+        "architecture": spec.architecture,
+        "parameters": count_parameters(model),
+        "gflops": count_flops(model, in_channels, size) / 1e9,
+        "size": size,
+        "in_channels": in_channels,
+    }
+    if timed:
+        row["ms_per_image"] = inference_ms_per_image(model, in_channels, size, 1, precision)
+        row["machine"] = machine_summary(precision.device)
+        row["precision"] = precision.describe()
+    return row
 
 
 def efficiency_table(
-    params,
+    params: Params,
     precision: Precision,
     size: int = 256,
     in_channels: int = 3,
     num_classes: int = 2,
     timed: bool = True,
 ) -> list[dict]:
-    """One row per model entry of params (widths from params.yaml): parameters, forward GFLOPs of one
-    size x size image, and (when `timed`) inference ms/image at batch 1 on `precision`'s device."""
-    from medfusion.models import build_model
-
-    rows = []
-    for name in params.model_names:
-        torch.manual_seed(0)
-        kwargs = params.model_kwargs(name)
-        if "image_size" in kwargs:  # position tables learned at the measured size
-            kwargs["image_size"] = size
-        model = build_model(params.architecture(name), in_channels, num_classes, **kwargs)
-        row = {
-            "model": name,
-            "architecture": params.architecture(name),
-            "parameters": count_parameters(model),
-            "gflops": count_flops(model, in_channels, size) / 1e9,
-        }
-        if timed:
-            row["ms_per_image"] = inference_ms_per_image(model, in_channels, size, 1, precision)
-        rows.append(row)
-    return rows
-
-
-def efficiency_markdown(rows: list[dict], precision: Precision, size: int, in_channels: int) -> str:
-    """The efficiency table as markdown, with how it was measured and the paper's figures beside it."""
-    timed = rows and "ms_per_image" in rows[0]
-    head = "| model | architecture | parameters (M) | GFLOPs |" + (" ms/image |" if timed else "")
-    lines = [
-        "## Model efficiency",
-        "",
-        f"Widths from params.yaml; {in_channels}-channel {size}x{size} input, 2 classes. GFLOPs: one forward pass "
-        "of one image (torch.utils.flop_counter, a multiply-add = 2 FLOPs)."
-        + (
-            f" ms/image: median of 10 eval-mode forward passes at batch 1 after 2 warm-ups, on {hardware_name(precision.device)}, "
-            f"{'autocast ' + str(precision.amp_dtype).replace('torch.', '') if precision.amp_dtype else 'fp32'}"
-            f"{', channels_last' if precision.channels_last else ''}; torch {torch.__version__}."
-            if timed
-            else ""
-        ),
-        "",
-        head,
-        "|---|---|---|---|" + ("---|" if timed else ""),
+    """`efficiency_row` of every model entry of params."""
+    return [
+        efficiency_row(params, n, precision, size, in_channels, num_classes, timed)
+        for n in params.model_names
     ]
-    for r in rows:
-        line = f"| {r['model']} | {r['architecture']} | {r['parameters'] / 1e6:.2f} | {r['gflops']:.2f} |"
-        if timed:
-            line += f" {r['ms_per_image']:.1f} |"
-        lines.append(line)
-    lines += ["", f"For comparison, {PAPER}. Peak memory is not measured on CPU.", ""]
-    return "\n".join(lines)

@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medfusion.common import first_line, run_name
 from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_json
+from medfusion.hardware import Precision
 from medfusion.metrics import case_metrics, processed_spacing
 from medfusion.models import build_model
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.postprocess import choose_postprocess
-from medfusion.training.loop import Precision, out_of_memory_explained, predict_probs
+from medfusion.training.loop import out_of_memory_explained, predict_probs
 
 
 class CheckpointError(ValueError):
@@ -29,11 +31,6 @@ class CheckpointError(ValueError):
 
 
 CHECKPOINT_KEYS = ("model", "kwargs", "in_channels", "num_classes", "state_dict")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def weights_mismatch(expected: dict, found: dict) -> str:
@@ -75,7 +72,7 @@ def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
-            f"{path}: not a readable medfusion checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            f"{path}: not a readable medfusion checkpoint ({type(err).__name__}: {first_line(err)}); "
             "the file is truncated or corrupt (an interrupted copy, a full disk?): restore it or retrain the run"
         ) from err
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else None
@@ -102,7 +99,7 @@ def load_checkpoint(path: Path, precision: Precision) -> tuple[torch.nn.Module, 
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: cannot build the model it records, {described}: {_first_line(err)}"
+            f"{path}: cannot build the model it records, {described}: {first_line(err)}"
         ) from err
     state = checkpoint["state_dict"]
     problem = weights_mismatch(model.state_dict(), state) if isinstance(state, dict) else "no weights dict"
@@ -255,7 +252,7 @@ def evaluate_model(
     oof_probs: list[np.ndarray] = []
     oof_targets: list[np.ndarray] = []
     for run in runs:
-        name = f"fold{run['fold']}_seed{run['seed']}"
+        name = run_name(run["fold"], run["seed"])
         model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
         check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
         val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])

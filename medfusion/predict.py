@@ -44,7 +44,8 @@ from medfusion.data.preprocess import (
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint
-from medfusion.training.loop import Precision, out_of_memory_explained, predict_probs
+from medfusion.hardware import Precision
+from medfusion.training.loop import out_of_memory_explained, predict_probs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -447,3 +447,39 @@ def build_tables(
         out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats)
     out["statistics"] = statistics_table(stats, infos)
     return out
+
+
+# --- efficiency --------------------------------------------------------------------------------
+
+PAPER_EFFICIENCY = "MedFusion-TransNet as published: 35 ms/image and 7.8 GB peak memory on an NVIDIA RTX 3090 (paper, sec. 4)"
+
+
+def efficiency_markdown(rows: Sequence[Mapping]) -> str:
+    """The efficiency table (rows of `medfusion.efficiency.efficiency_row`) as markdown, with how and
+    where it was measured and the paper's figures beside it."""
+    first = rows[0] if rows else {}
+    timed = "ms_per_image" in first
+    size, channels = first.get("size", 256), first.get("in_channels", 3)
+    head = "| model | architecture | parameters (M) | GFLOPs |" + (" ms/image |" if timed else "")
+    how = (
+        f" ms/image: median of 10 eval-mode forward passes at batch 1 after 2 warm-ups, on {first['machine']}; "
+        f"{first['precision']}."
+        if timed
+        else ""
+    )
+    lines = [
+        "## Model efficiency",
+        "",
+        f"Widths from params.yaml; {channels}-channel {size}x{size} input, 2 classes. GFLOPs: one forward pass "
+        f"of one image (torch.utils.flop_counter, a multiply-add = 2 FLOPs).{how}",
+        "",
+        head,
+        "|---|---|---|---|" + ("---|" if timed else ""),
+    ]
+    for r in rows:
+        line = f"| {r['model']} | {r['architecture']} | {r['parameters'] / 1e6:.2f} | {r['gflops']:.2f} |"
+        if timed:
+            line += f" {r['ms_per_image']:.1f} |"
+        lines.append(line)
+    lines += ["", f"For comparison, {PAPER_EFFICIENCY}. Peak memory is not measured on CPU.", ""]
+    return "\n".join(lines)

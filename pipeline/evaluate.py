@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from medfusion.common import run_name
 from medfusion.config import load_params
 from medfusion.data.io import atomic_dir, read_json, write_json
 from medfusion.evaluation import evaluate_model
+from medfusion.hardware import resolve_precision
 from medfusion.report import summarize_runs
-from medfusion.training.loop import resolve_precision
 from medfusion.training.tracking import Tracker, resolve_tracking_uri
 
 
@@ -48,7 +49,7 @@ def main(
     tracker = Tracker.attach(resolve_tracking_uri(params.mlflow.tracking_uri), state.get("parent_run_id"))
     post = per_case[per_case["postprocess"] == "post"]
     for run in runs:
-        rows = post[post["run"] == f"fold{run['fold']}_seed{run['seed']}"]
+        rows = post[post["run"] == run_name(run["fold"], run["seed"])]
         means = rows.groupby(["class", "metric"])["value"].mean()
         tracker.log_test_metrics(
             run.get("mlflow_run_id"), {f"test_{m}_{c}": v for (c, m), v in means.items()}

@@ -13,14 +13,55 @@ import typer
 
 from medfusion.claims import claims_markdown
 from medfusion.config import load_params
-from medfusion.data.io import atomic_write_text, read_json, write_json
+from medfusion.data.io import atomic_write_text, read_history, read_json, write_json
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
-from medfusion.report import build_tables, metrics_json, summarize_runs, table_csv
-from medfusion.training.tracking import Tracker, resolve_tracking_uri
+from medfusion.report import build_tables, efficiency_markdown, metrics_json, summarize_runs, table_csv
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
+
+
+def write_efficiency(models: list[str], rows_dir: Path, out_dir: Path) -> None:
+    """reports/efficiency.md and .csv from the efficiency stages' rows (reports/efficiency/<model>.json)."""
+    rows = [read_json(rows_dir / f"{m}.json") for m in models]
+    atomic_write_text(out_dir / "efficiency.md", efficiency_markdown(rows))
+    atomic_write_text(out_dir / "efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+def dataset_figures(
+    summary: pd.DataFrame,
+    dataset: str,
+    title: str,
+    models: list[str],
+    eval_dir: Path,
+    runs_dir: Path,
+    fig_dir: Path,
+) -> list[Path]:
+    """One dataset's grouped bars, qualitative overlays (evaluation's examples.npz) and learning curves."""
+    cases: list[dict] = []
+    for m in models:
+        ex = np.load(eval_dir / dataset / m / "examples.npz")
+        for i, case_id in enumerate(ex["case_ids"]):
+            if len(cases) <= i:
+                cases.append(
+                    {
+                        "case_id": str(case_id),
+                        "image": ex["images"][i],
+                        "target": ex["targets"][i],
+                        "preds": {},
+                    }
+                )
+            cases[i]["preds"][m] = ex["preds"][i]
+    histories = {
+        m: [read_history(p) for p in sorted((runs_dir / dataset / m).glob("fold*_seed*/history.json"))]
+        for m in models
+    }
+    return [
+        metric_bars(summary, dataset, models, fig_dir / f"bars_{dataset}.png", title=title),
+        qualitative_grid(cases, models, fig_dir / f"qualitative_{dataset}.png"),
+        learning_curves(histories, fig_dir / f"curves_{dataset}.png", title=title),
+    ]
 
 
 def main(
@@ -32,6 +73,7 @@ def main(
 ):
     params = load_params(params_file)
     models = params.model_names
+    write_efficiency(models, out_dir / "efficiency", out_dir)
     per_case = pd.concat(
         pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in models
     )
@@ -45,32 +87,10 @@ def main(
         atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))
 
     summary = summarize_runs(per_case)
-    figures: dict[str, list[Path]] = {}
-    for d in params.datasets:
-        fig_dir = out_dir / "figures"
-        cases = []
-        for m in models:
-            ex = np.load(eval_dir / d / m / "examples.npz")
-            for i, case_id in enumerate(ex["case_ids"]):
-                if len(cases) <= i:
-                    cases.append(
-                        {
-                            "case_id": str(case_id),
-                            "image": ex["images"][i],
-                            "target": ex["targets"][i],
-                            "preds": {},
-                        }
-                    )
-                cases[i]["preds"][m] = ex["preds"][i]
-        histories = {
-            m: [read_json(p) for p in sorted((runs_dir / d / m).glob("fold*_seed*/history.json"))]
-            for m in models
-        }
-        figures[d] = [
-            metric_bars(summary, d, models, fig_dir / f"bars_{d}.png", title=params.spec(d).title),
-            qualitative_grid(cases, models, fig_dir / f"qualitative_{d}.png"),
-            learning_curves(histories, fig_dir / f"curves_{d}.png", title=params.spec(d).title),
-        ]
+    figures = {
+        d: dataset_figures(summary, d, params.spec(d).title, models, eval_dir, runs_dir, out_dir / "figures")
+        for d in params.datasets
+    }
     atomic_write_text(
         out_dir / "claims.md",
         claims_markdown(
@@ -86,12 +106,14 @@ def main(
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
-    uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-    for d in params.datasets:
-        for m in models:
-            state = runs_dir / d / m / "mlflow.json"
-            if state.exists():
-                Tracker.attach(uri, read_json(state).get("parent_run_id")).log_test_metrics(
+    states = {(d, m): runs_dir / d / m / "mlflow.json" for d in params.datasets for m in models}
+    if any(path.exists() for path in states.values()):  # MLflow only where runs were tracked
+        from medfusion.training.tracking import Tracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+        for (d, _), path in states.items():
+            if path.exists():
+                Tracker.attach(uri, read_json(path).get("parent_run_id")).log_test_metrics(
                     None, {}, figures[d]
                 )
     print(

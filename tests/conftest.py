@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-os.environ.update(
-    {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
-)
+from medfusion.common import TELEMETRY_OFF
+
+os.environ.update(TELEMETRY_OFF)
 
 from medfusion.config import Params, params_from_dict, read_yaml  # noqa: E402
 
@@ -50,6 +50,47 @@ def tiny_params() -> Params:
 
 def replace(params: Params, section: str, **changes) -> Params:
     return dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), **changes)})
+
+
+def tiny_kwargs() -> dict[str, dict]:
+    """Each registered model's tiny widths, by registry name: its params section's TINY line (the
+    quickstart trains at these widths too)."""
+    from medfusion.config import model_sections
+
+    return {("casnet" if key == "model" else key): dict(cls.TINY) for key, cls in model_sections().items()}
+
+
+def fp32():
+    """CPU fp32, NCHW: the precision the tests compare exact numbers in."""
+    import torch
+
+    from medfusion.hardware import Precision
+
+    return Precision(torch.device("cpu"), None, False, "fp32 fixed by the test")
+
+
+def train_fold(params: Params, dataset: str, name: str, processed: Path, split: dict, fold: int, seed: int,
+               out_dir: Path, log=None, precision=None, resume_key=None) -> dict:  # fmt: skip
+    """run_fold of entry `name` as the pipeline resolves it from `params` (fp32 unless told)."""
+    from medfusion.entries import resolve_entry, resources
+    from medfusion.training.fold import run_fold
+
+    entry = resolve_entry(params, dataset, name)
+    log = log or (lambda metrics, step: None)
+    return run_fold(entry, processed, split, fold, seed, out_dir, log, resources(params),
+                    precision or fp32(), resume_key)  # fmt: skip
+
+
+def train_cv(params: Params, dataset: str, name: str, processed: Path, split_path: Path, out_dir: Path,
+             tracker) -> list[dict]:  # fmt: skip
+    """run_cv of entry `name` with params' cv, resources and executor, as the train stage calls it."""
+    from medfusion.entries import resolve_entry, resources
+    from medfusion.training.cv import run_cv
+
+    entry = resolve_entry(params, dataset, name)
+    return run_cv(
+        entry, processed, split_path, out_dir, tracker, params.cv, resources(params), params.executor
+    )
 
 
 @pytest.fixture(scope="session")

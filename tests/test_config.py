@@ -4,9 +4,10 @@ import pytest
 import yaml
 from conftest import REPO, raw_params, with_key
 
-from medfusion.config import ConfigError, load_params, params_from_dict
+from medfusion.config import ConfigError, baseline_names, load_params, model_sections, params_from_dict
 from medfusion.data.registry import DATASET_NAMES
-from medfusion.models import MODELS, build_model
+from medfusion.entries import resolve_entry, resolve_model
+from medfusion.models import MODELS
 
 
 def test_params_yaml_is_the_paper_protocol():
@@ -25,25 +26,40 @@ def test_params_yaml_is_the_paper_protocol():
 
 def test_every_model_in_params_builds():
     p = load_params(REPO / "params.yaml")
-    assert set(p.models.baselines) == set(MODELS) - {"casnet"}
+    assert set(p.models.baselines) == set(MODELS) - {"casnet"} == set(baseline_names())
+    assert set(model_sections()) == {"model", *baseline_names()}  # every registered model has its section
     assert p.model_names[:4] == ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br"]
     for name in p.model_names:
-        assert p.architecture(name) in MODELS
-        build_model(p.architecture(name), 3, 2, **p.model_kwargs(name))
+        spec = resolve_model(p, name)
+        assert spec.architecture in MODELS
+        spec.build(3, 2)
     assert set(p.data.sources) <= set(DATASET_NAMES)
 
 
 def test_ablation_entries_override_the_model_section():
     p = load_params(REPO / "params.yaml")
-    assert p.model_kwargs("casnet_wo_hfe")["use_hfe"] is False and p.model_kwargs("casnet")["use_hfe"] is True
-    assert p.model_kwargs("casnet_wo_ca")["use_attention"] is False
-    assert "use_boundary" not in p.model_kwargs("casnet_wo_br")  # a loss setting, not the network's
-    assert (
-        p.casnet_settings("casnet_wo_br")["use_boundary"] is False
-        and p.casnet_settings("casnet")["use_boundary"]
-    )
-    assert p.model_kwargs("casnet", "kvasir_seg")["modalities"] == 1
-    assert p.model_kwargs("transunet")["image_size"] == 256
+    kwargs = {name: resolve_model(p, name).kwargs for name in p.model_names}
+    assert kwargs["casnet_wo_hfe"]["use_hfe"] is False and kwargs["casnet"]["use_hfe"] is True
+    assert kwargs["casnet_wo_ca"]["use_attention"] is False
+    assert "use_boundary" not in kwargs["casnet_wo_br"] and "drgo" not in kwargs["casnet"]  # loss settings
+    wo_br, full = (resolve_entry(p, "kvasir_seg", n) for n in ("casnet_wo_br", "casnet"))
+    assert wo_br.drgo.use_boundary is False and full.drgo.use_boundary is True
+    assert full.model.kwargs["modalities"] == 1 and full.architecture == "casnet"
+    assert resolve_entry(p, "kvasir_seg", "unet").drgo is None  # the paper trains baselines with L_seg
+    assert kwargs["transunet"]["image_size"] == 256 and kwargs["medt"]["image_size"] == 256
+    assert "image_size" not in kwargs["unet"]  # only constructors that take it
+
+
+def test_drgo_settings_mirror_the_drgo_section():
+    """DRGOSettings is built from the drgo section by name: the same keys, plus use_boundary."""
+    import dataclasses
+
+    from medfusion.config import DRGOParams
+    from medfusion.losses.drgo import DRGOSettings
+
+    assert {f.name for f in dataclasses.fields(DRGOSettings)} == {
+        f.name for f in dataclasses.fields(DRGOParams)
+    } | {"use_boundary"}
 
 
 def _with(path: str, value, delete: bool = False) -> dict:
@@ -122,14 +138,16 @@ def test_params_yaml_is_read_as_dvc_reads_it(tmp_path):
     """`dvc exp run -S train.compile=off` writes a bare `compile: off`: a string in YAML 1.2 (DVC), and
     so for load_params; only true/false are booleans (YAML 1.1's on/off/yes/no are not)."""
     text = (REPO / "params.yaml").read_text()
-    assert "  compile: regions" in text
+    assert "  compile: auto" in text and "  cpu_bf16: auto" in text and "  channels_last: auto" in text
     path = tmp_path / "params.yaml"
-    path.write_text(text.replace("  compile: regions", "  compile: off"))
+    path.write_text(text.replace("  compile: auto", "  compile: off"))
     assert load_params(path).train.compile == "off"
     assert yaml.safe_load(path.read_text())["train"]["compile"] is False  # what YAML 1.1 would have said
-    path.write_text(text.replace("  cpu_bf16: true", "  cpu_bf16: on"))
-    with pytest.raises(ConfigError, match=r"train.cpu_bf16: expected bool, got str 'on'"):
+    path.write_text(text.replace("  cpu_bf16: auto", "  cpu_bf16: on"))
+    with pytest.raises(ConfigError, match=r"train.cpu_bf16: expected bool or 'auto', got str 'on'"):
         load_params(path)
+    path.write_text(text.replace("  cpu_bf16: auto", "  cpu_bf16: false"))
+    assert load_params(path).train.cpu_bf16 is False
     raw = copy.deepcopy(raw_params())
     raw["train"]["compile"] = True
     with pytest.raises(ConfigError, match="train.compile"):

@@ -25,6 +25,7 @@ from medfusion.data.io import DataError, read_json, write_nifti
 from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset, rebuild_volume
 from medfusion.data.registry import DATASETS
 from medfusion.data.splits import make_split
+from medfusion.entries import resolve_entry
 
 PARAMS = params_from_dict(tiny_raw_params())
 SYNTH = PARAMS.data.synthetic
@@ -172,7 +173,7 @@ def test_msd_prostate_is_two_modalities_with_the_whole_gland(tmp_path):
     images = np.load(tmp_path / "proc" / "images.npy")
     assert images.shape == (8, 2, 32, 32) and meta["modalities"] == 2
     assert set(np.unique(np.load(tmp_path / "proc" / "masks.npy"))) == {0, 1}  # PZ + TZ = gland
-    assert PARAMS.model_kwargs("casnet", "msd_prostate")["modalities"] == 2
+    assert resolve_entry(PARAMS, "msd_prostate", "casnet").model.kwargs["modalities"] == 2
 
 
 # ---------------------------------------------------------------- archives and downloads

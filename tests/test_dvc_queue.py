@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_repo
 
-from medfusion.cli import QUICKSTART_OVERRIDES
+from medfusion.quickstart import quickstart_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,9 @@ def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess
 
 
 def _overrides(extra: str) -> list[str]:
-    """QUICKSTART_OVERRIDES (tiny widths, train.compile=off) with TINY and `extra` replacing their keys:
-    -S takes each key once."""
-    merged = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in QUICKSTART_OVERRIDES}
+    """The quickstart's overrides (tiny widths, train.compile=off) with TINY and `extra` replacing their
+    keys: -S takes each key once."""
+    merged = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in quickstart_overrides()}
     merged.update(TINY)
     key, value = extra.split("=", 1)
     merged[key] = value

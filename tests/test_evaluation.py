@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import replace, tiny_raw_params
+from conftest import fp32, replace, tiny_raw_params, train_fold
 
 from medfusion.config import params_from_dict
 from medfusion.data.fetch import fetch_dataset
@@ -10,17 +10,14 @@ from medfusion.data.io import read_json
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
 from medfusion.evaluation import evaluate_model
-from medfusion.training.cv import run_fold
-from medfusion.training.loop import resolve_precision
 
-FP32 = resolve_precision("cpu", cpu_bf16=False, channels_last=False)
+FP32 = fp32()
 
 
 def _train_two_folds(params, dataset, processed, split, runs_dir):
     runs = []
     for fold in range(2):
-        run_fold(params, dataset, "unet", processed, split, fold, 0, runs_dir / f"fold{fold}_seed0",
-                 lambda m, s: None, FP32)  # fmt: skip
+        train_fold(params, dataset, "unet", processed, split, fold, 0, runs_dir / f"fold{fold}_seed0")
         runs.append({"fold": fold, "seed": 0})
     return runs
 
@@ -62,9 +59,7 @@ def test_the_ensemble_averages_the_runs_probabilities(tmp_path, synthetic_proces
 
     processed, split = synthetic_processed
     params = replace(params_from_dict(tiny_raw_params()), "train", epochs=1)
-    run_fold(
-        params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "fold0_seed0", lambda m, s: None, FP32
-    )
+    train_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "fold0_seed0")
     shutil.copytree(tmp_path / "fold0_seed0", tmp_path / "fold1_seed0")
     runs = [{"fold": 0, "seed": 0}, {"fold": 1, "seed": 0}]
     per_case, _, _ = evaluate_model(runs, tmp_path, processed, split, 8, FP32)

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import RecordingTracker, epochs_checkpointed, replace, tiny_raw_params
+from conftest import RecordingTracker, epochs_checkpointed, replace, tiny_raw_params, train_cv
 
 from medfusion.config import ConfigError, ExecutorParams, SlurmParams, params_from_dict
-from medfusion.data.io import write_json
-from medfusion.training.cv import fold_hash, run_cv
+from medfusion.data.io import read_history, write_json
+from medfusion.entries import Resources, resolve_entry
+from medfusion.training.cv import run_hash
 from medfusion.training.executor import (
     ExecutorError,
     RunJob,
@@ -49,7 +50,7 @@ def _same_run_files(a, b):
         k: v for k, v in wb.items() if k != "state_dict"
     }
     clockless = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    ha, hb = (json.loads((d / "history.json").read_text()) for d in (a, b))
+    ha, hb = (read_history(d / "history.json") for d in (a, b))
     assert clockless(ha) == clockless(hb)
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
     for key in ("best_epoch", "best_val_loss", "best_val_dice", "epochs_run", "config_hash", "device"):
@@ -73,12 +74,12 @@ def test_two_local_processes_write_what_the_serial_loop_writes(
 
     processed, split = synthetic_processed
     write_json(tmp_path / "split.json", split)
-    serial = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "serial",
+    serial = train_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "serial",
                     _untracked())  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "medfusion/synthetic", "unet", {"train.lr": 0.003}, {"dataset": "synthetic"})
     params = _local(tiny_params, 2, tmp_path / "submitit")
-    parallel = run_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",
+    parallel = train_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",
                       tracker.child)  # fmt: skip
     tracker.finish()
 
@@ -97,7 +98,7 @@ def test_two_local_processes_write_what_the_serial_loop_writes(
     assert all(len(client.get_metric_history(c.info.run_id, "val_dice")) == 2 for c in children)
 
     recorder = RecordingTracker()  # a run trained by a job counts as finished for the serial loop, and back
-    again = run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",
+    again = train_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",
                    recorder)  # fmt: skip
     assert recorder.started == [] and again == parallel
 
@@ -107,9 +108,14 @@ def test_the_executor_section_is_in_no_runs_hash(tiny_params, synthetic_processe
     slurm = replace(tiny_params, "executor", kind="slurm", processes=0, folder="/elsewhere",
                     slurm=SlurmParams(partition="gpu", gpus_per_node=4, mem_gb=1.0))  # fmt: skip
     for fold in (0, 1):
-        assert fold_hash(tiny_params, "synthetic", "unet", processed, split, fold, 0) == fold_hash(
-            slurm, "synthetic", "unet", processed, split, fold, 0
-        )
+        assert run_hash(
+            resolve_entry(tiny_params, "synthetic", "unet"), processed, split, fold, 0
+        ) == run_hash(resolve_entry(slurm, "synthetic", "unet"), processed, split, fold, 0)
+
+
+def _job(params, processed, split, fold, run_dir, **extra) -> RunJob:
+    entry = resolve_entry(params, "synthetic", "unet")
+    return RunJob(entry, processed, split, fold, 0, run_dir, "h", _untracked(), Resources(), **extra)
 
 
 def test_a_failed_job_is_named_with_its_log_and_the_others_finish(tiny_params, synthetic_processed, tmp_path):
@@ -120,7 +126,7 @@ def test_a_failed_job_is_named_with_its_log_and_the_others_finish(tiny_params, s
     params = _local(tiny_params, 2, tmp_path / "submitit")
     out = tmp_path / "runs"
     with pytest.raises(ExecutorError, match=r"1 of 2 runs failed") as caught:
-        run_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", out, _untracked())
+        train_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", out, _untracked())
     message = str(caught.value)
     assert "fold1_seed0 (fold 1, seed 0)" in message and "fold0_seed0" not in message
     assert "case ids not in the processed data: ['no_such_case']" in message
@@ -149,8 +155,7 @@ def test_slurm_array_gets_the_params_resources(tiny_params, synthetic_processed,
     submitted = _fake_slurm(tmp_path, monkeypatch)
     processed, split = synthetic_processed
     settings = SlurmParams("gpu", "lab", 2, 6, 48.0, 90, 2, ["module load cuda/12.4"], max_requeues=5)
-    jobs = [RunJob(tiny_params, "synthetic", "unet", processed, split, f, 0, tmp_path / f"f{f}", "h", _untracked())
-            for f in range(3)]  # fmt: skip
+    jobs = [_job(tiny_params, processed, split, f, tmp_path / f"f{f}") for f in range(3)]
     try:
         executor = slurm_executor(settings, tmp_path / "logs", "medfusion-synthetic-unet")
         handles = executor.map_array(TrainRun(), jobs)
@@ -170,11 +175,9 @@ def test_slurm_array_gets_the_params_resources(tiny_params, synthetic_processed,
 def test_slurm_without_a_cluster_is_a_clear_error(tiny_params, synthetic_processed, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     processed, split = synthetic_processed
-    params = replace(tiny_params, "executor", kind="slurm", folder=str(tmp_path / "logs"))
+    settings = ExecutorParams(kind="slurm", folder=str(tmp_path / "logs"))
     with pytest.raises(ExecutorError, match=r"executor.kind = 'slurm' but slurm is not reachable"):
-        run_pending(
-            params, "synthetic", "unet", processed, split, [(0, 0, tmp_path / "r", "h")], _untracked()
-        )
+        run_pending([_job(tiny_params, processed, split, 0, tmp_path / "r")], settings, "synthetic/unet")
 
 
 def test_one_process_per_gpu_without_a_gpu_names_the_key(
@@ -182,11 +185,9 @@ def test_one_process_per_gpu_without_a_gpu_names_the_key(
 ):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     processed, split = synthetic_processed
-    params = _local(tiny_params, 0, tmp_path)
+    settings = ExecutorParams(processes=0, folder=str(tmp_path))
     with pytest.raises(ExecutorError, match=r"executor.processes = 0 .* no GPU is visible"):
-        run_pending(
-            params, "synthetic", "unet", processed, split, [(0, 0, tmp_path / "r", "h")], _untracked()
-        )
+        run_pending([_job(tiny_params, processed, split, 0, tmp_path / "r")], settings, "synthetic/unet")
 
 
 @pytest.mark.parametrize(
@@ -259,8 +260,7 @@ def test_a_preempted_task_is_requeued_and_resumes_from_last_pt(
     the numbers of an uninterrupted run."""
     processed, split = synthetic_processed
     params = replace(tiny_params, "train", epochs=30, patience=30)
-    job = RunJob(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "plain", "h", _untracked(),
-                 torch_threads=1)  # fmt: skip
+    job = _job(params, processed, split, 0, tmp_path / "plain", torch_threads=1)
     reference = train_run(job)
 
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")

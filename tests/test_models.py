@@ -1,30 +1,13 @@
 import pytest
 import torch
+from conftest import tiny_kwargs
 
 from medfusion.models import MODELS, build_model
 
-# Small widths so that every model runs in well under a second on CPU; defaults are the papers'.
-TINY_KWARGS = {
-    "casnet": {
-        "base_channels": 4,
-        "transformer_dim": 16,
-        "transformer_layers": 1,
-        "transformer_scales": [16, 8],
-    },
-    "unet": {"base_channels": 4},
-    "segnet": {"base_channels": 4},
-    "deeplabv3": {"base_channels": 4, "depth": 18, "aspp_channels": 8},
-    "attention_unet": {"base_channels": 4},
-    "transunet": {
-        "base_channels": 4,
-        "hidden_size": 16,
-        "num_layers": 1,
-        "num_heads": 2,
-        "mlp_dim": 32,
-        "decoder_scale": 0.25,
-    },  # fmt: skip
-    "medt": {"base_channels": 16, "heads": 4},
-}
+# Each params section's TINY widths, so that every model runs in well under a second on CPU; CASNet's
+# transformer fuses at both scales here. Defaults are the papers'.
+TINY_KWARGS = tiny_kwargs()
+TINY_KWARGS["casnet"] = {**TINY_KWARGS["casnet"], "transformer_scales": [16, 8]}
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -94,7 +77,9 @@ def test_unet_widths_follow_base_channels():
 
 
 def casnet(**changes):
-    return build_model("casnet", changes.pop("in_channels", 3), 2, **{**TINY_KWARGS["casnet"], **changes})
+    """A CASNet of width 4 (the channel counts below are worked out for it)."""
+    kwargs = {**TINY_KWARGS["casnet"], "base_channels": 4, "transformer_dim": 16, **changes}
+    return build_model("casnet", kwargs.pop("in_channels", 3), 2, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +201,7 @@ def test_transunet_encodes_the_1_16_map_with_a_vit():
     model = build_model("transunet", 3, 2, **TINY_KWARGS["transunet"])
     assert [len(s) for s in model.cnn.stages] == [3, 4, 9]  # R50 hybrid stages
     assert model.pos.weight.shape[-1] == 16  # 256 / 16 tokens per side at the reference size
-    assert len(model.vit.layers.layers) == 1
+    assert len(model.vit.layers.layers) == TINY_KWARGS["transunet"]["num_layers"]
 
 
 def test_medt_gated_axial_attention():

@@ -1,4 +1,7 @@
-"""`medfusion quickstart` end to end in a temporary copy of the repository (git + DVC + MLflow)."""
+"""`medfusion quickstart` end to end in a temporary copy of the repository (git + DVC + MLflow).
+
+The quickstart trains its default entries (CASNet, one ablation, U-Net) through DVC; every other
+entry goes through the same library functions in tests/test_all_entries.py."""
 
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ import yaml
 from conftest import REPO, copy_repo
 
 from medfusion.config import read_yaml
+from medfusion.quickstart import DEFAULT_MODELS
 
 pytestmark = pytest.mark.slow
 
-ENTRIES = ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "unet", "segnet", "deeplabv3",
-           "attention_unet", "transunet", "medt"]  # fmt: skip
+ENTRIES = [*DEFAULT_MODELS["casnet"], *DEFAULT_MODELS["baselines"]]  # casnet, casnet_wo_br, unet
 
 
 def _load_params(repo: Path) -> dict:
@@ -51,13 +54,16 @@ def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_rep
     assert "`synthetic`" in table1 and "`synthetic_volumes`" in table2
     assert "per test case = one volume rebuilt from its slice predictions" in table2.lower()
     assert "hd95 (mm)" in table2.lower() and "hd95 (px)" in table1.lower()  # spacing known for NIfTI only
-    for model in ["casnet", *ENTRIES[4:]]:  # CASNet and the baselines; the ablations are in tables 3-4
+    for model in [
+        "casnet",
+        *DEFAULT_MODELS["baselines"],
+    ]:  # CASNet and the baselines; ablations in tables 3-4
         for cls in ("organ", "lesion"):
             assert f"| {model} | {cls} | mean ± std over runs |" in table2
             assert f"| {model} | {cls} | fold ensemble |" in table2
     for name in ("table1", "table2", "table3", "table4", "statistics"):
         assert (tables / f"{name}.md").exists() and (tables / f"{name}.csv").exists()
-    assert "| casnet_wo_hfe | use_hfe=False | blob |" in (tables / "table3.md").read_text()
+    assert "| casnet_wo_br | use_boundary=False | blob |" in (tables / "table3.md").read_text()
     assert "| casnet_wo_br | use_boundary=False | lesion |" in (tables / "table4.md").read_text()
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     overlap = [
@@ -74,6 +80,7 @@ def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_rep
     assert "35" in claims and "7.8" in claims and "not run" in claims
     efficiency = (repo / "reports" / "efficiency.md").read_text()
     assert all(f"| {m} |" in efficiency for m in ENTRIES) and "RTX 3090" in efficiency
+    assert "ISA " in efficiency and "threads, torch" in efficiency  # where it was timed
     per_case = (repo / "data" / "eval" / "synthetic_volumes" / "casnet" / "per_case.csv").read_text()
     assert ",ensemble," in per_case and ",post" in per_case and ",raw" in per_case
 
@@ -90,12 +97,12 @@ def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
     }
     assert (tests["reference"] == "casnet").all() and set(tests["metric"]) == {"dice", "iou", "hd95"}
     dice = tests[(tests["dataset"] == "synthetic") & (tests["metric"] == "dice")]
-    assert sorted(dice["model"]) == sorted(ENTRIES[1:]) and (dice["n_cases"] == 16).all()
+    assert sorted(dice["model"]) == sorted(ENTRIES[1:]) and (dice["n_cases"] == 13).all()
     for column in ("p_t", "p_t_holm", "p_wilcoxon", "p_wilcoxon_holm"):
         assert tests[column].dropna().between(0, 1).all()
     assert (tests["p_t_holm"].dropna() >= tests.loc[tests["p_t_holm"].notna(), "p_t"] - 1e-12).all()
     statistics = (repo / "reports" / "tables" / "statistics.md").read_text()
-    assert "| blob | Dice (%) | medt | 16 |" in statistics
+    assert "| blob | Dice (%) | unet | 13 |" in statistics
 
 
 def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quickstart_repo):
@@ -106,13 +113,15 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
     tags = db.execute("select run_uuid, key, value from tags").fetchall()
     parents = {r for r, k, v in tags if k == "mlflow.runName" and v in ENTRIES}
     children = {r for r, k, _ in tags if k == "mlflow.parentRunId"}
-    assert (
-        len(parents) == 20 and len(children) == 40
-    )  # 2 datasets x 10 entries x (1 parent, 2 folds x 1 seed)
+    assert len(parents) == 6 and len(children) == 12  # 2 datasets x 3 entries x (1 parent, 2 folds x 1 seed)
     assert {v for r, k, v in tags if k == "dvc.exp_name"} == {"qs-test"}
     metric_keys = {(r, k) for r, k in db.execute("select run_uuid, key from metrics")}
     assert all((p, "test_dice_organ") in metric_keys or (p, "test_dice_blob") in metric_keys for p in parents)
     assert all((c, "val_dice") in metric_keys for c in children)
+    computed = {
+        k: v for r, k, v in tags if r in children and k in ("amp_dtype", "precision_reason", "compile")
+    }
+    assert computed["compile"] == "off" and computed["precision_reason"]  # how each run computed
 
 
 def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
@@ -127,11 +136,11 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     params["unet"]["base_channels"] += 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
-    assert changed == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency"}
+    assert changed == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency@unet"}
     dry = _run(["dvc", "repro", "--dry"], repo, env).stdout
     would_run = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     # evaluate, stats and report follow when the train outputs change; nothing upstream reruns
-    assert would_run == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency"}
+    assert would_run == {"train@synthetic-unet", "train@synthetic_volumes-unet", "efficiency@unet"}
 
     # the ablation switch users type: only the CASNet entries (and efficiency) are out of date
     _run(["git", "checkout", "params.yaml"], repo, env)
@@ -140,6 +149,28 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     params["model"]["use_boundary"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
+    casnet_entries = DEFAULT_MODELS["casnet"]
     assert changed == {
-        f"train_casnet@{d}-{m}" for d in ("synthetic", "synthetic_volumes") for m in ENTRIES[:4]
-    } | {"efficiency"}
+        f"train_casnet@{d}-{m}" for d in ("synthetic", "synthetic_volumes") for m in casnet_entries
+    } | {f"efficiency_casnet@{m}" for m in casnet_entries}
+
+
+@pytest.mark.parametrize(
+    "change", [("eval", "batch_size", 8), ("train", "num_workers", 3), ("executor", "processes", 2)]
+)
+def test_a_setting_that_cannot_change_a_result_retrains_nothing(quickstart_repo, change):
+    """The out-of-memory advice `-S eval.batch_size=8`, more loader workers, another executor: no train
+    stage is out of date, and a forced train stage skips every finished run (same run hash)."""
+    repo, env, _ = quickstart_repo
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    _run(["dvc", "exp", "apply", "qs-test"], repo, env)
+    params = _load_params(repo)
+    section, key, value = change
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
+    assert not {s for s in changed if s.startswith("train")}, changed
+    if section == "executor":  # executor: no stage depends on it at all
+        assert changed == set()
+    forced = _run(["dvc", "repro", "-f", "--single-item", "train@synthetic-unet"], repo, env).stdout
+    assert forced.count("finished earlier with this config, skipped") == 2, forced[-2000:]

@@ -19,6 +19,7 @@ from medfusion.data.fetch import fetch_dataset
 from medfusion.data.io import write_json
 from medfusion.data.preprocess import case_refs, preprocess_dataset
 from medfusion.data.registry import dataset_spec
+from medfusion.hardware import Precision
 from medfusion.models import build_model
 from medfusion.predict import (
     ensemble_probs,
@@ -28,7 +29,6 @@ from medfusion.predict import (
     preprocessing_from_meta,
     read_input,
 )
-from medfusion.training.loop import Precision
 
 runner = CliRunner()
 CPU = Precision(torch.device("cpu"), None, False)

@@ -5,27 +5,28 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATASETS, replace, tiny_raw_params
+from conftest import SHARED_DATASETS, replace, tiny_raw_params, train_fold
 
 from medfusion.config import params_from_dict
 from medfusion.data.io import read_json
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
 from medfusion.evaluation import evaluate_run
-from medfusion.training.cv import run_fold
-from medfusion.training.loop import resolve_precision
+from medfusion.hardware import resolve_precision
 
 KVASIR = SHARED_DATASETS / "kvasir_seg"
 
 pytestmark = pytest.mark.skipif(not KVASIR.is_dir(), reason=f"{KVASIR} not present (real-data test)")
 
 
+# CASNet trains with DRGO, whose extra terms slow the start: in fp32 (AVX2 EPYC) 25 epochs of 3 steps
+# gave Dice 0.19 against all-foreground's 0.27, and 40 epochs of 6 steps 0.36 (L_seg alone: 0.42 at 25x3).
 @pytest.mark.parametrize(
-    ("model", "section", "widths"),
-    [("unet", "unet", {"base_channels": 8}),
-     ("casnet", "model", {"base_channels": 8, "transformer_dim": 32, "transformer_layers": 1})],
+    ("model", "section", "widths", "epochs", "batch"),
+    [("unet", "unet", {"base_channels": 8}, 25, 8),
+     ("casnet", "model", {"base_channels": 8, "transformer_dim": 32, "transformer_layers": 1}, 40, 4)],
 )  # fmt: skip
-def test_model_learns_on_40_real_kvasir_pairs(tmp_path, model, section, widths):
+def test_model_learns_on_40_real_kvasir_pairs(tmp_path, model, section, widths, epochs, batch):
     raw = tmp_path / "raw"
     for sub in ("images", "masks"):
         (raw / sub).mkdir(parents=True)
@@ -39,19 +40,10 @@ def test_model_learns_on_40_real_kvasir_pairs(tmp_path, model, section, widths):
     params = params_from_dict(tiny_raw_params())
     params = replace(params, "data", image_size=64)
     params = replace(params, section, **widths)
-    params = replace(params, "train", epochs=25, batch_size=8, lr=3e-3, patience=25)
-    precision = resolve_precision("cpu", cpu_bf16=True, channels_last=True)
-    run_fold(
-        params,
-        "kvasir_seg",
-        model,
-        tmp_path / "proc",
-        split,
-        0,
-        0,
-        tmp_path / "run",
-        lambda m, s: None,
-        precision,
+    params = replace(params, "train", epochs=epochs, batch_size=batch, lr=3e-3, patience=epochs)
+    precision = resolve_precision("cpu")  # what this CPU trains with by default (auto)
+    train_fold(
+        params, "kvasir_seg", model, tmp_path / "proc", split, 0, 0, tmp_path / "run", precision=precision
     )
     rows = evaluate_run(tmp_path / "run" / "model.pt", tmp_path / "proc", split["test"], 8, precision)
     dice = np.mean([r["value"] for r in rows if r["metric"] == "dice"])

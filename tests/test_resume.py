@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import epochs_checkpointed, tiny_raw_params
+from conftest import epochs_checkpointed, tiny_raw_params, train_fold
 
-from medfusion.data.io import write_json
+from medfusion.data.io import read_history, write_json
 
 TRAIN = """
 import contextlib, json, sys
 from pathlib import Path
 import torch
 from medfusion.config import params_from_dict
+from medfusion.entries import resolve_entry, resources
 from medfusion.training.cv import run_cv
 
 torch.set_num_threads(1)
@@ -33,7 +34,8 @@ def tracker(fold, seed, run_params):
     yield lambda metrics, step: None
 
 params = params_from_dict(json.loads(Path(raw).read_text()))
-run_cv(params, "synthetic", "casnet", Path(processed), Path(split), Path(out), tracker)
+entry = resolve_entry(params, "synthetic", "casnet")
+run_cv(entry, Path(processed), Path(split), Path(out), tracker, params.cv, resources(params))
 print("DONE", flush=True)
 """
 EPOCHS = 6
@@ -94,7 +96,7 @@ def _numbers(out: Path) -> dict:
     runs = {}
     for run in sorted(out.glob("fold*_seed*")):
         result = json.loads((run / "result.json").read_text())
-        history = json.loads((run / "history.json").read_text())
+        history = read_history(run / "history.json")
         runs[run.name] = {
             "result": {k: v for k, v in result.items() if k not in VOLATILE},
             "history": [{k: v for k, v in row.items() if k not in VOLATILE} for row in history],
@@ -141,7 +143,6 @@ def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(syntheti
 def test_unusable_resume_state_restarts_the_run(synthetic_processed, tmp_path, content, capsys):
     """A truncated/corrupt last.pt or one from other settings: the run starts over and says so."""
     from medfusion.config import params_from_dict
-    from medfusion.training.cv import run_fold
 
     processed, split = synthetic_processed
     raw = _raw()
@@ -154,9 +155,7 @@ def test_unusable_resume_state_restarts_the_run(synthetic_processed, tmp_path, c
     else:
         (run_dir / "last.pt").write_bytes(content)
     (run_dir / "stale.txt").write_text("from an older run")
-    result = run_fold(
-        params, "synthetic", "casnet", processed, split, 0, 0, run_dir, lambda m, s: None, resume_key="k"
-    )
+    result = train_fold(params, "synthetic", "casnet", processed, split, 0, 0, run_dir, resume_key="k")
     assert result["epochs_run"] == 1
     assert "training this run from epoch 1" in capsys.readouterr().out
     assert not (run_dir / "stale.txt").exists()

@@ -4,22 +4,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import RecordingTracker, replace
+from conftest import RecordingTracker, fp32, replace, train_cv, train_fold
 
-from medfusion.data.io import write_json
+from medfusion.common import TrainingError
+from medfusion.data.io import read_history, write_json
+from medfusion.entries import resolve_entry
 from medfusion.evaluation import evaluate_run
+from medfusion.hardware import resolve_precision
 from medfusion.report import summarize_runs
-from medfusion.training.cv import run_cv, run_fold
-from medfusion.training.loop import Precision, TrainingError, resolve_precision, train_one_epoch
+from medfusion.training.loop import train_one_epoch
 from medfusion.training.tracking import Tracker
 
-FP32 = Precision(torch.device("cpu"), None, False)
+FP32 = fp32()
 
 
 def _fold(params, processed, split, tmp_path, name="run", precision=FP32):
     logged = []
-    result = run_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / name,
-                      lambda m, step: logged.append((step, m)), precision)  # fmt: skip
+    result = train_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / name,
+                        lambda m, step: logged.append((step, m)), precision)  # fmt: skip
     return result, logged
 
 
@@ -28,8 +30,11 @@ def test_run_fold_trains_logs_and_keeps_the_best_checkpoint(tiny_params, synthet
     result, logged = _fold(tiny_params, processed, split, tmp_path)
     assert [step for step, _ in logged] == [0, 1]
     assert {"train_loss", "val_loss", "val_dice", "lr", "seconds"} <= set(logged[0][1])
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    history = read_history(tmp_path / "run" / "history.json")
     assert result["best_val_loss"] == min(r["val_loss"] for r in history)
+    recorded = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert recorded["amp_dtype"] == "float32" and recorded["compile"] == "off"  # how it computed, and why
+    assert recorded["precision_reason"] and recorded["compile_reason"] == "train.compile = off"
     checkpoint = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert checkpoint["model"] == "unet" and checkpoint["kwargs"] == {"base_channels": 4}
     assert checkpoint["epoch"] == result["best_epoch"]
@@ -79,13 +84,13 @@ def test_run_cv_skips_finished_runs_and_redoes_changed_ones(tiny_params, synthet
     write_json(tmp_path / "split.json", split)
     tracker = RecordingTracker()
     out = tmp_path / "runs"
-    run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    train_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
     assert tracker.started == [(0, 0), (1, 0)]
     (out / "fold1_seed0" / "result.json").unlink()  # as if the stage was killed during fold 1
-    run_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    train_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
     assert tracker.started[2:] == [(1, 0)]  # fold 0 was not redone
     changed = replace(tiny_params, "unet", base_channels=2)
-    run_cv(changed, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
+    train_cv(changed, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker)
     assert tracker.started[3:] == [(0, 0), (1, 0)]  # a new config retrains everything
     fewer = replace(changed, "cv", seeds=[0], n_folds=2)
     summary = json.loads((out / "summary.json").read_text())
@@ -104,7 +109,7 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "medfusion/synthetic", "unet", {"train.lr": 0.003}, {"dataset": "synthetic"},
                       tmp_path / "runs" / "mlflow.json")  # fmt: skip
-    results = run_cv(
+    results = train_cv(
         tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child
     )
     tracker.finish()
@@ -122,6 +127,7 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
     assert "mlflow.source.git.commit" in child.data.tags and child.data.params["train.lr"] == "0.003"
     assert len(client.get_metric_history(child.info.run_id, "val_dice")) == 2
     assert {r["mlflow_run_id"] for r in results} == {c.info.run_id for c in children}
+    assert child.data.tags["amp_dtype"] == results[0]["amp_dtype"] and child.data.tags["precision_reason"]
 
 
 def test_an_interrupted_run_continues_its_mlflow_run(tmp_path, monkeypatch):
@@ -154,7 +160,7 @@ def test_unreachable_tracking_server_does_not_stop_training(
     tracker = Tracker("http://127.0.0.1:9/", "x", "unet", {}, {})
     assert tracker.client is None
     assert "training continues untracked" in capsys.readouterr().err
-    results = run_cv(
+    results = train_cv(
         tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "runs", tracker.child
     )
     assert len(results) == 2
@@ -175,12 +181,11 @@ def test_evaluation_rows_and_summary(tiny_params, synthetic_processed, tmp_path)
     assert (summary["runs"] == 1).all() and (summary["std"] == 0).all()
 
 
-def test_params_are_flattened_for_tracking(tiny_params):
-    from medfusion.training.cv import asdict_flat
-
-    flat = asdict_flat({"train": tiny_params.train, "model_kwargs": {"base_channels": 4}})
+def test_entry_params_are_flattened_for_tracking(tiny_params):
+    flat = resolve_entry(tiny_params, "synthetic", "unet").tracking_params()
     assert flat["train.lr"] == 0.003 and flat["train.epochs"] == 2 and flat["model_kwargs.base_channels"] == 4
     assert not any(isinstance(v, dict) for v in flat.values())
+    assert "train.num_workers" not in flat and not any(k.startswith("drgo.") for k in flat)  # plain L_seg
 
 
 def test_resumed_stage_reuses_its_parent_run_only_for_the_same_params(tmp_path):
@@ -195,17 +200,13 @@ def test_casnet_trains_with_drgo_and_the_switches_change_the_run(tiny_params, sy
     processed, split = synthetic_processed
     params = replace(tiny_params, "model", base_channels=4, transformer_dim=16, transformer_layers=1)
     params = replace(params, "drgo", region_size=8)
-    assert (
-        params.uses_drgo("casnet")
-        and params.use_boundary("casnet")
-        and not params.use_boundary("casnet_wo_br")
-    )
+    casnet, wo_br = (resolve_entry(params, "synthetic", n) for n in ("casnet", "casnet_wo_br"))
+    assert casnet.drgo.use_boundary and casnet.boundary and not wo_br.boundary and wo_br.drgo is not None
     results = {}
     for name in ("casnet", "casnet_wo_br"):
-        results[name] = run_fold(params, "synthetic", name, processed, split, 0, 0, tmp_path / name,
-                                 lambda m, step: None, FP32)  # fmt: skip
+        results[name] = train_fold(params, "synthetic", name, processed, split, 0, 0, tmp_path / name)
         assert np.isfinite(results[name]["best_val_loss"])
-    history = [json.loads((tmp_path / n / "history.json").read_text()) for n in results]
+    history = [read_history(tmp_path / n / "history.json") for n in results]
     assert history[0][0]["train_loss"] != history[1][0]["train_loss"]  # the boundary term is in one only
     assert {"drgo_seg", "drgo_ada", "drgo_drs", "drgo_bnd", "drgo_gamma"} <= set(history[0][0])
     assert "drgo_bnd" not in history[1][0] and "drgo_ada" in history[1][0]
@@ -216,17 +217,18 @@ def test_casnet_trains_with_drgo_and_the_switches_change_the_run(tiny_params, sy
 def test_drgo_is_a_setting_of_each_model(tiny_params, synthetic_processed, tmp_path):
     processed, split = synthetic_processed
     with_drgo = replace(replace(tiny_params, "unet", drgo=True), "drgo", region_size=8)
-    assert with_drgo.uses_drgo("unet") and not tiny_params.uses_drgo("unet")
+    assert resolve_entry(with_drgo, "synthetic", "unet").drgo is not None
+    assert resolve_entry(tiny_params, "synthetic", "unet").drgo is None
     a, _ = _fold(tiny_params, processed, split, tmp_path, "plain")
     b, _ = _fold(with_drgo, processed, split, tmp_path, "drgo")
-    history = [json.loads((tmp_path / n / "history.json").read_text()) for n in ("plain", "drgo")]
+    history = [read_history(tmp_path / n / "history.json") for n in ("plain", "drgo")]
     assert history[0][0]["train_loss"] < history[1][0]["train_loss"]  # extra non-negative terms
     assert history[0][0]["val_loss"] == pytest.approx(history[1][0]["val_loss"], rel=0.5)  # both L_seg
 
 
 def test_dataset_distance_maps_follow_the_augmented_mask(synthetic_processed):
     from medfusion.data.dataset import SegDataset
-    from medfusion.losses.drgo import distance_map
+    from medfusion.data.distance import distance_map
 
     processed, split = synthetic_processed
     dataset = SegDataset(processed, split["test"], augment=True, seed=1, distance=True)
@@ -240,8 +242,7 @@ def test_dataset_distance_maps_follow_the_augmented_mask(synthetic_processed):
 def test_a_compile_failure_names_the_setting_and_the_way_out():
     from torch._dynamo.exc import BackendCompilerFailed
 
-    from medfusion.training.cv import compile_errors_explained
-    from medfusion.training.loop import TrainingError
+    from medfusion.training.fold import compile_errors_explained
 
     with pytest.raises(TrainingError, match=r"train.compile = 'regions'.*-S train.compile=off"):
         with compile_errors_explained("regions"):

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import default_collate
 
 from medfusion.config import AugmentParams
-from medfusion.losses.drgo import distance_map
+from medfusion.data.distance import distance_map
 
 SAMPLE_STREAM, MIX_STREAM = 0, 1  # first spawn-key word: per-sample draws vs per-batch mixing draws
 

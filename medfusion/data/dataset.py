@@ -10,9 +10,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medfusion.config import AugmentParams
-from medfusion.data.augment import augment_sample, build_transform
+from medfusion.data.distance import distance_map
 from medfusion.data.io import read_json
-from medfusion.losses.drgo import distance_map
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -63,7 +62,11 @@ class SegDataset(Dataset):
         if augment is True:
             augment = AugmentParams()
         self.augment: AugmentParams | None = augment or None
-        self.transform = build_transform(self.augment) if self.augment else None
+        self.transform = self.augment_sample = None
+        if self.augment:  # albumentations is imported only where training augments (0.6 s)
+            from medfusion.data.augment import augment_sample, build_transform
+
+            self.transform, self.augment_sample = build_transform(self.augment), augment_sample
         self.seed = seed
         self.epoch = 0
         self.distance = distance
@@ -80,7 +83,7 @@ class SegDataset(Dataset):
         j = self.indices[i]
         image, mask = np.asarray(self.images[j]), np.asarray(self.masks[j])
         if self.transform is not None:
-            image, mask = augment_sample(self.transform, image, mask, self.seed, epoch, i)
+            image, mask = self.augment_sample(self.transform, image, mask, self.seed, epoch, i)
         item = {
             "image": torch.from_numpy(zscore(np.ascontiguousarray(image))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),

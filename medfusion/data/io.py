@@ -194,3 +194,9 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read JSON ({err})") from err
+
+
+def read_history(path: Path) -> list[dict]:
+    """The per-epoch rows of a run's history.json (`{"precision": ..., "epochs": [...]}`)."""
+    history = read_json(path)
+    return history["epochs"] if isinstance(history, dict) else history

@@ -379,8 +379,30 @@ def preprocess_dataset(
             per_case[case_id] = info
             empty_cases += not msks.any()
             bar.update()
-    n = len(cases)
-    meta = {
+    meta = _meta(name, spec, settings, cases, per_case, empty_cases)
+    with atomic_dir(out_dir) as tmp:
+        digest = hashlib.sha256()
+        for fname, parts in (("images.npy", images), ("masks.npy", masks), ("observer2.npy", seconds)):
+            if parts:
+                _write_stacked(tmp / fname, parts, digest)
+        meta["sha256"] = digest.hexdigest()
+        if seconds:
+            meta["inter_observer_dice"] = _inter_observer_dice(masks, seconds)
+        write_json(tmp / "cases.json", cases)
+        write_json(tmp / "meta.json", meta)
+    return meta
+
+
+def _meta(
+    name: str,
+    spec: DatasetSpec,
+    settings: PreprocessSettings,
+    cases: list[dict],
+    per_case: dict,
+    empty_cases: int,
+) -> dict:
+    """meta.json (without its sha256): what the processed arrays hold and how they were made."""
+    return {
         "dataset": name,
         "title": spec.title,
         "kind": spec.kind,
@@ -389,7 +411,7 @@ def preprocess_dataset(
         "modalities": spec.modalities,
         "modality": spec.modality,
         "class_names": list(spec.class_names),
-        "num_samples": n,
+        "num_samples": len(cases),
         "num_cases": len(per_case),
         "num_groups": len({c["group"] for c in cases}),
         "empty_samples": sum(c["empty"] for c in cases),
@@ -402,17 +424,6 @@ def preprocess_dataset(
         "spacing_unit": "mm" if spec.kind == "volume" else None,
         "cases": per_case,
     }
-    with atomic_dir(out_dir) as tmp:
-        digest = hashlib.sha256()
-        for fname, parts in (("images.npy", images), ("masks.npy", masks), ("observer2.npy", seconds)):
-            if parts:
-                _write_stacked(tmp / fname, parts, digest)
-        meta["sha256"] = digest.hexdigest()
-        if seconds:
-            meta["inter_observer_dice"] = _inter_observer_dice(masks, seconds)
-        write_json(tmp / "cases.json", cases)
-        write_json(tmp / "meta.json", meta)
-    return meta
 
 
 class _Serial:

@@ -25,12 +25,12 @@ Decisions where METHOD.md is silent (also in the closing note of the DRGO issue)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from medfusion.losses.dice import segmentation_loss
@@ -40,7 +40,8 @@ SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 @dataclass(frozen=True)
 class DRGOSettings:
-    """The `drgo` section of params.yaml plus CASNet's `use_boundary` switch."""
+    """The `drgo` section of params.yaml (the same keys: `DRGOSettings(**section, use_boundary=...)`)
+    plus CASNet's `use_boundary` switch. `confidence_momentum` is the training loop's (c_t)."""
 
     use_sampling: bool = True
     use_adaptive: bool = True
@@ -55,6 +56,7 @@ class DRGOSettings:
     tau: float = 1.0
     eps: float = 0.1
     importance_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    confidence_momentum: float = 0.9
 
 
 # --- regions -------------------------------------------------------------------------------------
@@ -78,11 +80,21 @@ def minmax(x: Tensor) -> Tensor:
     return torch.where(high > low, (x - low) / (high - low).clamp_min(1e-12), torch.zeros_like(x))
 
 
-def class_frequencies(masks: np.ndarray, num_classes: int) -> Tensor:
-    """pi(c) over a stack of label maps, Laplace-smoothed: (count_c + 1) / (total + K); shape (K,)."""
-    counts = np.bincount(np.asarray(masks).reshape(-1), minlength=num_classes)[:num_classes].astype(
-        np.float64
-    )
+def class_frequencies(
+    masks: np.ndarray, num_classes: int, indices: Sequence[int] | None = None, chunk: int = 256
+) -> Tensor:
+    """pi(c) over the label maps `masks[indices]` (all of them when None), Laplace-smoothed:
+    (count_c + 1) / (total + K); shape (K,).
+
+    Counted `chunk` maps at a time, so that a memory-mapped stack (N, H, W) is read once and the
+    int64 counts never hold more than one chunk: memory chunk x H x W x 8 bytes, whatever N.
+    """
+    rows = range(len(masks)) if indices is None else list(indices)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for start in range(0, len(rows), chunk):
+        part = np.asarray(masks[rows[start : start + chunk]]).reshape(-1)
+        counts += np.bincount(part, minlength=num_classes)[:num_classes]
+    counts = counts.astype(np.float64)
     return torch.tensor((counts + 1) / (counts.sum() + num_classes), dtype=torch.float32)
 
 
@@ -151,14 +163,15 @@ def expected_region_loss(region_losses: Tensor, probabilities: Tensor) -> Tensor
 # --- adaptive loss weighting (3.4.2) ---------------------------------------------------------------
 
 
-def gamma(gamma0: float, confidence: float) -> float:
-    """g = gamma0 (1 - c_t), c_t the moving average of the batches' mean max-probability."""
+def gamma(gamma0: float, confidence: float | Tensor) -> float | Tensor:
+    """g = gamma0 (1 - c_t), c_t the moving average of the batches' mean max-probability (a float, or a
+    0-dim tensor on the training device: then g is one too, and nothing waits for the device)."""
     return gamma0 * (1 - confidence)
 
 
-def batch_confidence(probs: Tensor) -> float:
-    """The batch's mean max-probability, the quantity the loop averages into c_t."""
-    return float(probs.detach().amax(dim=1).mean())
+def batch_confidence(probs: Tensor) -> Tensor:
+    """The batch's mean max-probability, the quantity the loop averages into c_t; 0-dim, detached."""
+    return probs.detach().amax(dim=1).mean()
 
 
 def class_imbalance(target: Tensor, class_freq: Tensor, size: int, num_classes: int) -> Tensor:
@@ -169,7 +182,9 @@ def class_imbalance(target: Tensor, class_freq: Tensor, size: int, num_classes: 
     return class_freq.min() / class_freq[c_star]
 
 
-def adaptive_weights(probs: Tensor, target: Tensor, class_freq: Tensor, size: int, g: float) -> Tensor:
+def adaptive_weights(
+    probs: Tensor, target: Tensor, class_freq: Tensor, size: int, g: float | Tensor
+) -> Tensor:
     """lambda_i = g U(R_i) + (1 - g) CI(R_i), rescaled so that each image's lambdas sum to N; (B, N)."""
     probs = probs.detach()
     k = probs.shape[1]
@@ -198,19 +213,6 @@ def edge_map(target: Tensor) -> Tensor:
     edges[..., 1:, :] |= dy
     edges[..., :-1, :] |= dy
     return edges.float()
-
-
-def distance_map(mask: np.ndarray) -> np.ndarray:
-    """d(x): Euclidean distance to the nearest edge pixel of a label map (H, W) -> float32 (H, W).
-
-    Runs on the data side (scipy's exact transform, in the DataLoader workers), never in the loss.
-    A map without edges gets H + W everywhere.
-    """
-    mask = np.asarray(mask)
-    edges = edge_map(torch.from_numpy(mask.astype(np.int64))[None])[0].numpy().astype(bool)
-    if not edges.any():
-        return np.full(mask.shape, float(sum(mask.shape)), dtype=np.float32)
-    return ndimage.distance_transform_edt(~edges).astype(np.float32)
 
 
 def boundary_weights(distance: Tensor) -> Tensor:
@@ -271,11 +273,11 @@ def drgo_loss(
     target: Tensor,
     class_freq: Tensor,
     settings: DRGOSettings,
-    confidence: float,
+    confidence: float | Tensor,
     distance: Tensor | None = None,
     ce_weight: float = 0.0,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_seg + alpha L_ada + beta L_bnd + delta L_drs.
 
     Args:
@@ -283,20 +285,22 @@ def drgo_loss(
         target: (B, H, W) int64.
         class_freq: (K,) pi(c) of the training split.
         settings: weights and switches.
-        confidence: c_t, held by the training loop.
+        confidence: c_t, held by the training loop (a float, or a 0-dim tensor on the device).
         distance: (B, H, W) d(x) from the data side; required when use_boundary.
         ce_weight: L_seg's cross-entropy weight.
         generator: for the region draws.
 
     Returns:
-        The loss and its terms as floats (seg, ada, bnd, drs, pair, smooth, edge, gamma, confidence:
-        the batch's mean max-probability, for the loop's moving average).
+        The loss and its terms as detached 0-dim tensors on the logits' device (seg, ada, bnd, drs,
+        pair, smooth, edge, gamma, confidence: the batch's mean max-probability, for the loop's moving
+        average). They stay on the device: reading one (`float(t)`) waits for the device, so the loop
+        sums them there and reads the sums once per epoch.
     """
     logits = logits.float()
     probs = logits.softmax(dim=1)
     seg = segmentation_loss(logits, target, ce_weight)
     loss = seg
-    terms = {"seg": float(seg.detach()), "confidence": batch_confidence(probs)}
+    terms = {"seg": seg.detach(), "confidence": batch_confidence(probs)}
     s = settings
     if s.use_adaptive or s.use_sampling:
         region_losses = region_cross_entropy(logits, target, s.region_size)
@@ -304,17 +308,17 @@ def drgo_loss(
         g = gamma(s.gamma0, confidence)
         ada = adaptive_loss(region_losses, adaptive_weights(probs, target, class_freq, s.region_size, g))
         loss = loss + s.alpha * ada
-        terms.update(ada=float(ada.detach()), gamma=g)
+        terms.update(ada=ada.detach(), gamma=torch.as_tensor(g, dtype=torch.float32, device=logits.device))
     if s.use_boundary:
         if distance is None:
             raise ValueError("DRGO boundary refinement needs the distance maps d(x) of the batch")
         parts = boundary_loss(probs, target, distance.float(), s.smooth_weight)
         loss = loss + s.beta * parts["bnd"]
-        terms.update({k: float(v.detach()) for k, v in parts.items()})
+        terms.update({k: v.detach() for k, v in parts.items()})
     if s.use_sampling:
         importance = region_importance(probs, target, class_freq, s.region_size, s.importance_weights)
         probabilities = sampling_probabilities(importance, s.tau, s.eps)
         drs = sampled_region_loss(region_losses, probabilities, s.regions_per_image, generator)
         loss = loss + s.delta * drs
-        terms["drs"] = float(drs.detach())
+        terms["drs"] = drs.detach()
     return loss, terms

@@ -36,7 +36,7 @@ def build_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
-COMPILE_CHOICES = ("off", "regions", "full")
+RESOLVED_COMPILE = ("off", "regions", "full")  # what train.compile resolves to (medfusion.hardware)
 RECOMPILE_LIMIT = 64  # one graph per (region shape, train/eval); CASNet has 5 attention shapes
 
 
@@ -48,7 +48,8 @@ def compile_regions(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_model(model: nn.Module, how: str, mode: str = "default") -> int:
-    """torch.compile `model` in place (`train.compile`); returns how many modules were compiled.
+    """torch.compile `model` in place (`train.compile` as resolve_compile resolved it); returns how many
+    modules were compiled.
 
     * "off": nothing (eager).
     * "regions": only the model's element-wise hot spots (`compile_regions`), each with
@@ -64,8 +65,8 @@ def compile_model(model: nn.Module, how: str, mode: str = "default") -> int:
     is raised to `RECOMPILE_LIMIT` so that the regions of one model do not exhaust it. The first
     step of each shape pays the compilation (about 20-50 s on a 2-core CPU for CASNet).
     """
-    if how not in COMPILE_CHOICES:
-        raise ValueError(f"train.compile = {how!r}; expected one of {list(COMPILE_CHOICES)}")
+    if how not in RESOLVED_COMPILE:
+        raise ValueError(f"train.compile = {how!r}; expected one of {list(RESOLVED_COMPILE)}")
     if how == "off":
         return 0
     import torch._dynamo

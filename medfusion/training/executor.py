@@ -11,7 +11,7 @@ reaches its time limit (executor.slurm.timeout_min; at most executor.slurm.max_r
 requeued and continues from the run's last.pt.
 
 Every way trains a run with the same function, `train_run`, which writes the run's directory and
-result.json exactly as a serial run does; the executor section is in no run's hash (`fold_hash`), so
+result.json exactly as a serial run does; the executor section is in no run's hash (`Entry.run_hash`), so
 a run trained on slurm counts as finished for a local rerun and the other way round. The parent
 waits for every job, then raises one error naming each failed (fold, seed) and its log file; the runs
 that finished keep their result.json, so rerunning the stage retrains only the failed ones.
@@ -24,17 +24,23 @@ import dataclasses
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from submitit.helpers import Checkpointable
 
-from medfusion.config import ExecutorParams, Params, SlurmParams
+from medfusion.common import run_name
+from medfusion.config import ExecutorParams, SlurmParams
 from medfusion.data.io import write_json
-from medfusion.training.cv import RESUME_FILE, RunTracker, run_fold, run_name
+from medfusion.entries import Entry, Resources
+from medfusion.training.fold import RESUME_FILE, LogFn, run_fold
 from medfusion.training.tracking import repo_root
+
+# (fold, seed, run params) -> context manager yielding a log callback; the pipeline passes MLflow's
+RunTracker = Callable[[int, int, dict[str, Any]], AbstractContextManager[LogFn]]
 
 # submitit's LocalExecutor kills a job after 2 minutes unless told otherwise: a year
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365
@@ -51,16 +57,15 @@ class RunJob:
     node. The tracker goes as it is; an MLflow `Tracker` pickles without its client and reconnects
     by URI on the other side (Tracker.__setstate__), so each job opens its own child run."""
 
-    params: Params
-    dataset: str
-    model_name: str
+    entry: Entry
     processed_dir: Path
     split: dict
     fold: int
     seed: int
     run_dir: Path
-    digest: str  # fold_hash: result.json's config_hash
+    digest: str  # Entry.run_hash: result.json's config_hash
     tracker: RunTracker
+    resources: Resources = Resources()
     torch_threads: int | None = None  # local jobs compute with the parent's thread count: same numbers
 
     @property
@@ -78,22 +83,27 @@ def train_run(job: RunJob) -> dict:
     run_params = {"fold": job.fold, "seed": job.seed, "config_hash": job.digest}
     with job.tracker(job.fold, job.seed, run_params) as log:
         result = run_fold(
-            job.params,
-            job.dataset,
-            job.model_name,
+            job.entry,
             job.processed_dir,
             job.split,
             job.fold,
             job.seed,
             job.run_dir,
             log,
+            job.resources,
             resume_key=job.digest,
         )
         result["config_hash"] = job.digest
         result["mlflow_run_id"] = getattr(log, "run_id", None)
+        tag = getattr(log, "tag", None)
+        if tag is not None:  # how the run computed, beside its metrics
+            tag({k: v for k, v in result.items() if k in HOW_KEYS})
         write_json(job.run_dir / "result.json", result)
     (job.run_dir / RESUME_FILE).unlink(missing_ok=True)
     return result
+
+
+HOW_KEYS = ("device", "amp_dtype", "channels_last", "precision_reason", "compile", "compile_reason")
 
 
 class TrainRun(Checkpointable):
@@ -108,41 +118,23 @@ class TrainRun(Checkpointable):
         return train_run(job)
 
 
-def run_pending(
-    params: Params,
-    dataset: str,
-    model_name: str,
-    processed_dir: Path,
-    split: dict,
-    pending: Iterable[tuple[int, int, Path, str]],
-    tracker: RunTracker,
-) -> dict[tuple[int, int], dict]:
-    """Train the pending (fold, seed, run_dir, config hash) runs with params.executor; their results
-    by (fold, seed). Paths are made absolute: a job may start in another directory. Outside this
-    process `tracker` must pickle (cloudpickle): MLflow's `Tracker.child` does; a callable defined in
-    a module the job cannot import (a test file) does not."""
-    processed_dir = Path(processed_dir).resolve()
+def run_pending(jobs: Sequence[RunJob], settings: ExecutorParams, name: str) -> dict[tuple[int, int], dict]:
+    """Train the pending runs with the `executor` settings; their results by (fold, seed). `name`
+    (dataset/entry) names the stage's job folder and slurm array. Paths are made absolute: a job may
+    start in another directory. Outside this process the jobs' tracker must pickle (cloudpickle):
+    MLflow's `Tracker.child` does; a callable defined in a module the job cannot import (a test file)
+    does not."""
     jobs = [
-        RunJob(
-            params,
-            dataset,
-            model_name,
-            processed_dir,
-            split,
-            fold,
-            seed,
-            Path(run_dir).resolve(),
-            digest,
-            tracker,
+        dataclasses.replace(
+            job, processed_dir=Path(job.processed_dir).resolve(), run_dir=Path(job.run_dir).resolve()
         )
-        for fold, seed, run_dir, digest in pending
+        for job in jobs
     ]
     if not jobs:
         return {}
-    settings = params.executor
-    folder = job_folder(settings, dataset, model_name)
+    folder = job_folder(settings, name)
     if settings.kind == "slurm":
-        return _run_slurm(jobs, settings.slurm, folder, f"medfusion-{dataset}-{model_name}")
+        return _run_slurm(jobs, settings.slurm, folder, f"medfusion-{name.replace('/', '-')}")
     if settings.processes == 1:
         return {(job.fold, job.seed): train_run(job) for job in jobs}
     gpus = visible_gpus()
@@ -152,11 +144,12 @@ def run_pending(
     return _run_local(jobs, processes, gpus, folder)
 
 
-def job_folder(settings: ExecutorParams, dataset: str, model_name: str) -> Path:
-    """submitit's files of one train stage; relative folders are taken from the repo root (DVC_ROOT),
-    so that runs of a `dvc exp run --temp` workspace leave their logs where they can be read."""
+def job_folder(settings: ExecutorParams, name: str) -> Path:
+    """submitit's files of one train stage (`name` = dataset/entry); relative folders are taken from the
+    repo root (DVC_ROOT), so that runs of a `dvc exp run --temp` workspace leave their logs where they
+    can be read."""
     folder = Path(settings.folder)
-    return (folder if folder.is_absolute() else repo_root() / folder) / dataset / model_name
+    return (folder if folder.is_absolute() else repo_root() / folder) / name
 
 
 def visible_gpus() -> list[int]:

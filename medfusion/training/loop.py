@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,13 +12,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from medfusion.common import TrainingError, first_line
+from medfusion.hardware import Precision
 from medfusion.losses.drgo import DRGOSettings, drgo_loss
 from medfusion.metrics import case_metrics
-
-
-class TrainingError(RuntimeError):
-    pass
-
 
 # The messages of PyTorch's allocators when memory runs out (CUDA raises torch.OutOfMemoryError).
 OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "out of memory")
@@ -62,7 +58,7 @@ def out_of_memory_explained(
         if not is_out_of_memory(err):
             raise
         batch, channels, height, width = tuple(images.shape)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         remedies = [f"lower the batch size (`{batch_option}={batch // 2}`)"] if batch > 1 else []
         if image_option:
             remedies.append(
@@ -77,34 +73,6 @@ def out_of_memory_explained(
             f"{channels}x{height}x{width} through {type(model).__name__} ({first}). "
             f"To fit: {'; or '.join(remedies)}."
         ) from err
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Where and how to compute: device, autocast dtype (None = fp32) and memory format."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, x: Tensor) -> Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
-
-
-def resolve_precision(device: str, cpu_bf16: bool, channels_last: bool) -> Precision:
-    """`train.device` auto/cpu/cuda -> Precision: CUDA with fp16 AMP, CPU with bf16 autocast if asked."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        return Precision(torch.device("cuda"), torch.float16, channels_last)
-    return Precision(torch.device("cpu"), torch.bfloat16 if cpu_bf16 else None, channels_last)
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -139,31 +107,28 @@ class DRGOObjective:
     the moving average c_t of the batches' mean max-probability (it drives gamma), and the generator
     of the region draws. `last_terms` keeps the last batch's loss terms for logging.
 
-    A MixUp batch gives lam L(y_a, d_a) + (1 - lam) L(y_b, d_b): both terms see the same c_t, and c_t
-    is updated once per batch (the batch confidence depends on the logits only, so it is the same in
-    both); the logged terms are the lam-weighted means of the two."""
+    c_t and the per-epoch sums of the terms are 0-dim tensors on the training device: nothing here
+    reads a value back to the host during an epoch (a `float(tensor)` per term per step would stall
+    a GPU's queue); `epoch_terms` reads the sums once. A MixUp batch gives lam L(y_a, d_a) +
+    (1 - lam) L(y_b, d_b): both terms see the same c_t, and c_t is updated once per batch (the batch
+    confidence depends on the logits only, so it is the same in both); the logged terms are the
+    lam-weighted means of the two."""
 
-    def __init__(
-        self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, momentum: float, seed: int
-    ) -> None:
-        self.settings, self.class_freq, self.ce_weight, self.momentum = (
-            settings,
-            class_freq,
-            ce_weight,
-            momentum,
-        )
-        self.confidence = 0.0
+    def __init__(self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, seed: int) -> None:
+        self.settings, self.class_freq, self.ce_weight = settings, class_freq, ce_weight
+        self.confidence: Tensor | float = 0.0
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
-        self.last_terms: dict[str, float] = {}
-        self._sums: dict[str, float] = {}
+        self.last_terms: dict[str, Tensor] = {}
+        self._sums: dict[str, Tensor] = {}
         self._count = 0
 
     def __call__(self, logits: Tensor, target: Tensor, batch: dict) -> Tensor:
         device = logits.device
         if device not in self.generators:
             self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        calls: list[dict[str, float]] = []
+        confidence = torch.as_tensor(self.confidence, dtype=torch.float32, device=device)
+        calls: list[dict[str, Tensor]] = []
 
         def loss_of(y: Tensor, distance: Tensor | None) -> Tensor:
             loss, terms = drgo_loss(
@@ -171,7 +136,7 @@ class DRGOObjective:
                 y,
                 self.class_freq.to(device),
                 self.settings,
-                self.confidence,
+                confidence,
                 None if distance is None else distance.to(device, non_blocking=True),
                 self.ce_weight,
                 self.generators[device],
@@ -184,17 +149,18 @@ class DRGOObjective:
         if len(calls) == 2:  # MixUp
             lam = float(batch["mix_lambda"])
             terms = {k: lam * v + (1 - lam) * calls[1][k] for k, v in terms.items()}
-        self.confidence = self.momentum * self.confidence + (1 - self.momentum) * terms["confidence"]
+        momentum = self.settings.confidence_momentum
+        self.confidence = momentum * confidence + (1 - momentum) * terms["confidence"]
         self.last_terms = terms
         for key, value in terms.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count += 1
         return loss
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue exactly: c_t and the region generators' states."""
         return {
-            "confidence": self.confidence,
+            "confidence": float(self.confidence),
             "generators": {str(d): g.get_state() for d, g in self.generators.items()},
         }
 
@@ -207,8 +173,11 @@ class DRGOObjective:
             self.generators[device].set_state(rng_state)
 
     def epoch_terms(self) -> dict[str, float]:
-        """Mean of each loss term over the batches since the last call, as drgo_<term>; then resets."""
-        means = {f"drgo_{k}": v / max(self._count, 1) for k, v in self._sums.items()}
+        """Mean of each loss term over the batches since the last call, as drgo_<term>; then resets.
+        One read from the device for all terms."""
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k].float() for k in keys]).tolist() if keys else []
+        means = {f"drgo_{k}": v / max(self._count, 1) for k, v in zip(keys, values, strict=True)}
         self._sums, self._count = {}, 0
         return means
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
 from medfusion.data.io import read_json, write_json
 
@@ -63,7 +64,7 @@ def _git_commit(root: Path) -> str:
 
 
 def _quiet_mlflow() -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    telemetry_off()
     import logging
 
     for name in ("mlflow", "alembic"):
@@ -141,10 +142,21 @@ def _experiment_id(client: Any, name: str, location: str | None) -> str:
 
 
 class _RunLogger:
-    """The `log(metrics, step)` callback for one run; `run_id` None when tracking is off."""
+    """The `log(metrics, step)` callback for one run, and `tag(tags)`; `run_id` None when tracking is off."""
 
     def __init__(self, client: Any, run_id: str | None) -> None:
         self.client, self.run_id = client, run_id
+
+    def tag(self, tags: dict[str, Any]) -> None:
+        """Set run tags (how the run computed: precision, compile, and why)."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        except Exception as err:
+            print(f"MLflow: cannot tag run {self.run_id} ({err})", file=sys.stderr)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:
@@ -297,7 +309,7 @@ class Tracker:
                     "fold": str(fold),
                     "seed": str(seed),
                 }
-                run = self.client.create_run(self.experiment_id, run_name=f"fold{fold}_seed{seed}", tags=tags)
+                run = self.client.create_run(self.experiment_id, run_name=run_name(fold, seed), tags=tags)
                 run_id = run.info.run_id
                 self._log_params(run_id, {**self.params, **run_params})
             else:

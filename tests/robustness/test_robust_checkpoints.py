@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from medfusion.cli import app
 from medfusion.evaluation import CheckpointError, evaluate_model, evaluate_run, load_checkpoint
+from medfusion.hardware import Precision
 from medfusion.models import build_model
 from medfusion.models.unet import UNet
-from medfusion.training.loop import Precision
 
 runner = CliRunner()
 FP32 = Precision(torch.device("cpu"), None, False)
@@ -190,9 +190,9 @@ def test_out_of_memory_in_predict_names_the_input_and_the_options(tmp_path, monk
 
 
 def test_out_of_memory_in_evaluate_names_eval_batch_size(synthetic_processed, tmp_path, monkeypatch):
+    from medfusion.common import TrainingError
     from medfusion.data.dataset import SegDataset
     from medfusion.evaluation import predict_dataset_probs
-    from medfusion.training.loop import TrainingError
 
     processed, split = synthetic_processed
     model, _ = load_checkpoint(write_checkpoint(tmp_path / "model.pt"), FP32)

@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import ast
 import errno
-import json
 
 import pytest
 import torch
-from conftest import replace
+from conftest import fp32, replace, train_cv, train_fold
 
+from medfusion.common import TrainingError
 from medfusion.data.dataset import SegDataset
-from medfusion.data.io import write_json
+from medfusion.data.io import read_history, write_json
+from medfusion.entries import resolve_entry
 from medfusion.evaluation import load_checkpoint
+from medfusion.hardware import resolve_precision
 from medfusion.models import build_model
 from medfusion.models.unet import UNet
-from medfusion.training.cv import run_cv, run_fold
-from medfusion.training.loop import (
-    Precision,
-    TrainingError,
-    out_of_memory_explained,
-    resolve_precision,
-    train_one_epoch,
-    validate,
-)
+from medfusion.training.fold import run_fold
+from medfusion.training.loop import out_of_memory_explained, train_one_epoch, validate
 
-FP32 = Precision(torch.device("cpu"), None, False)
+FP32 = fp32()
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 CPU_OOM = "[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
 
@@ -42,9 +37,7 @@ def no_log(metrics, step):
 
 def fold(params, synthetic_processed, run_dir, log=no_log, resume_key="k"):
     processed, split = synthetic_processed
-    return run_fold(
-        params, "synthetic", "unet", processed, split, 0, 0, run_dir, log, FP32, resume_key=resume_key
-    )
+    return train_fold(params, "synthetic", "unet", processed, split, 0, 0, run_dir, log, FP32, resume_key)
 
 
 def temporary_files(run_dir):
@@ -66,7 +59,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_the_reru
             raise OSError(errno.ENOSPC, "No space left on device", str(f))
         real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr("medfusion.training.cv.torch.save", save_until_full)
+    monkeypatch.setattr("medfusion.training.fold.torch.save", save_until_full)
     with pytest.raises(OSError) as err:
         fold(tiny_params, synthetic_processed, run_dir)
     message = str(err.value)
@@ -104,7 +97,7 @@ def test_unreachable_mlflow_server_says_so_and_training_runs(
     assert "MLflow tracking at http://127.0.0.1:9/ is unavailable (" in err
     assert "training continues untracked" in err
     params = replace(tiny_params, "train", epochs=1)
-    results = run_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker.child)
+    results = train_cv(params, "synthetic", "unet", processed, tmp_path / "split.json", out, tracker.child)
     tracker.finish()
     assert [r["mlflow_run_id"] for r in results] == [None, None]
     assert all((out / f"fold{k}_seed0" / "model.pt").exists() for k in (0, 1))
@@ -135,7 +128,7 @@ def test_run_interrupted_mid_epoch_resumes_from_last_pt_with_the_same_numbers(
     assert {k: v for k, v in resumed.items() if k not in volatile} == pytest.approx(
         {k: v for k, v in reference.items() if k not in volatile}
     )
-    history = [json.loads((d / "history.json").read_text()) for d in (tmp_path / "reference", run_dir)]
+    history = [read_history(d / "history.json") for d in (tmp_path / "reference", run_dir)]
     for got, want in zip(history[1], history[0], strict=True):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
 
@@ -147,7 +140,7 @@ def test_nan_loss_stops_with_the_step_the_samples_and_advice(
     tiny_params, synthetic_processed, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(
-        "medfusion.training.cv.segmentation_loss", lambda logits, target, ce: logits.sum() * float("nan")
+        "medfusion.training.fold.segmentation_loss", lambda logits, target, ce: logits.sum() * float("nan")
     )
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError) as err:
@@ -227,6 +220,6 @@ def test_cuda_requested_without_cuda(tiny_params, synthetic_processed, tmp_path)
     with pytest.raises(
         TrainingError, match=r"train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
     ):
-        run_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "run", no_log)
+        run_fold(resolve_entry(params, "synthetic", "unet"), processed, split, 0, 0, tmp_path / "run", no_log)
     assert not (tmp_path / "run").exists()
     assert resolve_precision("auto", False, False).device.type == "cpu"

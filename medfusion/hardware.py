@@ -1,0 +1,178 @@
+"""The machine this process computes on, and how to compute there.
+
+`resolve_precision` turns `train.device`, `train.cpu_bf16` and `train.channels_last` into a
+`Precision`; `resolve_compile` turns `train.compile` into what `compile_model` does. Training,
+evaluation, `medfusion predict`, the efficiency stage and the benchmarks all resolve through here,
+so one machine makes one decision everywhere.
+
+Why `auto` (the default of all three CPU keys): bf16 autocast with channels_last trains 3-5x faster
+than fp32 on Xeons with AMX, and 11-26x *slower* on CPUs without native bf16 (AVX2-only EPYC and
+most laptops), where PyTorch emulates bf16 arithmetic. `auto` therefore turns bf16 on only where the
+CPU has native bf16 (AMX tiles or AVX512-BF16, as torch reports them) *and* a short timing probe of a
+convolution training step finds bf16 at least 10% faster than fp32 (`BF16_MARGIN`). The margin
+keeps a borderline machine from flipping between processes. channels_last follows bf16 on the CPU
+(it helps oneDNN's bf16 kernels and is neutral in fp32: 0.99x measured on an AVX2 EPYC) and is on
+with CUDA. `train.compile: auto` compiles the attention regions where the element-wise chains they
+fuse dominate a step: with CUDA and with CPU bf16; in fp32 on an AVX2 CPU the convolutions dominate
+and compiling made CASNet's step slower (1.48x vs 1.36x U-Net's, plus 85 s of compilation:
+reports/benchmarks.md), so there it stays off. Each decision carries its reason, printed once per
+process and recorded with every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medfusion.common import TrainingError
+
+AUTO = "auto"
+BF16_MARGIN = 0.9  # bf16 must take at most this fraction of fp32's time in the probe
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how to compute: device, autocast dtype (None = fp32), memory format, and why."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    reason: str = ""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
+
+    def describe(self) -> str:
+        """One line: 'cpu, float32, NCHW (auto: ...)'."""
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.device.type}, {self.dtype_name}, {layout}" + (
+            f" ({self.reason})" if self.reason else ""
+        )
+
+
+# --- the CPU ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The vector ISA level as torch sees it: 'AVX2', 'AVX512', 'AVX512 + AVX512_BF16 + AMX', ..."""
+    cpu = torch.cpu
+    levels = [torch.backends.cpu.get_cpu_capability()]
+    if cpu._is_avx512_bf16_supported():
+        levels.append("AVX512_BF16")
+    if cpu._is_amx_tile_supported():
+        levels.append("AMX")
+    return " + ".join(levels)
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AMX tiles or AVX512-BF16)."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def machine_summary(device: torch.device | None = None) -> str:
+    """What every timing must name: the processor (GPU or CPU model), ISA, threads and torch version."""
+    if device is not None and device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), host {cpu_model()}"
+    else:
+        where = f"{cpu_model()}, ISA {cpu_isa()}"
+    return f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _probe_seconds(amp_dtype: torch.dtype | None, channels_last: bool, repeats: int = 5) -> float:
+    """Median time of a small convolution training step (forward + backward), for the bf16 decision."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
+    )
+    x = torch.randn(8, 16, 64, 64)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast:
+            loss = net(x).float().square().mean()
+        loss.backward()
+        return time.perf_counter() - start
+
+    step()  # warm-up: oneDNN picks and caches its kernels
+    return statistics.median(step() for _ in range(repeats))
+
+
+@functools.cache
+def cpu_bf16_auto() -> tuple[bool, str]:
+    """`train.cpu_bf16: auto` on this machine: (on, reason). Probed once per process, and said once."""
+    isa = cpu_isa()
+    if not native_bf16():
+        decision = (False, f"auto: fp32, this CPU has no native bf16 ({isa})")
+    else:
+        fp32, bf16 = _probe_seconds(None, False), _probe_seconds(torch.bfloat16, True)
+        on = bf16 <= BF16_MARGIN * fp32
+        decision = (
+            on,
+            f"auto: {'bf16' if on else 'fp32'}, {isa}; probe bf16 {1000 * bf16:.1f} ms vs fp32 {1000 * fp32:.1f} ms",
+        )
+    print(f"precision: {decision[1]} [{cpu_model()}]", flush=True)
+    return decision
+
+
+def resolve_precision(
+    device: str = AUTO, cpu_bf16: bool | str = AUTO, channels_last: bool | str = AUTO
+) -> Precision:
+    """`train.device` (auto | cpu | cuda), `train.cpu_bf16` and `train.channels_last` (auto | true |
+    false) -> Precision. CUDA computes with fp16 AMP; the CPU in bf16 or fp32 (see the module's docstring).
+
+    Raises:
+        TrainingError: device 'cuda' where no CUDA device is available.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if device == "cuda" or (device == AUTO and torch.cuda.is_available()):
+        layout = True if channels_last == AUTO else bool(channels_last)
+        return Precision(torch.device("cuda"), torch.float16, layout, "CUDA: fp16 autocast")
+    if cpu_bf16 == AUTO:
+        bf16, reason = cpu_bf16_auto()
+    else:
+        bf16, reason = bool(cpu_bf16), f"train.cpu_bf16 = {str(bool(cpu_bf16)).lower()}"
+    layout = bf16 if channels_last == AUTO else bool(channels_last)
+    return Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None, layout, reason)
+
+
+def resolve_compile(setting: str, precision: Precision) -> tuple[str, str]:
+    """`train.compile` (auto | off | regions | full) on `precision` -> (what compile_model does, why)."""
+    if setting != AUTO:
+        return setting, f"train.compile = {setting}"
+    if precision.device.type == "cuda":
+        return "regions", "auto: regions (CUDA)"
+    if precision.amp_dtype == torch.bfloat16:
+        return "regions", "auto: regions (CPU bf16: the fused attention regions dominate a step)"
+    return "off", "auto: off (CPU fp32: convolutions dominate; compiling did not pay off)"

@@ -1,0 +1,211 @@
+"""`medfusion quickstart`: the whole DVC pipeline at toy size, as a real `dvc exp run`, that leaves the
+workspace as it was when it is interrupted.
+
+The experiment runs with `dvc exp run --temp`: DVC copies the repository into .dvc/tmp/exps/ and runs
+every stage there, so params.yaml, dvc.lock, data/ and reports/ of the workspace are not touched while
+it trains. Only when it has finished are its results brought into the workspace (`dvc exp apply`)
+and params.yaml put back to the paper protocol, with SIGINT, SIGTERM and SIGHUP held off for those
+few seconds so that they complete or do not start.
+
+Interrupted (Ctrl-C, `kill`, a closed terminal), the DVC process group is asked to stop as Ctrl-C
+would ask it (SIGINT: DVC then restores what it had changed, such as the short moment in which it
+writes the experiment's params into the workspace to stash them), and killed if it has not stopped
+within `STOP_GRACE_S`; then the workspace's params.yaml, dvc.lock, git index and HEAD are put back as
+they were before the quickstart began (`WorkspaceSnapshot`), and the command exits with 128 + the signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfusion.config import model_sections
+
+STOP_GRACE_S = 60.0  # how long DVC may take to stop after SIGINT before it is killed
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Which entries the quickstart trains by default: CASNet, one ablation and a baseline (`--all-models`: all).
+DEFAULT_MODELS = {"casnet": ["casnet", "casnet_wo_br"], "baselines": ["unet"]}
+
+# A CPU-sized protocol on the generated datasets; the model widths come from each section's TINY.
+PROTOCOL_OVERRIDES = [
+    "datasets=[synthetic,synthetic_volumes]",
+    "data.image_size=48",
+    "data.synthetic.num_images=64",
+    "data.synthetic.num_volumes=8",
+    "data.synthetic.slices_per_volume=8",
+    "drgo.region_size=16",
+    "train.epochs=10",
+    "train.compile=off",  # tiny models at 64x64: compiling would cost more than it saves
+    "train.batch_size=4",  # 8 optimizer steps per epoch: at 4 steps a fold can stall (seen at batch 8)
+    "train.lr=0.003",
+    "train.patience=10",
+    "train.num_workers=0",
+    "cv.n_folds=2",
+    "cv.seeds=[0]",
+]
+
+
+def _yaml_value(value: object) -> str:
+    """A value as `dvc exp run -S key=value` writes it (YAML flow style)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def tiny_overrides() -> list[str]:
+    """`section.key=value` for every model section's TINY widths."""
+    return [
+        f"{section}.{key}={_yaml_value(value)}"
+        for section, cls in model_sections().items()
+        for key, value in cls.TINY.items()
+    ]
+
+
+def quickstart_overrides(models: dict[str, list[str]] | None = None) -> list[str]:
+    """The quickstart's `-S` overrides: the small protocol, tiny widths, and `models` (None: all of
+    params.yaml's entries)."""
+    chosen = [f"models.{group}={_yaml_value(names)}" for group, names in (models or {}).items()]
+    return PROTOCOL_OVERRIDES + tiny_overrides() + chosen
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=check)
+    return out.stdout.strip()
+
+
+@dataclass(frozen=True)
+class WorkspaceSnapshot:
+    """What an interrupted `dvc exp run` could leave changed: params.yaml, dvc.lock, the git index
+    (DVC stages files) and HEAD (DVC detaches it while it stashes an experiment)."""
+
+    root: Path
+    files: dict[str, bytes | None]  # None: the file did not exist
+    index_tree: str | None  # `git write-tree`; None where the index could not be written as a tree
+    head: str  # the branch HEAD points at (refs/heads/main), or a commit where detached
+
+    @classmethod
+    def take(cls, root: Path) -> WorkspaceSnapshot:
+        files = {}
+        for name in ("params.yaml", "dvc.lock"):
+            path = root / name
+            files[name] = path.read_bytes() if path.exists() else None
+        tree = _git(root, "write-tree", check=False) or None
+        head = _git(root, "symbolic-ref", "-q", "HEAD", check=False) or _git(root, "rev-parse", "HEAD")
+        return cls(root, files, tree, head)
+
+    def restore(self) -> None:
+        for name, content in self.files.items():
+            path = self.root / name
+            if content is None:
+                path.unlink(missing_ok=True)
+            elif not path.exists() or path.read_bytes() != content:
+                tmp = path.with_name(f".{name}.quickstart.tmp")
+                tmp.write_bytes(content)
+                os.replace(tmp, path)
+        if self.head.startswith("refs/"):
+            _git(self.root, "symbolic-ref", "HEAD", self.head, check=False)
+        else:
+            _git(self.root, "update-ref", "--no-deref", "HEAD", self.head, check=False)
+        if self.index_tree:
+            _git(self.root, "read-tree", self.index_tree, check=False)
+
+
+class Interrupted(Exception):
+    """A signal arrived while the experiment ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread while inside."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (then they are delivered)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Ask a process group to stop as Ctrl-C would; kill what is left after `grace` seconds."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; stage processes of its group may still be stopping
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        if not _group_alive(process.pid):
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def run_guarded(cmd: list[str], root: Path, env: dict[str, str]) -> int:
+    """Run `cmd` (a `dvc exp run --temp`) in its own process group; on SIGINT, SIGTERM or SIGHUP stop
+    it and put the workspace back as it was (raising `Interrupted`). Returns its exit code."""
+    snapshot = WorkspaceSnapshot.take(root)
+    with signals_raise():
+        process = None
+        try:
+            process = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
+            return process.wait()
+        except Interrupted:
+            with signals_held():
+                if process is not None:
+                    stop_group(process)
+                snapshot.restore()
+            raise
+
+
+def apply_experiment(name: str, root: Path, env: dict[str, str], params_text: bytes) -> None:
+    """Bring the finished experiment's outputs into the workspace and put params.yaml back, with the
+    interrupting signals held until both are done."""
+    with signals_held():
+        subprocess.run(
+            ["dvc", "exp", "apply", name], cwd=root, env=env, check=True, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        tmp = root / ".params.yaml.quickstart.tmp"
+        tmp.write_bytes(params_text)
+        os.replace(tmp, root / "params.yaml")  # the paper protocol stays the default for `dvc repro`

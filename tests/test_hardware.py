@@ -1,0 +1,81 @@
+"""`auto` precision and compile settings follow the CPU (medfusion/hardware.py): bf16 only with native
+bf16 that a timing probe finds faster, channels_last with it, compiled regions only where they pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medfusion import hardware
+from medfusion.hardware import Precision, resolve_compile, resolve_precision
+
+
+@pytest.fixture
+def fresh_decision():
+    hardware.cpu_bf16_auto.cache_clear()
+    yield
+    hardware.cpu_bf16_auto.cache_clear()
+
+
+def _cpu(monkeypatch, native: bool, fp32_s: float = 1.0, bf16_s: float = 1.0) -> list:
+    probes = []
+
+    def probe(amp_dtype, channels_last, repeats=5):
+        probes.append(amp_dtype)
+        return bf16_s if amp_dtype == torch.bfloat16 else fp32_s
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "_probe_seconds", probe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return probes
+
+
+def test_without_native_bf16_auto_is_fp32_nchw_and_nothing_is_probed(monkeypatch, fresh_decision, capsys):
+    probes = _cpu(monkeypatch, native=False)
+    precision = resolve_precision()
+    assert (precision.amp_dtype, precision.channels_last) == (None, False) and probes == []
+    assert "no native bf16" in precision.reason
+    resolve_precision()
+    assert capsys.readouterr().out.count("precision: auto: fp32") == 1  # said once per process
+
+
+@pytest.mark.parametrize(("bf16_s", "on"), [(0.3, True), (0.95, False), (2.0, False)])
+def test_with_native_bf16_the_probe_decides(monkeypatch, fresh_decision, bf16_s, on):
+    """bf16 must take at most 90% of fp32's time (AMX: about 30%); a tie or a loss keeps fp32."""
+    probes = _cpu(monkeypatch, native=True, fp32_s=1.0, bf16_s=bf16_s)
+    precision = resolve_precision("auto", "auto", "auto")
+    assert (precision.amp_dtype == torch.bfloat16, precision.channels_last) == (on, on)
+    assert set(probes) == {None, torch.bfloat16} and "probe bf16" in precision.reason
+
+
+def test_explicit_settings_win_over_auto(monkeypatch, fresh_decision):
+    probes = _cpu(monkeypatch, native=False)
+    forced = resolve_precision("cpu", True, "auto")
+    assert (
+        forced.amp_dtype == torch.bfloat16
+        and forced.channels_last
+        and forced.reason == "train.cpu_bf16 = true"
+    )
+    assert resolve_precision("cpu", "auto", True).channels_last and probes == []
+    assert resolve_precision("cpu", False, False).describe() == "cpu, float32, NCHW (train.cpu_bf16 = false)"
+
+
+def test_compile_auto_compiles_regions_only_where_they_pay():
+    cpu_fp32 = Precision(torch.device("cpu"), None, False)
+    cpu_bf16 = Precision(torch.device("cpu"), torch.bfloat16, True)
+    cuda = Precision(torch.device("cuda"), torch.float16, True)
+    assert resolve_compile("auto", cpu_fp32)[0] == "off"
+    assert resolve_compile("auto", cpu_bf16)[0] == "regions"
+    assert resolve_compile("auto", cuda)[0] == "regions"
+    assert resolve_compile("full", cpu_fp32) == ("full", "train.compile = full")
+
+
+def test_the_machine_is_named_with_model_isa_threads_and_torch():
+    summary = hardware.machine_summary()
+    assert hardware.cpu_model() in summary and f"ISA {hardware.cpu_isa()}" in summary
+    assert f"{torch.get_num_threads()} threads" in summary and torch.__version__ in summary
+    assert hardware.cpu_isa().split(" + ")[0] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_real_probe_times_both_settings():
+    assert 0 < hardware._probe_seconds(None, False, repeats=1) < 10
