@@ -201,6 +201,8 @@ def _efficiency_rows(
     bench_device: str,
 ) -> list[list[str]]:
     cpu_ms = _pick(efficiency, reference, "ms_per_image")
+    if efficiency is not None and "machine" in efficiency and efficiency["machine"].notna().any():
+        efficiency_device = str(efficiency["machine"].dropna().iloc[0])  # the CPU model, ISA and threads
     b1, b16 = _pick(bench, reference, "ms_per_image_b1"), _pick(bench, reference, "ms_per_image_b16")
     train_gb, infer_gb = (
         _pick(bench, reference, "peak_train_gb_b16"),

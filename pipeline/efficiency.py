@@ -1,6 +1,8 @@
-"""Stage efficiency@<model>: one entry's parameters, FLOPs and ms/image -> reports/efficiency/<model>.json.
+"""Stage efficiency: reports/efficiency.md and .csv, parameters, FLOPs and ms/image of every model entry.
 
-The report stage gathers them into reports/efficiency.md and .csv.
+It depends on data/runs rather than on every model's params section: a change to a section retrains
+that entry (the section is in its run hash), which changes data/runs, which reruns this stage. So
+adding a model needs no line here or in dvc.yaml.
 """
 
 from pathlib import Path
@@ -8,24 +10,26 @@ from pathlib import Path
 import typer
 
 from medfusion.config import load_params
-from medfusion.data.io import write_json
+from medfusion.data.io import atomic_write_text
 
 
 def main(
-    model: str = typer.Option(...),
-    out: Path = typer.Option(...),
+    out_dir: Path = typer.Option(...),
     size: int = typer.Option(256, help="input side for FLOPs and timing (the paper's 256)"),
     params_file: Path = Path("params.yaml"),
 ):
-    from medfusion.efficiency import efficiency_row
+    import pandas as pd
+
+    from medfusion.efficiency import efficiency_table
     from medfusion.hardware import resolve_precision
+    from medfusion.report import efficiency_markdown
 
     params = load_params(params_file)
     t = params.train
-    row = efficiency_row(params, model, resolve_precision(t.device, t.cpu_bf16, t.channels_last), size)
-    write_json(out, row)
-    print(f"efficiency {model}: {row['parameters'] / 1e6:.2f} M parameters, {row['gflops']:.2f} GFLOPs, "
-          f"{row['ms_per_image']:.1f} ms/image on {row['machine']}")  # fmt: skip
+    rows = efficiency_table(params, resolve_precision(t.device, t.cpu_bf16, t.channels_last), size)
+    atomic_write_text(out_dir / "efficiency.md", efficiency_markdown(rows))
+    atomic_write_text(out_dir / "efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
+    print(efficiency_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 reports/tables/table1-4 and statistics (.md and .csv), reports/figures/*.png (bars, qualitative
 overlays, learning curves per dataset), reports/claims.md, reports/summary.csv and reports/metrics.json.
-Each model's MLflow parent run gets its dataset's figures as artifacts.
+
+MLflow, for every (dataset, model) whose training was tracked: each child run (fold, seed) gets its
+test metrics (`test_<metric>_<class>`, post-processed), the parent the means and stds over runs and
+the fold ensemble's (`test_ensemble_...`), plus per_case.csv, summary.csv, eval.json and the
+dataset's figures as artifacts.
 """
 
 from pathlib import Path
@@ -12,21 +16,62 @@ import pandas as pd
 import typer
 
 from medfusion.claims import claims_markdown
+from medfusion.common import run_name
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text, read_history, read_json, write_json
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
-from medfusion.report import build_tables, efficiency_markdown, metrics_json, summarize_runs, table_csv
+from medfusion.report import build_tables, metrics_json, summarize_runs, table_csv
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
-def write_efficiency(models: list[str], rows_dir: Path, out_dir: Path) -> None:
-    """reports/efficiency.md and .csv from the efficiency stages' rows (reports/efficiency/<model>.json)."""
-    rows = [read_json(rows_dir / f"{m}.json") for m in models]
-    atomic_write_text(out_dir / "efficiency.md", efficiency_markdown(rows))
-    atomic_write_text(out_dir / "efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
+def test_metrics(
+    per_case: pd.DataFrame, runs: list[dict]
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """One (dataset, model)'s MLflow test metrics: per child run id, and for the parent."""
+    post = per_case[per_case["postprocess"] == "post"]
+    children = {}
+    for run in runs:
+        if run.get("mlflow_run_id"):
+            rows = post[post["run"] == run_name(run["fold"], run["seed"])]
+            means = rows.groupby(["class", "metric"])["value"].mean()
+            children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
+    summary = summarize_runs(per_case)
+    trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
+    parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
+    parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
+    parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
+    return children, parent
+
+
+def log_to_mlflow(
+    params, per_case: pd.DataFrame, eval_dir: Path, runs_dir: Path, figures: dict[str, list[Path]]
+) -> None:
+    """Test metrics and result files into the MLflow runs of every tracked (dataset, model)."""
+    tracked = [
+        (d, m)
+        for d in params.datasets
+        for m in params.model_names
+        if (runs_dir / d / m / "mlflow.json").exists()
+    ]
+    if not tracked:
+        return
+    from medfusion.training.tracking import Tracker, resolve_tracking_uri
+
+    uri, client = resolve_tracking_uri(params.mlflow.tracking_uri), None
+    for d, m in tracked:
+        tracker = Tracker.attach(
+            uri, read_json(runs_dir / d / m / "mlflow.json").get("parent_run_id"), client
+        )
+        client = client or tracker.client  # one store connection for every entry
+        mine = per_case[(per_case["dataset"] == d) & (per_case["model"] == m)]
+        children, parent = test_metrics(mine, read_json(runs_dir / d / m / "summary.json")["runs"])
+        for run_id, metrics in children.items():
+            tracker.log_test_metrics(run_id, metrics)
+        files = [eval_dir / d / m / name for name in ("per_case.csv", "summary.csv", "eval.json")]
+        tracker.log_test_metrics(None, parent, [*files, *figures[d]])
 
 
 def dataset_figures(
@@ -73,7 +118,6 @@ def main(
 ):
     params = load_params(params_file)
     models = params.model_names
-    write_efficiency(models, out_dir / "efficiency", out_dir)
     per_case = pd.concat(
         pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in models
     )
@@ -106,16 +150,7 @@ def main(
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
-    states = {(d, m): runs_dir / d / m / "mlflow.json" for d in params.datasets for m in models}
-    if any(path.exists() for path in states.values()):  # MLflow only where runs were tracked
-        from medfusion.training.tracking import Tracker, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-        for (d, _), path in states.items():
-            if path.exists():
-                Tracker.attach(uri, read_json(path).get("parent_run_id")).log_test_metrics(
-                    None, {}, figures[d]
-                )
+    log_to_mlflow(params, per_case, eval_dir, runs_dir, figures)
     print(
         f"report: tables in {out_dir / 'tables'}, figures in {out_dir / 'figures'}, claims in {out_dir / 'claims.md'}"
     )

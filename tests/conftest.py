@@ -20,11 +20,21 @@ import pytest
 from medfusion.common import TELEMETRY_OFF
 
 os.environ.update(TELEMETRY_OFF)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: each computes on one thread. Two torch processes with
+    # two OpenMP threads each on two cores spin against each other and run many times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from medfusion.config import Params, params_from_dict, read_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first: with pytest-xdist they start at once, and the fast tests fill
+    the other workers meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def raw_params() -> dict:

@@ -1,7 +1,11 @@
-"""`medfusion quickstart` stopped by a real signal mid-training leaves the workspace as it was: the
-paper protocol in params.yaml, no dvc.lock, a clean git status, HEAD on its branch, and no stage
-process left running. (Today's trap: a SIGTERM left the quickstart's overrides in params.yaml, so
-the next `dvc repro` silently ran the toy settings.)"""
+"""`medfusion quickstart` stopped by a real signal leaves the workspace as it was: the paper protocol
+in params.yaml, no dvc.lock, a clean git status, HEAD on its branch, and no stage process left
+running. (The trap this guards against: a SIGTERM that left the quickstart's overrides in
+params.yaml, so that the next `dvc repro` silently ran the toy settings.)
+
+The real quickstart is stopped mid-training with SIGTERM (slow); the guard itself
+(`medfusion.quickstart.run_guarded`) is checked for every signal it handles against a stand-in for
+DVC that dirties the workspace as `dvc exp run` briefly does and ignores the polite SIGINT."""
 
 from __future__ import annotations
 
@@ -14,8 +18,6 @@ from pathlib import Path
 
 import pytest
 from conftest import copy_repo
-
-pytestmark = pytest.mark.slow
 
 START_S = 300  # until the first train stage starts, on a busy 2-core machine
 STOP_S = 120  # until the quickstart has stopped DVC and restored the workspace
@@ -40,7 +42,8 @@ def _processes_in(repo: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_mid_training_leaves_the_workspace_as_it_was(tmp_path, signum):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -80,3 +83,67 @@ def test_a_signal_mid_training_leaves_the_workspace_as_it_was(tmp_path, signum):
     while _processes_in(repo) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_in(repo) == []
+
+
+# A stand-in for `dvc exp run`: it writes the experiment's params into params.yaml, a dvc.lock, stages
+# both and detaches HEAD (what DVC does for a moment while it stashes an experiment), then trains
+# "forever" in a child process of its group, deaf to SIGINT, so that the guard must escalate.
+FAKE_DVC = """
+import signal, subprocess, sys, time
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+Path("params.yaml").write_text("train:\\n  epochs: 1  # the quickstart's toy setting\\n")
+Path("dvc.lock").write_text("schema: '2.0'\\n")
+subprocess.run(["git", "add", "params.yaml", "dvc.lock"], check=True)
+subprocess.run(["git", "checkout", "-q", "--detach"], check=True)
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"])
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+GUARD = """
+import sys
+from pathlib import Path
+from medfusion import quickstart
+quickstart.STOP_GRACE_S = 2.0
+try:
+    quickstart.run_guarded([sys.executable, "fake_dvc.py"], Path.cwd(), dict(__import__("os").environ))
+except quickstart.Interrupted as err:
+    print("INTERRUPTED", err.signum, flush=True)
+    sys.exit(128 + err.signum)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_the_guard_restores_the_workspace_whatever_stopped_it(tmp_path, signum):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    (repo / "params.yaml").write_text("train:\n  epochs: 100  # the paper protocol\n")
+    (repo / "fake_dvc.py").write_text(FAKE_DVC)
+    (repo / "guard.py").write_text(GUARD)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    before = (repo / "params.yaml").read_bytes()
+    proc = subprocess.Popen([sys.executable, "guard.py"], cwd=repo, env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while _git(repo, env, "symbolic-ref", "-q", "HEAD").strip() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the stand-in has dirtied everything (HEAD detached last)
+        time.sleep(0.5)
+        os.kill(proc.pid, signum)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum and f"INTERRUPTED {signum}" in out, out
+    assert (repo / "params.yaml").read_bytes() == before
+    assert not (repo / "dvc.lock").exists()
+    assert _git(repo, env, "status", "--porcelain") == ""
+    assert _git(repo, env, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    deadline = time.monotonic() + 10
+    while _processes_in(repo) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_in(repo) == []  # the deaf "stage" was killed with its group

@@ -35,3 +35,20 @@ def test_split_errors_are_clear():
         make_split(_groups(5, 1), "fraction", 5, 0, 0.2)
     with pytest.raises(SplitError, match="needs more than 30 patient groups"):
         make_split(_groups(10, 1), "count:30", 2, 0, 0.2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_group_folds_are_scikit_learns_group_k_fold(seed):
+    """The split stage's fold rule is GroupKFold's (without its 2 s import): same folds."""
+    import numpy as np
+    from sklearn.model_selection import GroupKFold
+
+    from medfusion.data.splits import balanced_group_folds
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, size=int(rng.integers(5, 40))).tolist()  # ties included
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    expected = np.zeros(len(sizes), dtype=int)
+    for k, (_, val) in enumerate(GroupKFold(n_splits=5).split(labels, groups=labels)):
+        expected[np.unique(labels[val])] = k
+    assert balanced_group_folds(sizes, 5) == expected.tolist()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from sklearn.model_selection import GroupKFold
 
 
 class SplitError(ValueError):
@@ -50,8 +49,8 @@ def make_split(
 
     Returns:
         {"test": [case ids], "folds": [{"train": [...], "val": [...]}, ...]}, all lists sorted.
-        Folds come from scikit-learn's GroupKFold: balanced by number of cases, a patient group in
-        exactly one fold; `seed` shuffles which groups go together.
+        Folds are balanced by number of cases (`balanced_group_folds`, scikit-learn's GroupKFold
+        rule), a patient group in exactly one fold; `seed` shuffles which groups go together.
     """
     rng = np.random.default_rng(seed)
     sizes = Counter(case_groups.values())
@@ -59,15 +58,10 @@ def make_split(
     train_groups = [g for g in rng.permutation(sorted(sizes)).tolist() if g not in test_groups]
     if len(train_groups) < n_folds:
         raise SplitError(f"{len(train_groups)} training groups cannot make {n_folds} folds (cv.n_folds)")
-    # scikit-learn's GroupKFold balances the folds' case counts (largest group first, to the lightest
-    # fold); it orders groups by label, so seeded labels make the assignment depend on `seed`.
-    label = {g: i for i, g in enumerate(train_groups)}
-    train_cases = sorted(c for c, g in case_groups.items() if g in label)
-    labels = np.array([label[case_groups[c]] for c in train_cases])
-    fold_of: dict[str, int] = {}
-    for k, (_, val_idx) in enumerate(GroupKFold(n_splits=n_folds).split(train_cases, groups=labels)):
-        for i in val_idx:
-            fold_of[case_groups[train_cases[i]]] = k
+    # The seeded order of the groups is their label: the balancing breaks ties by label, so which
+    # groups share a fold depends on `seed`.
+    fold_list = balanced_group_folds([sizes[g] for g in train_groups], n_folds)
+    fold_of = dict(zip(train_groups, fold_list, strict=True))
     folds = []
     for k in range(n_folds):
         val = sorted(c for c, g in case_groups.items() if fold_of.get(g) == k)
@@ -75,3 +69,20 @@ def make_split(
         folds.append({"train": train, "val": val})
     test = sorted(c for c, g in case_groups.items() if g in test_groups)
     return {"test": test, "folds": folds}
+
+
+def balanced_group_folds(sizes: list[int], n_folds: int) -> list[int]:
+    """The fold of each group (given by its number of cases, in label order): the largest group
+    first, each to the fold with the fewest cases so far (ties: the lower fold; equal sizes: the
+    higher label first). This is scikit-learn's GroupKFold without shuffling, written out so that
+    the split stage does not import scikit-learn (2 s); tests/test_splits_stats.py checks that
+    both agree."""
+    counts = np.asarray(sizes)
+    order = np.argsort(counts, kind="stable")[::-1]
+    per_fold = np.zeros(n_folds)
+    fold = np.zeros(len(counts), dtype=int)
+    for group in order:
+        lightest = int(np.argmin(per_fold))
+        per_fold[lightest] += counts[group]
+        fold[group] = lightest
+    return fold.tolist()

@@ -235,15 +235,18 @@ class Tracker:
             self.client, self.parent_id = None, None
 
     @classmethod
-    def attach(cls, uri: str, parent_id: str | None) -> Tracker:
-        """A tracker on an existing parent run (the evaluate stage adds test metrics to it)."""
+    def attach(cls, uri: str, parent_id: str | None, client: Any = None) -> Tracker:
+        """A tracker on an existing parent run (the evaluate stage adds test metrics to it). Trackers
+        attached one after another may share the first one's `client` (opening a store costs seconds)."""
         self = cls.__new__(cls)
         self.client, self.parent_id, self.params, self.uri, self.tags = None, parent_id, {}, uri, {}
         if parent_id:
             try:
-                _check_server(uri)  # else get_run retries an unreachable server for minutes
-                _quiet_mlflow()
-                self.client = _client(uri)
+                if client is None:
+                    _check_server(uri)  # else get_run retries an unreachable server for minutes
+                    _quiet_mlflow()
+                    client = _client(uri)
+                self.client = client
                 self.client.get_run(parent_id)
             except Exception as err:
                 print(
