@@ -12,10 +12,14 @@ CPU has native bf16 (AMX tiles or AVX512-BF16, as torch reports them) *and* a sh
 convolution training step finds bf16 at least 10% faster than fp32 (`BF16_MARGIN`). The margin
 keeps a borderline machine from flipping between processes. channels_last follows bf16 on the CPU
 (it helps oneDNN's bf16 kernels and is neutral in fp32: 0.99x measured on an AVX2 EPYC) and is on
-with CUDA. `train.compile: auto` compiles the attention regions where the element-wise chains they
-fuse dominate a step: with CUDA and with CPU bf16; in fp32 on an AVX2 CPU the convolutions dominate
-and compiling made CASNet's step slower (1.48x vs 1.36x U-Net's, plus 85 s of compilation:
-reports/benchmarks.md), so there it stays off. Each decision carries its reason, printed once per
+with CUDA. `train.compile: auto` compiles the attention regions (CASNet's contextual attention,
+Attention U-Net's gates), whose element-wise chains the compiler fuses, wherever a compiler is there
+to do it (a C++ compiler on the CPU, Triton on CUDA; without one it stays off and says why). Measured
+in fp32 on an AVX2-only EPYC (reports/benchmarks.md, two interleaved runs of 5 and 9 rounds), it cut
+CASNet's step to 0.90-0.92x of eager (1.33x U-Net's instead of 1.45x) after 30-85 s of compilation
+per process, which a paper-protocol run (thousands of steps) repays many times over; with CPU bf16 it
+gains more. Runs too short to repay it (the quickstart, the tests) set `off`.
+Each decision carries its reason, printed once per
 process and recorded with every run.
 """
 
@@ -23,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -167,12 +174,25 @@ def resolve_precision(
     return Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None, layout, reason)
 
 
+def compiler_available(device_type: str) -> tuple[bool, str]:
+    """Whether torch.compile's backend can build kernels here: a C++ compiler for the CPU (`CXX`, or
+    g++ / clang++ / c++ on PATH, as inductor looks for them), Triton for CUDA. -> (found, what)."""
+    if device_type == "cuda":
+        found = importlib.util.find_spec("triton") is not None
+        return found, "Triton" if found else "no Triton installed"
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return True, f"C++ compiler {name}"
+    return False, "no C++ compiler found (g++, clang++ or CXX)"
+
+
 def resolve_compile(setting: str, precision: Precision) -> tuple[str, str]:
-    """`train.compile` (auto | off | regions | full) on `precision` -> (what compile_model does, why)."""
+    """`train.compile` (auto | off | regions | full) on `precision` -> (what compile_model does, why).
+
+    `auto` is `regions` wherever the backend can compile (see the module's docstring), else `off`."""
     if setting != AUTO:
         return setting, f"train.compile = {setting}"
-    if precision.device.type == "cuda":
-        return "regions", "auto: regions (CUDA)"
-    if precision.amp_dtype == torch.bfloat16:
-        return "regions", "auto: regions (CPU bf16: the fused attention regions dominate a step)"
-    return "off", "auto: off (CPU fp32: convolutions dominate; compiling did not pay off)"
+    found, what = compiler_available(precision.device.type)
+    if not found:
+        return "off", f"auto: off ({what})"
+    return "regions", f"auto: regions ({precision.dtype_name} on {precision.device.type}; {what})"

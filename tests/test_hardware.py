@@ -60,14 +60,25 @@ def test_explicit_settings_win_over_auto(monkeypatch, fresh_decision):
     assert resolve_precision("cpu", False, False).describe() == "cpu, float32, NCHW (train.cpu_bf16 = false)"
 
 
-def test_compile_auto_compiles_regions_only_where_they_pay():
+def test_compile_auto_compiles_regions_where_a_compiler_can(monkeypatch, tmp_path):
     cpu_fp32 = Precision(torch.device("cpu"), None, False)
     cpu_bf16 = Precision(torch.device("cpu"), torch.bfloat16, True)
     cuda = Precision(torch.device("cuda"), torch.float16, True)
-    assert resolve_compile("auto", cpu_fp32)[0] == "off"
-    assert resolve_compile("auto", cpu_bf16)[0] == "regions"
-    assert resolve_compile("auto", cuda)[0] == "regions"
     assert resolve_compile("full", cpu_fp32) == ("full", "train.compile = full")
+    assert resolve_compile("off", cpu_bf16) == ("off", "train.compile = off")
+    fake_cxx = tmp_path / "g++"
+    fake_cxx.write_text("#!/bin/sh\n")
+    fake_cxx.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    how, reason = resolve_compile("auto", cpu_fp32)
+    assert how == "regions" and "float32" in reason and "g++" in reason
+    assert resolve_compile("auto", cpu_bf16)[0] == "regions"
+    fake_cxx.unlink()
+    how, reason = resolve_compile("auto", cpu_fp32)  # nothing to compile with: off, and why
+    assert how == "off" and "no C++ compiler" in reason
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: None)
+    assert resolve_compile("auto", cuda) == ("off", "auto: off (no Triton installed)")
 
 
 def test_the_machine_is_named_with_model_isa_threads_and_torch():
