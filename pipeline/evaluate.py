@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_dir, read_json, write_json
 from medfusion.evaluation import evaluate_model
@@ -49,4 +50,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

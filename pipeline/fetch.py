@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.fetch import FetchError, fetch_dataset
 
@@ -29,4 +30,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import DataError
 from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
@@ -40,4 +41,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

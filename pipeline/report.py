@@ -16,7 +16,7 @@ import pandas as pd
 import typer
 
 from medfusion.claims import claims_markdown
-from medfusion.common import run_name
+from medfusion.common import run_name, run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text, read_history, read_json, write_json
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
@@ -157,4 +157,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import read_json, write_json
 from medfusion.data.splits import make_split
@@ -27,4 +28,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

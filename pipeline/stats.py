@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text
 from medfusion.stats import compare_models
@@ -28,4 +29,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

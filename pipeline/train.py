@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.entries import resolve_entry, resources
 from medfusion.training.cv import run_cv
@@ -40,4 +41,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_stage(main)

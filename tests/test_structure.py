@@ -117,3 +117,39 @@ def test_run_names_and_telemetry_are_defined_once():
             if path.name != "common.py" and "MLFLOW_DISABLE_TELEMETRY" in text:
                 switched.append(str(path.relative_to(REPO)))
     assert spelled == [] and switched == []
+
+
+STAGE_SCRIPT = """
+import atexit, pathlib, sys, threading, time
+import typer
+from medfusion.common import run_stage
+out = pathlib.Path(sys.argv[1])
+
+def main(fail: bool = False):
+    atexit.register(lambda: (out / "atexit").write_text("ran"))
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("joined"))).start()
+    print("stage output", end="")  # no newline: only a flush gets it out of the buffer
+    if fail:
+        raise ValueError("bad input")
+
+sys.argv = sys.argv[:1] + sys.argv[2:]
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_stage_ends_without_teardown_but_with_its_callbacks_threads_and_output(tmp_path, fail):
+    args = [sys.executable, "-c", STAGE_SCRIPT, str(tmp_path)] + (["--fail"] if fail else [])
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "stage output"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    if fail:  # an error leaves through Python's normal exit: traceback and status 1
+        assert done.returncode == 1 and "ValueError: bad input" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+
+
+def test_every_stage_module_ends_through_run_stage():
+    for path in sorted((REPO / "pipeline").glob("*.py")):
+        if path.name != "__init__.py":
+            assert path.read_text().rstrip().endswith('if __name__ == "__main__":\n    run_stage(main)'), path
