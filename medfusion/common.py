@@ -55,7 +55,8 @@ def run_stage(main: Callable[..., object]) -> NoReturn:
     in order: joins the threads that are not daemons, runs the atexit callbacks (MLflow's and
     torch's included), flushes stdout and stderr, and exits with status 0 through `os._exit`, as a
     multiprocessing child does. Any other ending (an error, a usage error, Ctrl-C) goes through
-    Python's normal exit. Files the stages write are closed (and renamed into place) before `main`
+    Python's normal exit, and so does a stage under a profiler or a tracer (`python -m cProfile -m
+    pipeline.train ...` still writes its profile). Files the stages write are closed (and renamed into place) before `main`
     returns, so nothing written depends on the teardown.
     """
     import typer
@@ -66,8 +67,8 @@ def run_stage(main: Callable[..., object]) -> NoReturn:
         if stop.code not in (0, None):
             raise
     run_exit_callbacks = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_callbacks is None:  # not CPython: leave the normal way
-        sys.exit(0)
+    if run_exit_callbacks is None or sys.getprofile() or sys.gettrace():
+        sys.exit(0)  # not CPython, or under a profiler or tracer that writes its data at the end
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
