@@ -44,10 +44,11 @@ PAPER_DICE = (
                       "as vessel Dice; ours is at the in-plane size given, not the original 999x960"),
     )),
     PaperDice("LiTS17", 91.56, (
-        ("lits17", "partly: the paper does not say which class; published per-case Dice is ~96 (liver) and "
+        ("lits17", "partly: the paper does not say which class; ours are per volume, liver = labels 1+2 (the whole "
+                   "liver, as the field scores it), tumour = label 2; published per-case Dice is ~96 (liver) and "
                    "~67-74 (tumour); our seeded 30-volume test split"),
-        ("msd_liver", "partly: the LiTS training volumes (via the Decathlon), our seeded split; the paper does not "
-                      "say which class (liver ~96, tumour ~67-74 in published work)"),
+        ("msd_liver", "partly: the LiTS training volumes (via the Decathlon), our seeded split, liver = labels 1+2, "
+                      "tumour = label 2; the paper does not say which class (liver ~96, tumour ~67-74 in published work)"),
     )),
 )  # fmt: skip
 NO_PAPER_COUNTERPART = {

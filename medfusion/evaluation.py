@@ -18,8 +18,9 @@ import torch
 from medfusion.common import first_line, run_name
 from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_json
+from medfusion.data.registry import scored_regions
 from medfusion.hardware import Precision
-from medfusion.metrics import case_metrics, processed_spacing
+from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
 from medfusion.models import build_model
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.postprocess import choose_postprocess
@@ -185,21 +186,36 @@ def case_spacings(processed_dir: Path, case_ids: list[str]) -> tuple[dict[str, t
 def _metric_rows(
     labels: dict[str, np.ndarray],
     targets: dict[str, np.ndarray],
-    num_classes: int,
-    class_names: list[str],
+    regions: dict[str, list[int]],
     spacings: dict[str, tuple | None],
 ) -> list[dict]:
+    """Rows (case_id, class, metric, value) per test case and scored region; `class` is the region's
+    name. The voxel counts tp, fp, fn are among them (for the pooled Dice); `_split_counts` takes
+    them out before anything is written."""
     rows = []
     for case_id in sorted(targets):
-        metrics = case_metrics(
-            labels[case_id], targets[case_id], num_classes, spacings[case_id], distances=True
-        )
-        for c, values in metrics.items():
+        metrics = region_metrics(labels[case_id], targets[case_id], regions, spacings[case_id])
+        for region, values in metrics.items():
             rows += [
-                {"case_id": case_id, "class": class_names[c], "metric": k, "value": v}
-                for k, v in values.items()
+                {"case_id": case_id, "class": region, "metric": k, "value": v} for k, v in values.items()
             ]
     return rows
+
+
+def _split_counts(rows: list[dict]) -> tuple[list[dict], dict[str, float]]:
+    """-> (the metric rows without the counts, pooled Dice per region over all cases of `rows`)."""
+    counts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["metric"] in COUNTS:
+            counts[r["class"]][r["metric"]].append(r["value"])
+    pooled = {region: pooled_dice(c["tp"], c["fp"], c["fn"]) for region, c in counts.items()}
+    return [r for r in rows if r["metric"] not in COUNTS], pooled
+
+
+def case_regions(meta: dict) -> dict[str, list[int]]:
+    """The scored regions of a processed dataset (meta.json's `regions`; each class alone where a
+    dataset was preprocessed before regions were recorded)."""
+    return scored_regions(meta["class_names"], meta.get("regions"))
 
 
 def evaluate_run(
@@ -211,9 +227,9 @@ def evaluate_run(
     dataset = SegDataset(processed_dir, test_ids)
     targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only these rows
     labels = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
-    class_names = read_json(Path(processed_dir) / "meta.json")["class_names"]
+    regions = case_regions(read_json(Path(processed_dir) / "meta.json"))
     spacings, _ = case_spacings(processed_dir, sorted(targets))
-    return _metric_rows(labels, targets, checkpoint["num_classes"], class_names, spacings)
+    return _split_counts(_metric_rows(labels, targets, regions, spacings))[0]
 
 
 def evaluate_model(
@@ -231,23 +247,27 @@ def evaluate_model(
     never on test), then the test cases are scored raw (argmax) and post-processed. The ensemble
     ("ensemble" run) averages the runs' test probabilities; its post-processing is chosen on the
     pooled out-of-fold validation predictions (each validation case predicted by the run that did not
-    train on it). Metrics per test case (image, or volume rebuilt from its slices) and foreground class,
-    HD95/ASSD in mm at the processed resolution where the spacing is known, else in pixels.
+    train on it). Metrics per test case (image, or volume rebuilt from its slices) and scored region
+    (each foreground class, or LiTS's nested liver = labels 1-2 and tumour = label 2: `case_regions`),
+    HD95/ASSD in mm at the processed resolution where the spacing is known, else in pixels. Each run's
+    global Dice per region (pooled over all test cases: the LiTS challenge's "Dice global") goes to
+    info["global_dice"][run]["raw" | "post"].
 
     Returns:
         per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post");
-        info: distance unit, image size, kind, the post-processing chosen per run with its validation Dice;
+        info: distance unit, image size, kind, the post-processing chosen per run with its validation Dice,
+            the scored regions and the global Dice;
         examples: for the first `examples` test cases (sorted ids): images (n, C, S, S) uint8, targets and
             the ensemble's post-processed predictions (n, S, S), the slice with the largest ground truth
             for volumes, and case_ids.
     """
     processed_dir = Path(processed_dir)
     meta = read_json(processed_dir / "meta.json")
-    class_names, num_classes = meta["class_names"], len(meta["class_names"])
+    regions = case_regions(meta)
     test_set = SegDataset(processed_dir, split["test"])
     targets = group_cases(test_set, np.asarray(test_set.masks[test_set.indices]))
     spacings, unit = case_spacings(processed_dir, sorted(targets))
-    frames, chosen = [], {}
+    frames, chosen, pooled = [], {}, {}
     ensemble: dict[str, np.ndarray] = {}
     oof_probs: list[np.ndarray] = []
     oof_targets: list[np.ndarray] = []
@@ -268,10 +288,10 @@ def evaluate_model(
         probs = group_probs(test_set, predict_dataset_probs(model, test_set, batch_size, precision))
         for c, p in probs.items():
             ensemble[c] = ensemble.get(c, 0) + p.astype(np.float32) / len(runs)
-        frames += _score(name, probs, selection.postprocess, targets, num_classes, class_names, spacings)
+        frames += _score(name, probs, selection.postprocess, targets, regions, spacings, pooled)
     selection = choose_postprocess([p.astype(np.float32) for p in oof_probs], oof_targets)
     chosen["ensemble"] = _selection_record(selection)
-    frames += _score("ensemble", ensemble, selection.postprocess, targets, num_classes, class_names, spacings)
+    frames += _score("ensemble", ensemble, selection.postprocess, targets, regions, spacings, pooled)
     per_case = pd.concat(frames, ignore_index=True)
     info = {
         "distance_unit": unit,
@@ -281,6 +301,8 @@ def evaluate_model(
         "runs": len(runs),
         "test_cases": len(targets),
         "postprocess": chosen,
+        "regions": regions,
+        "global_dice": pooled,
     }
     pictures = _examples(test_set, targets, ensemble, selection.postprocess, examples)
     return per_case, info, pictures
@@ -294,15 +316,18 @@ def _selection_record(selection) -> dict:
     }
 
 
-def _score(run, probs, postprocess, targets, num_classes, class_names, spacings) -> list[pd.DataFrame]:
+def _score(run, probs, postprocess, targets, regions, spacings, pooled: dict) -> list[pd.DataFrame]:
+    """The run's metric frames, raw and post-processed; its pooled Dice per region goes to
+    pooled[run][raw | post]."""
     raw = {c: p.argmax(0).astype(np.uint8) for c, p in probs.items()}
     post = {c: apply_postprocess(postprocess, p.astype(np.float32)) for c, p in probs.items()}
-    return [
-        pd.DataFrame(_metric_rows(labels, targets, num_classes, class_names, spacings)).assign(
-            run=run, postprocess=kind
+    frames = []
+    for kind, labels in (("raw", raw), ("post", post)):
+        rows, pooled.setdefault(run, {})[kind] = _split_counts(
+            _metric_rows(labels, targets, regions, spacings)
         )
-        for kind, labels in (("raw", raw), ("post", post))
-    ]
+        frames.append(pd.DataFrame(rows).assign(run=run, postprocess=kind))
+    return frames
 
 
 def _examples(test_set: SegDataset, targets, ensemble, postprocess, n: int) -> dict[str, np.ndarray]:

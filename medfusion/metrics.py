@@ -1,7 +1,10 @@
 """Per-case segmentation metrics (numpy/scipy), with one rule for empty masks.
 
-A test case is a 2-D image (H, W) or a whole volume (D, H, W); metrics are computed per foreground
-class on the binary masks `pred == c` and `target == c`.
+A test case is a 2-D image (H, W) or a whole volume (D, H, W); metrics are computed per scored
+region on the binary masks "pred in labels" and "target in labels": by default each foreground class
+alone (`pred == c`), for LiTS-like data nested regions (liver = labels 1 and 2, tumour = label 2;
+`medfusion.data.registry.DatasetSpec.regions`). `pooled_dice` is the global Dice of a region over
+many cases (the LiTS challenge's "Dice global"): 2 sum(tp) / (2 sum(tp) + sum(fp) + sum(fn)).
 
 Overlap metrics, with tp, fp, fn counted for one class:
     dice = 2tp / (2tp + fp + fn), iou = tp / (tp + fp + fn), precision = tp / (tp + fp),
@@ -24,7 +27,7 @@ counted (`mean_defined`), never replaced by a made-up maximum distance.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -32,6 +35,7 @@ from scipy import ndimage
 METRICS = ("dice", "iou", "precision", "recall")  # the overlap metrics of the report tables
 OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "f1")
 DISTANCE_METRICS = ("hd95", "assd")
+COUNTS = ("tp", "fp", "fn")  # voxel counts per case and region, for pooled_dice
 
 
 def _ratio(num: int, den: int, perfect: bool) -> float:
@@ -177,6 +181,41 @@ def case_metrics(
         if distances:
             out[c] |= _distance_metrics(surface_distances(p, t, spacing))
     return out
+
+
+def region_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    regions: Mapping[str, Sequence[int]],
+    spacing: Sequence[float] | None = None,
+    distances: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Metrics per scored region of one test case: {region: {dice, iou, precision, recall, f1, tp, fp,
+    fn[, hd95, assd]}}, a region being the union of its labels (`regions`: name -> labels). tp, fp
+    and fn are the region's voxel counts, kept for `pooled_dice`."""
+    out = {}
+    for name, labels in regions.items():
+        p, t = np.isin(pred, labels), np.isin(target, labels)
+        out[name] = overlap_metrics(p, t) | _counts(p, t)
+        if distances:
+            out[name] |= _distance_metrics(surface_distances(p, t, spacing))
+    return out
+
+
+def _counts(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    tp = int(np.count_nonzero(pred & target))
+    return {
+        "tp": float(tp),
+        "fp": float(np.count_nonzero(pred) - tp),
+        "fn": float(np.count_nonzero(target) - tp),
+    }
+
+
+def pooled_dice(tp: Iterable[float], fp: Iterable[float], fn: Iterable[float]) -> float:
+    """Global Dice over many cases from their per-case counts: 2 sum(tp) / (2 sum(tp) + sum(fp) +
+    sum(fn)); 1.0 when every case is empty in both prediction and target (the empty-mask rule)."""
+    tp_, fp_, fn_ = (float(np.sum(list(x))) for x in (tp, fp, fn))
+    return _ratio(int(2 * tp_), int(2 * tp_ + fp_ + fn_), perfect=fp_ == 0 and fn_ == 0)
 
 
 def mean_defined(values: Iterable[float]) -> tuple[float, int]:

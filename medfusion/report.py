@@ -148,6 +148,12 @@ def _how(dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool
         if with_ensemble
         else "post-processed (post-processing chosen on validation); "
     )
+    nested = {r: labels for r, labels in info.get("regions", {}).items() if len(labels) > 1}
+    if nested:  # LiTS-like: a region is the union of labels (liver = liver + tumour)
+        parts = [f"{r} = labels {'+'.join(map(str, labels))}" for r, labels in nested.items()]
+        classes += (
+            f"; scored as the field scores LiTS: {', '.join(parts)} (tumour included), the others alone"
+        )
     return (
         f"Per test case = {unit}, at {size}x{size} in-plane; foreground classes ({classes}); "
         f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; {processing}"

@@ -46,6 +46,12 @@ def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
     assert set(info["postprocess"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
     for chosen in info["postprocess"].values():  # chosen on validation: never worse there
         assert chosen["val_dice_after"] >= chosen["val_dice_before"] - 1e-12
+    regions = {"organ": [1, 2], "lesion": [2]} if dataset == "synthetic_volumes" else {"blob": [1]}
+    assert info["regions"] == regions and set(per_case["class"]) == set(regions)  # scored as LiTS
+    assert set(info["global_dice"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
+    for kinds in info["global_dice"].values():
+        assert set(kinds) == {"raw", "post"} and set(kinds["post"]) == set(regions)
+        assert all(0 <= v <= 1 for v in kinds["post"].values())
     n = min(4, len(split["test"]))
     assert examples["images"].shape[0] == examples["targets"].shape[0] == examples["preds"].shape[0] == n
     assert (

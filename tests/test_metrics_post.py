@@ -394,3 +394,32 @@ def test_choose_thresholds_keeps_argmax_when_nothing_helps():
 def test_choose_postprocess_dispatches_binary():
     preds, targets = _speckled_cases(2)
     assert choose_postprocess(preds, targets) == choose_binary(preds, targets)
+
+
+def test_lits_liver_is_scored_with_its_tumour_and_tumour_alone():
+    """LiTS as the field scores it: liver = labels 1 and 2, tumour = label 2."""
+    from medfusion.data.registry import DATASETS
+    from medfusion.metrics import region_metrics
+
+    regions = DATASETS["lits17"].scored_regions()
+    assert regions == {"liver": [1, 2], "tumour": [2]}
+    target = np.zeros((2, 4, 4), np.uint8)
+    target[0, :2, :2] = 1  # 4 liver voxels
+    target[1, :2, :2] = 2  # 4 tumour voxels inside the liver
+    pred = np.zeros_like(target)
+    pred[0, :2, :2] = 1
+    pred[1, :2, :2] = 1  # the tumour predicted as liver: right for liver, a miss for tumour
+    m = region_metrics(pred, target, regions, distances=False)
+    assert m["liver"]["dice"] == 1.0  # label-1-only scoring would give 2*4/(8+4) = 0.667
+    assert m["tumour"]["dice"] == 0.0 and (m["tumour"]["tp"], m["tumour"]["fn"]) == (0.0, 4.0)
+    per_class = region_metrics(pred, target, {"liver": [1], "tumour": [2]}, distances=False)
+    assert per_class["liver"]["dice"] == pytest.approx(8 / 12)
+
+
+def test_global_dice_pools_the_counts_of_all_cases():
+    from medfusion.metrics import pooled_dice
+
+    # case A: tp 9, fp 1, fn 0 (Dice 18/19); case B: tp 1, fp 0, fn 9 (Dice 2/11)
+    assert pooled_dice([9, 1], [1, 0], [0, 9]) == pytest.approx(20 / 30)  # 2*10 / (2*10 + 1 + 9)
+    assert pooled_dice([0, 0], [0, 0], [0, 0]) == 1.0  # empty everywhere, predicted empty
+    assert pooled_dice([0], [3], [0]) == 0.0

@@ -55,6 +55,7 @@ def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_rep
     assert "`synthetic`" in table1 and "`synthetic_volumes`" in table2
     assert "per test case = one volume rebuilt from its slice predictions" in table2.lower()
     assert "hd95 (mm)" in table2.lower() and "hd95 (px)" in table1.lower()  # spacing known for NIfTI only
+    assert "organ = labels 1+2 (tumour included)" in table2  # nested regions, as LiTS is scored
     for model in [
         "casnet",
         *DEFAULT_MODELS["baselines"],

@@ -411,6 +411,7 @@ def _meta(
         "modalities": spec.modalities,
         "modality": spec.modality,
         "class_names": list(spec.class_names),
+        "regions": spec.scored_regions(),  # what evaluation scores (LiTS: liver = labels 1-2, tumour = 2)
         "num_samples": len(cases),
         "num_cases": len(per_case),
         "num_groups": len({c["group"] for c in cases}),

@@ -35,6 +35,10 @@ class DatasetSpec:
         cases: the number of labelled cases of the official release (None where it varies): a local
             folder with another count is used but reported.
         note: what a reader of the results must know (printed under the dataset's table).
+        regions: what is scored, as (name, labels) pairs: a region is the union of its labels in both
+            the prediction and the ground truth. Empty (the default): each foreground class alone.
+            LiTS is scored as the field scores it: liver = labels 1 and 2 (the whole liver, tumour
+            included), tumour = label 2.
     """
 
     name: str
@@ -52,10 +56,27 @@ class DatasetSpec:
     layout: str = ""
     cases: int | None = None
     note: str = ""
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def scored_regions(self) -> dict[str, list[int]]:
+        """Region name -> the labels it is the union of (see `regions`)."""
+        return scored_regions(self.class_names, self.regions)
+
+
+def scored_regions(
+    class_names: tuple[str, ...] | list[str], regions: tuple | dict | None = None
+) -> dict[str, list[int]]:
+    """Region name -> labels: `regions` as given, or each foreground class alone when empty."""
+    if regions:
+        return {name: sorted(labels) for name, labels in dict(regions).items()}
+    return {name: [c] for c, name in enumerate(class_names) if c > 0}
+
+
+LITS_REGIONS = (("liver", (1, 2)), ("tumour", (2,)))
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -116,6 +137,7 @@ DATASETS: dict[str, DatasetSpec] = {
         layout="volume-N.nii[.gz] + segmentation-N.nii[.gz] (any folder depth)",
         cases=131,
         note="30 test volumes of the 131 labelled ones, seeded; the other 101 train (the paper says 100/30).",
+        regions=LITS_REGIONS,
     ),
     "msd_prostate": DatasetSpec(
         name="msd_prostate",
@@ -153,6 +175,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "The LiTS training volumes as redistributed by the Decathlon; the split (30 test volumes, "
             "seeded) is ours, the paper's is not published."
         ),
+        regions=LITS_REGIONS,
     ),
     "synthetic": DatasetSpec(
         name="synthetic",
@@ -177,6 +200,7 @@ DATASETS: dict[str, DatasetSpec] = {
         checksum=None,
         access="generated from data.synthetic",
         test_rule="fraction",
+        regions=(("organ", (1, 2)), ("lesion", (2,))),  # scored as LiTS: its lesions lie in the organ
     ),
 }
 
