@@ -1,5 +1,5 @@
 """Small things several layers share, each defined once: run names, the telemetry switches, the
-error that stops a training run, the one-line summary of an exception and how a stage process ends. Imports nothing heavy
+error that stops a training run, the one-line summary of an exception, the atomic file write and how a stage process ends. Imports nothing heavy
 (no numpy, no torch), so that any stage can use it."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import atexit
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 # DVC, MLflow and albumentations phone home or look for updates unless told not to. The project's
@@ -27,6 +29,21 @@ def telemetry_off(env: dict[str, str] | None = None) -> dict[str, str]:
     for key, value in TELEMETRY_OFF.items():
         target.setdefault(key, value)
     return target
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` (text or bytes) to `path` through a temp file in the same folder and a rename:
+    never half-written, and the previous file stays until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run_name(fold: int, seed: int) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfusion.common import atomic_write
 from medfusion.config import model_sections
 
 STOP_GRACE_S = 60.0  # how long DVC may take to stop after SIGINT before it is killed
@@ -108,9 +109,7 @@ class WorkspaceSnapshot:
             if content is None:
                 path.unlink(missing_ok=True)
             elif not path.exists() or path.read_bytes() != content:
-                tmp = path.with_name(f".{name}.quickstart.tmp")
-                tmp.write_bytes(content)
-                os.replace(tmp, path)
+                atomic_write(path, content)
         if self.head.startswith("refs/"):
             _git(self.root, "symbolic-ref", "HEAD", self.head, check=False)
         else:
@@ -208,6 +207,6 @@ def apply_experiment(name: str, root: Path, env: dict[str, str], params_text: by
             ["dvc", "exp", "apply", name], cwd=root, env=env, check=True, start_new_session=True,
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        tmp = root / ".params.yaml.quickstart.tmp"
-        tmp.write_bytes(params_text)
-        os.replace(tmp, root / "params.yaml")  # the paper protocol stays the default for `dvc repro`
+        atomic_write(
+            root / "params.yaml", params_text
+        )  # the paper protocol stays the default for `dvc repro`

@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from medfusion.common import atomic_write
 
 
 class DataError(ValueError):
@@ -148,15 +148,7 @@ def read_metaimage(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file in the same folder and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 @contextlib.contextmanager
