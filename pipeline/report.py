@@ -28,9 +28,10 @@ def _csv(path: Path) -> pd.DataFrame | None:
 
 
 def test_metrics(
-    per_case: pd.DataFrame, runs: list[dict]
+    per_case: pd.DataFrame, summary: pd.DataFrame, runs: list[dict]
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """One (dataset, model)'s MLflow test metrics: per child run id, and for the parent."""
+    """One (dataset, model)'s MLflow test metrics, from its per_case rows and its `summarize_runs`
+    rows: per child run id, and for the parent."""
     post = per_case[per_case["postprocess"] == "post"]
     children = {}
     for run in runs:
@@ -38,7 +39,6 @@ def test_metrics(
             rows = post[post["run"] == run_name(run["fold"], run["seed"])]
             means = rows.groupby(["class", "metric"])["value"].mean()
             children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
-    summary = summarize_runs(per_case)
     trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
     parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
     parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
@@ -47,7 +47,12 @@ def test_metrics(
 
 
 def log_to_mlflow(
-    params, per_case: pd.DataFrame, eval_dir: Path, runs_dir: Path, figures: dict[str, list[Path]]
+    params,
+    per_case: pd.DataFrame,
+    summary: pd.DataFrame,
+    eval_dir: Path,
+    runs_dir: Path,
+    figures: dict[str, list[Path]],
 ) -> None:
     """Test metrics and result files into the MLflow runs of every tracked (dataset, model)."""
     tracked = [
@@ -67,7 +72,9 @@ def log_to_mlflow(
         )
         client = client or tracker.client  # one store connection for every entry
         mine = per_case[(per_case["dataset"] == d) & (per_case["model"] == m)]
-        children, parent = test_metrics(mine, read_json(runs_dir / d / m / "summary.json")["runs"])
+        mine_summary = summary[(summary["dataset"] == d) & (summary["model"] == m)]
+        runs = read_json(runs_dir / d / m / "summary.json")["runs"]
+        children, parent = test_metrics(mine, mine_summary, runs)
         for run_id, metrics in children.items():
             tracker.log_test_metrics(run_id, metrics)
         files = [eval_dir / d / m / name for name in ("per_case.csv", "summary.csv", "eval.json")]
@@ -150,7 +157,7 @@ def main(
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
-    log_to_mlflow(params, per_case, eval_dir, runs_dir, figures)
+    log_to_mlflow(params, per_case, summary, eval_dir, runs_dir, figures)
     print(
         f"report: tables in {out_dir / 'tables'}, figures in {out_dir / 'figures'}, claims in {out_dir / 'claims.md'}"
     )
