@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfusion.common import run_name
+
 HEADLINE = ("dice", "iou", "hd95")
 TABLE_METRICS = ("dice", "iou", "precision", "recall")  # the paper's columns, in %
 DISTANCE_METRICS = ("hd95", "assd")
@@ -70,6 +72,47 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
     return out
 
 
+def global_dice_frame(dataset: str, model: str, global_dice: Mapping) -> pd.DataFrame:
+    """Long rows (dataset, model, run, class, postprocess, value) of one evaluation's pooled Dice,
+    eval.json's `global_dice` {run: {"raw" | "post": {region: value}}}."""
+    rows = [
+        {"dataset": dataset, "model": model, "run": run, "class": region, "postprocess": kind, "value": value}
+        for run, kinds in global_dice.items()
+        for kind, regions in kinds.items()
+        for region, value in regions.items()
+    ]
+    return pd.DataFrame(rows, columns=["dataset", "model", "run", "class", "postprocess", "value"])
+
+
+def summarize_global(frame: pd.DataFrame | None, postprocess: str = "post") -> pd.DataFrame:
+    """The global (pooled over all test cases) Dice per dataset, model and class: mean ± std over
+    the trained runs (estimate "runs", std ddof=1) and the fold ensemble's value ("ensemble").
+
+    Returns:
+        Columns dataset, model, class, estimate, mean, std, runs (empty when `frame` is None).
+    """
+    columns = ["dataset", "model", "class", "estimate", "mean", "std", "runs"]
+    if frame is None or frame.empty:
+        return pd.DataFrame(columns=columns)
+    rows = frame[frame["postprocess"] == postprocess].assign(
+        estimate=lambda f: np.where(f["run"] == "ensemble", "ensemble", "runs")
+    )
+    out = rows.groupby(["dataset", "model", "class", "estimate"], as_index=False, sort=False).agg(
+        mean=("value", "mean"), std=("value", "std"), runs=("run", "nunique")
+    )
+    out.loc[out["estimate"] == "runs", "std"] = out.loc[out["estimate"] == "runs", "std"].fillna(0.0)
+    out.loc[out["estimate"] == "ensemble", "std"] = np.nan
+    return out[columns]
+
+
+def _global_cell(global_summary: pd.DataFrame, dataset: str, cls: str, model: str, estimate: str):
+    g = global_summary
+    rows = g[
+        (g["dataset"] == dataset) & (g["class"] == cls) & (g["model"] == model) & (g["estimate"] == estimate)
+    ]
+    return (np.nan, np.nan) if rows.empty else (float(rows["mean"].iloc[0]), float(rows["std"].iloc[0]))
+
+
 def metrics_json(summary: pd.DataFrame) -> dict:
     """Headline test metrics for `dvc metrics show`: {dataset: {model: {class: {dice, iou, hd95}}}}.
 
@@ -88,6 +131,37 @@ def metrics_json(summary: pd.DataFrame) -> dict:
         cell = out.setdefault(row["dataset"], {}).setdefault(row["model"], {}).setdefault(row["class"], {})
         cell[row["metric"]] = round(float(row["mean"]), 6)
     return out
+
+
+def mlflow_test_metrics(
+    per_case: pd.DataFrame, summary: pd.DataFrame, runs: list[dict], pooled: pd.DataFrame | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """One (dataset, model)'s MLflow test metrics, from its per_case rows, its `summarize_runs` rows
+    and its pooled Dice (`global_dice_frame` rows, logged as `test_global_dice_<class>`): per child
+    run id, and for the parent."""
+    post = per_case[per_case["postprocess"] == "post"]
+    pooled = global_dice_frame("", "", {}) if pooled is None else pooled
+    pooled = pooled[pooled["postprocess"] == "post"]
+    children = {}
+    for run in runs:
+        if run.get("mlflow_run_id"):
+            name = run_name(run["fold"], run["seed"])
+            rows = post[post["run"] == name]
+            means = rows.groupby(["class", "metric"])["value"].mean()
+            children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
+            for r in pooled[pooled["run"] == name].itertuples():
+                children[run["mlflow_run_id"]][f"test_global_dice_{r._4}"] = r.value
+    trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
+    parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
+    parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
+    parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
+    g = summarize_global(pooled)
+    parent |= {f"test_global_dice_{r._3}": r.mean for r in g[g["estimate"] == "runs"].itertuples()}
+    parent |= {f"test_global_dice_{r._3}_std": r.std for r in g[g["estimate"] == "runs"].itertuples()}
+    parent |= {
+        f"test_ensemble_global_dice_{r._3}": r.mean for r in g[g["estimate"] == "ensemble"].itertuples()
+    }
+    return children, parent
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -138,7 +212,10 @@ def _how(dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool
     runs = ", ".join(str(r) for r in sorted(set(rows["runs"])))
     cases = ", ".join(str(c) for c in sorted(set(rows["cases"])))
     classes = ", ".join(dict.fromkeys(rows["class"]))
-    size = info.get("image_size", "?")
+    where = (
+        info.get("resolution_text")
+        or f"at {info.get('image_size', '?')}x{info.get('image_size', '?')} in-plane"
+    )
     unit = (
         "one volume rebuilt from its slice predictions" if info.get("kind") == "volume" else "one 2-D image"
     )
@@ -154,10 +231,16 @@ def _how(dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool
         classes += (
             f"; scored as the field scores LiTS: {', '.join(parts)} (tumour included), the others alone"
         )
+    pooled = (
+        "'Dice global' = 2 sum(TP) / (2 sum(TP) + sum(FP) + sum(FN)) over all test volumes pooled (the "
+        "LiTS challenge's global Dice), per run, then mean ± std over runs; "
+        if info.get("kind") == "volume"
+        else ""
+    )
     return (
-        f"Per test case = {unit}, at {size}x{size} in-plane; foreground classes ({classes}); "
+        f"Per test case = {unit}, {where}; foreground classes ({classes}); "
         f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; {processing}"
-        f"Dice, IoU, precision, recall in %; HD95 and ASSD in {info.get('distance_unit', 'px')}, "
+        f"{pooled}Dice, IoU, precision, recall in %; HD95 and ASSD in {info.get('distance_unit', 'px')}, "
         "averaged over the cases where defined ('undef.' counts case x run pairs with one empty mask)."
     )
 
@@ -219,8 +302,10 @@ def _model_row(summary: pd.DataFrame, raw: pd.DataFrame, estimate: str, unit: st
     return row
 
 
-def _model_md(r: dict, label: str) -> str:
+def _model_md(r: dict, label: str, with_global: bool = False) -> str:
     overlap = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS]
+    if with_global:
+        overlap.insert(1, _pct(r["dice_global_mean"], r["dice_global_std"]))
     total = r["runs"] * r["cases"]
     dist = [_dist(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_undefined"], total) for m in DISTANCE_METRICS]
     cells = [r["model"], r["class"], label, *overlap, *dist, _pct(r["dice_raw_mean"], r["dice_raw_std"])]
@@ -234,10 +319,13 @@ def comparison_table(
     infos: Mapping[str, Mapping],
     models: Sequence[str],
     stats: pd.DataFrame,
+    global_summary: pd.DataFrame | None = None,
 ) -> tuple[str, pd.DataFrame]:
     """Table 1 or 2: per dataset and class, CASNet (`models[0]`) first, then the other entries of
     `models` (the ablation entries excluded by the caller), each as mean ± std over runs and as its
-    fold ensemble, with the Holm-corrected p-values of CASNet against it on per-case Dice."""
+    fold ensemble, with the Holm-corrected p-values of CASNet against it on per-case Dice. Volume
+    datasets get a 'Dice global' column (`summarize_global`: pooled over the test volumes)."""
+    global_summary = summarize_global(None) if global_summary is None else global_summary
     datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
     reference = models[0] if models else "-"
     lines = [f"# {TABLE_TITLES[table]}", ""]
@@ -247,14 +335,15 @@ def comparison_table(
     for dataset in datasets:
         info = infos.get(dataset, {})
         unit = info.get("distance_unit", "px")
+        with_global = info.get("kind") == "volume"
         lines += _section_head(dataset, info, summary)
         lines += [
             f"p = CASNet (`{reference}`) vs the model on per-case Dice averaged over runs, paired t-test and "
             "Wilcoxon signed-rank, Holm-corrected over every entry compared with CASNet (see statistics.md).",
             "",
-            f"| model | class | estimate | Dice | IoU | Precision | Recall | HD95 ({unit}) | ASSD ({unit}) "
-            "| Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| model | class | estimate | Dice |{' Dice global |' if with_global else ''} IoU | Precision "
+            f"| Recall | HD95 ({unit}) | ASSD ({unit}) | Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_global else ""),
         ]
         rows = summary[summary["dataset"] == dataset]
         raw = raw_summary[raw_summary["dataset"] == dataset]
@@ -268,11 +357,14 @@ def comparison_table(
                         continue
                     r = {"table": table, "dataset": dataset, "class": cls, "model": model, "estimate": estimate,
                          **_model_row(here, here_raw, estimate, unit)}  # fmt: skip
+                    r["dice_global_mean"], r["dice_global_std"] = _global_cell(
+                        global_summary, dataset, cls, model, estimate
+                    )
                     on_runs = test is not None and estimate == "runs"
                     r["p_dice_t_holm"] = float(test["p_t_holm"]) if on_runs else np.nan
                     r["p_dice_wilcoxon_holm"] = float(test["p_wilcoxon_holm"]) if on_runs else np.nan
                     records.append(r)
-                    lines.append(_model_md(r, label))
+                    lines.append(_model_md(r, label, with_global))
         lines.append("")
     frame = pd.DataFrame(records, columns=_COMPARISON_COLUMNS)
     frame.attrs["how"] = "\n".join(line for line in lines if not line.startswith("|"))
@@ -283,7 +375,8 @@ _COMPARISON_COLUMNS = [
     "table", "dataset", "class", "model", "estimate", "runs", "cases",
     *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")),
     *(f"{m}_{s}" for m in DISTANCE_METRICS for s in ("mean", "std", "undefined")),
-    "distance_unit", "dice_raw_mean", "dice_raw_std", "p_dice_t_holm", "p_dice_wilcoxon_holm",
+    "distance_unit", "dice_raw_mean", "dice_raw_std", "dice_global_mean", "dice_global_std",
+    "p_dice_t_holm", "p_dice_wilcoxon_holm",
 ]  # fmt: skip
 
 
@@ -297,11 +390,13 @@ def ablation_section_table(
     entries: Sequence[str],
     settings: Mapping[str, Mapping],
     stats: pd.DataFrame,
+    global_summary: pd.DataFrame | None = None,
 ) -> tuple[str, pd.DataFrame]:
     """Table 3 or 4: full CASNet (`entries[0]`) and each ablation entry, per dataset and class: the
     paper's four overlap metrics and HD95 (mean ± std over runs), Δ Dice = variant - full model on
     per-case Dice averaged over runs with its 95% CI, and Holm-corrected paired t-test and Wilcoxon p."""
     datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
+    global_summary = summarize_global(None) if global_summary is None else global_summary
     lines = [f"# {TABLE_TITLES[table]}", ""]
     lines += [
         "Each variant is CASNet with one part switched off (its override of the `model` section in "
@@ -319,11 +414,12 @@ def ablation_section_table(
     for dataset in datasets if len(present) >= 2 else []:
         info = infos.get(dataset, {})
         unit = info.get("distance_unit", "px")
+        with_global = info.get("kind") == "volume"
         lines += _section_head(dataset, info, summary, with_ensemble=False)
         lines += [
-            f"| model | switched off | class | Dice | IoU | Precision | Recall | HD95 ({unit}) "
-            "| Δ Dice (pts) [95% CI] | p (t, Holm) | p (Wilcoxon, Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| model | switched off | class | Dice |{' Dice global |' if with_global else ''} IoU | Precision "
+            f"| Recall | HD95 ({unit}) | Δ Dice (pts) [95% CI] | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_global else ""),
         ]
         rows = summary[(summary["dataset"] == dataset) & (summary["estimate"] == "runs")]
         for cls in dict.fromkeys(rows["class"]):
@@ -338,6 +434,9 @@ def ablation_section_table(
                     cell = _cell(here, metric)
                     r[f"{metric}_mean"] = np.nan if cell is None else float(cell["mean"])
                     r[f"{metric}_std"] = np.nan if cell is None else float(cell["std"])
+                r["dice_global_mean"], r["dice_global_std"] = _global_cell(
+                    global_summary, dataset, cls, entry, "runs"
+                )
                 test = _stat(stats, dataset, cls, "dice", entry)
                 r["delta_dice"] = np.nan if test is None else -float(test["mean_diff"])
                 r["delta_ci_low"] = np.nan if test is None else -float(test["ci_high"])
@@ -350,7 +449,10 @@ def ablation_section_table(
                     f"{100 * r['delta_dice']:.2f} [{_value('dice', r['delta_ci_low'], unit)}, "
                     f"{_value('dice', r['delta_ci_high'], unit)}]"
                 )  # fmt: skip
-                cells = [entry, off, cls, *(_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS),
+                overlap = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS]
+                if with_global:
+                    overlap.insert(1, _pct(r["dice_global_mean"], r["dice_global_std"]))
+                cells = [entry, off, cls, *overlap,
                          _dist(r["hd95_mean"], r["hd95_std"]), delta,
                          "-" if test is None else _p(r["p_t_holm"]),
                          "-" if test is None else _p(r["p_wilcoxon_holm"])]  # fmt: skip
@@ -364,6 +466,7 @@ def ablation_section_table(
 _ABLATION_COLUMNS = [
     "table", "dataset", "class", "model", "switched_off", "runs", "cases",
     *(f"{m}_{s}" for m in (*TABLE_METRICS, "hd95") for s in ("mean", "std")),
+    "dice_global_mean", "dice_global_std",
     "delta_dice", "delta_ci_low", "delta_ci_high", "p_t_holm", "p_wilcoxon_holm", "distance_unit",
 ]  # fmt: skip
 
@@ -425,6 +528,7 @@ def build_tables(
     models: Sequence[str],
     ablations: Mapping[str, Mapping],
     stats: pd.DataFrame,
+    global_dice: pd.DataFrame | None = None,
 ) -> dict[str, tuple[str, pd.DataFrame]]:
     """The paper's Tables 1-4 and the statistics table, as (markdown, CSV frame) each.
 
@@ -437,6 +541,8 @@ def build_tables(
             are keys here, after the first, are the ablation variants (Tables 3-4), the others
             (baselines) go in Tables 1-2.
         stats: `medfusion.stats.compare_models(per_case, models)`.
+        global_dice: the pooled Dice of every evaluation (`global_dice_frame` rows); volume datasets
+            show it as 'Dice global'.
 
     Returns:
         {"table1", "table2", "table3", "table4", "statistics"}: (markdown text, frame); write the
@@ -448,9 +554,10 @@ def build_tables(
     variants = [m for m in models[1:] if m in ablations]
     compared = [m for m in models if m not in variants]
     casnet = [reference, *variants] if reference else []
-    out = {t: comparison_table(t, summary, raw, infos, compared, stats) for t in ("table1", "table2")}
+    pooled = summarize_global(global_dice)
+    out = {t: comparison_table(t, summary, raw, infos, compared, stats, pooled) for t in ("table1", "table2")}
     for t in ("table3", "table4"):
-        out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats)
+        out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats, pooled)
     out["statistics"] = statistics_table(stats, infos)
     return out
 

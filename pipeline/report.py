@@ -16,34 +16,22 @@ import pandas as pd
 import typer
 
 from medfusion.claims import claims_markdown
-from medfusion.common import run_name, run_stage
+from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text, read_history, read_json, write_json
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
-from medfusion.report import build_tables, metrics_json, summarize_runs, table_csv
+from medfusion.report import (
+    build_tables,
+    global_dice_frame,
+    metrics_json,
+    mlflow_test_metrics,
+    summarize_runs,
+    table_csv,
+)
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
-
-
-def test_metrics(
-    per_case: pd.DataFrame, summary: pd.DataFrame, runs: list[dict]
-) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """One (dataset, model)'s MLflow test metrics, from its per_case rows and its `summarize_runs`
-    rows: per child run id, and for the parent."""
-    post = per_case[per_case["postprocess"] == "post"]
-    children = {}
-    for run in runs:
-        if run.get("mlflow_run_id"):
-            rows = post[post["run"] == run_name(run["fold"], run["seed"])]
-            means = rows.groupby(["class", "metric"])["value"].mean()
-            children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
-    trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
-    parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
-    parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
-    parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
-    return children, parent
 
 
 def log_to_mlflow(
@@ -53,6 +41,7 @@ def log_to_mlflow(
     eval_dir: Path,
     runs_dir: Path,
     figures: dict[str, list[Path]],
+    pooled: pd.DataFrame | None = None,
 ) -> None:
     """Test metrics and result files into the MLflow runs of every tracked (dataset, model)."""
     tracked = [
@@ -74,7 +63,8 @@ def log_to_mlflow(
         mine = per_case[(per_case["dataset"] == d) & (per_case["model"] == m)]
         mine_summary = summary[(summary["dataset"] == d) & (summary["model"] == m)]
         runs = read_json(runs_dir / d / m / "summary.json")["runs"]
-        children, parent = test_metrics(mine, mine_summary, runs)
+        mine_pooled = None if pooled is None else pooled[(pooled["dataset"] == d) & (pooled["model"] == m)]
+        children, parent = mlflow_test_metrics(mine, mine_summary, runs, mine_pooled)
         for run_id, metrics in children.items():
             tracker.log_test_metrics(run_id, metrics)
         files = [eval_dir / d / m / name for name in ("per_case.csv", "summary.csv", "eval.json")]
@@ -128,12 +118,18 @@ def main(
     per_case = pd.concat(
         pd.read_csv(eval_dir / d / m / "per_case.csv") for d in params.datasets for m in models
     )
-    infos = {}
+    infos, pooled = {}, []
     for d in params.datasets:
         info = read_json(eval_dir / d / models[0] / "eval.json")
         infos[d] = {**info, "title": params.spec(d).title, "note": params.spec(d).note}
+        for m in models:
+            pooled.append(
+                global_dice_frame(d, m, read_json(eval_dir / d / m / "eval.json").get("global_dice", {}))
+            )
+    pooled = pd.concat(pooled, ignore_index=True)
     tests = pd.read_csv(stats)
-    for name, (markdown, frame) in build_tables(per_case, infos, models, params.ablations, tests).items():
+    tables = build_tables(per_case, infos, models, params.ablations, tests, pooled)
+    for name, (markdown, frame) in tables.items():
         atomic_write_text(out_dir / "tables" / f"{name}.md", markdown)
         atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))
 
@@ -157,7 +153,7 @@ def main(
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
-    log_to_mlflow(params, per_case, summary, eval_dir, runs_dir, figures)
+    log_to_mlflow(params, per_case, summary, eval_dir, runs_dir, figures, pooled)
     print(
         f"report: tables in {out_dir / 'tables'}, figures in {out_dir / 'figures'}, claims in {out_dir / 'claims.md'}"
     )

@@ -12,7 +12,15 @@ from scipy import stats as scipy_stats
 
 from medfusion.claims import PAPER_DICE, claims_markdown
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
-from medfusion.report import build_tables, metrics_json, summarize_runs, table_csv
+from medfusion.report import (
+    build_tables,
+    global_dice_frame,
+    metrics_json,
+    mlflow_test_metrics,
+    summarize_global,
+    summarize_runs,
+    table_csv,
+)
 from medfusion.stats import COLUMNS, compare_models, holm, paired_comparison
 
 COLS = ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess"]
@@ -205,6 +213,57 @@ def test_tables_say_when_nothing_was_run(per_case):
     )
     assert "No dataset of this table was run." in out["table2"][0] and out["table2"][1].empty
     assert "No ablation entry was run" in out["table3"][0] and out["table4"][1].empty
+
+
+def test_global_dice_has_its_own_column_for_volumes_only(per_case):
+    """lits17's tumour global Dice: casnet's runs 0.70 and 0.74 (mean 0.72 ± 0.0283), ensemble 0.75."""
+    pooled = pd.concat(
+        [
+            global_dice_frame(
+                "lits17",
+                model,
+                {
+                    run: {"post": {"liver": 0.95, "tumour": v}, "raw": {"liver": 0.9, "tumour": v - 0.1}}
+                    for run, v in zip((*RUNS, "ensemble"), (0.70 - gap, 0.74 - gap, 0.75 - gap), strict=True)
+                },
+            )  # fmt: skip
+            for model, gap in (("casnet", 0.0), ("unet", 0.1), ("casnet_wo_ca", 0.2), ("medt", 0.3))
+        ]
+    )
+    g = summarize_global(pooled).set_index(["model", "class", "estimate"])
+    assert g.loc[("casnet", "tumour", "runs"), "mean"] == pytest.approx(0.72)
+    assert g.loc[("casnet", "tumour", "runs"), "std"] == pytest.approx(np.std([0.70, 0.74], ddof=1))
+    assert g.loc[("casnet", "tumour", "ensemble"), "mean"] == pytest.approx(0.75)
+    out = build_tables(per_case, INFOS, MODELS, ABLATIONS, compare_models(per_case, MODELS), pooled)
+    md2, csv2 = out["table2"]
+    lits = md2.split("(`lits17`)")[1]
+    assert "| Dice | Dice global | IoU |" in lits and "LiTS challenge's global Dice" in lits
+    row = csv2[(csv2["model"] == "casnet") & (csv2["class"] == "tumour") & (csv2["estimate"] == "runs")].iloc[
+        0
+    ]
+    assert row["dice_global_mean"] == pytest.approx(0.72)
+    assert "| casnet | tumour | mean ± std over runs | 70.00 ± 1.41 | 72.00 ± 2.83 |" in lits
+    assert "Dice global" not in out["table1"][0]  # Kvasir-SEG: per image only
+    md4, csv4 = out["table4"]
+    assert "Dice global" in md4
+    assert csv4.set_index(["model", "class"]).loc[
+        ("casnet_wo_ca", "tumour"), "dice_global_mean"
+    ] == pytest.approx(0.52)
+
+
+def test_mlflow_test_metrics_carry_the_global_dice(per_case):
+    mine = per_case[(per_case["dataset"] == "lits17") & (per_case["model"] == "casnet")]
+    pooled = global_dice_frame(
+        "lits17", "casnet", {"fold0_seed0": {"post": {"tumour": 0.7}}, "fold1_seed0": {"post": {"tumour": 0.74}},
+                             "ensemble": {"post": {"tumour": 0.75}}},
+    )  # fmt: skip
+    runs = [{"fold": 0, "seed": 0, "mlflow_run_id": "a"}, {"fold": 1, "seed": 0, "mlflow_run_id": "b"}]
+    children, parent = mlflow_test_metrics(mine, summarize_runs(mine), runs, pooled)
+    assert children["a"]["test_global_dice_tumour"] == pytest.approx(0.7)
+    assert children["b"]["test_global_dice_tumour"] == pytest.approx(0.74)
+    assert parent["test_global_dice_tumour"] == pytest.approx(0.72)
+    assert parent["test_ensemble_global_dice_tumour"] == pytest.approx(0.75)
+    assert children["a"]["test_dice_tumour"] == pytest.approx(np.mean(REF + 0.01))
 
 
 def test_metrics_json_is_small_and_post_processed(per_case):
