@@ -20,6 +20,10 @@ Rules (a case is a 2-D image (H, W) or a whole volume (D, H, W)):
                   that class: c when p_c > p_0. All None is exactly the plain argmax. A threshold
                   only moves voxels between its class and background, so each class's Dice depends
                   on its own threshold alone and the per-class choice is exact.
+    resolution    `apply` and `Selector` take probabilities at the model's resolution and a case's
+                  shape: the label map is made at that shape (`medfusion.resample`: the probabilities
+                  are resized in-plane first), so min_size counts pixels (voxels) of the resolution
+                  scored, the original one by default.
     selection     the setting with the highest mean validation Dice (per case, foreground classes,
                   empty masks as in medfusion.metrics); ties go to the smallest change: for binary
                   the smallest min_size, then no fill; for thresholds None (argmax), then the value
@@ -35,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from medfusion.metrics import overlap_metrics
+from medfusion.resample import labels_at, slices_at
 
 MIN_SIZE_GRID = (0, 10, 25, 50, 100, 200, 500)  # pixels (voxels for volumes)
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -136,14 +141,17 @@ def apply_thresholds(probs: np.ndarray, thresholds: Sequence[float | None] | Non
     return np.where(keep, candidate, 0).astype(np.uint8)
 
 
-def apply(postprocess: PostProcess, probs: np.ndarray) -> np.ndarray:
-    """Labels (uint8, shape probs.shape[1:]) of one case from its probabilities (K, ...).
+def apply(postprocess: PostProcess, probs: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Labels (uint8) of one case from its probabilities (K, [D,] h, w), at `shape` (the case's
+    original (H, W) or (D, H, W); default the probabilities' own).
 
-    Thresholds (or argmax) first; then, for a binary task (K = 2), components and holes. min_size and
+    Thresholds (or argmax) first, slice by slice after the in-plane resize (`medfusion.resample`);
+    then, for a binary task (K = 2), components and holes on the whole case at `shape`. min_size and
     fill_holes are refused for K > 2: filling one class's holes would overwrite another class inside
     it (a tumour inside the liver).
     """
-    labels = apply_thresholds(probs, postprocess.thresholds)
+    shape = tuple(probs.shape[1:]) if shape is None else tuple(shape)
+    labels = labels_at(probs, shape, postprocess.thresholds)
     if postprocess.min_size <= 1 and not postprocess.fill_holes:
         return labels
     if probs.shape[0] != 2:
@@ -151,13 +159,115 @@ def apply(postprocess: PostProcess, probs: np.ndarray) -> np.ndarray:
     return apply_binary(labels == 1, postprocess.min_size, postprocess.fill_holes).astype(np.uint8)
 
 
+def _dice(tp, predicted, actual):
+    """Dice from counts (arrays broadcast): 2 tp / (|pred| + |target|), 1 where both are empty."""
+    tp, predicted, actual = (np.asarray(x, dtype=np.float64) for x in (tp, predicted, actual))
+    total = predicted + actual
+    return np.where(total == 0, 1.0, 2 * tp / np.maximum(total, 1))
+
+
+class Selector:
+    """`choose_postprocess` one validation case at a time: memory is the per-candidate sums of Dice
+    (candidates x classes floats) and one case's arrays while it is added, whatever the number of cases.
+
+    Args:
+        num_classes: K; binary (K = 2) chooses min_size and fill, K > 2 per-class thresholds.
+        min_sizes, grid: the candidate sizes (binary) and thresholds (multi-class).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        min_sizes: Sequence[int] = MIN_SIZE_GRID,
+        grid: Sequence[float] = THRESHOLD_GRID,
+    ) -> None:
+        self.num_classes, self.cases = num_classes, 0
+        self.min_sizes = sorted(min_sizes)  # from the smallest change up: only a real gain moves the choice
+        self.candidates = [None, *sorted(grid, key=lambda t: (abs(t - 0.5), t))]
+        if num_classes == 2:
+            self.before, self.sums = 0.0, np.zeros((len(self.min_sizes), 2))
+        else:
+            self.sums = np.zeros((num_classes - 1, len(self.candidates)))
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        """One case: `pred` its probabilities (K, [D,] h, w) at any in-plane size (made into labels at
+        the target's shape), or for a binary task a mask / label map of the target's shape; `target`
+        its label map (H, W) or (D, H, W) at the resolution scored."""
+        if self.num_classes == 2:
+            self._add_binary(_binary_mask(pred, target), target == 1)
+        else:
+            self._add_thresholds(pred, target)
+        self.cases += 1
+
+    def _add_binary(self, mask: np.ndarray, target: np.ndarray) -> None:
+        self.before += overlap_metrics(mask, target)["dice"]
+        labels, sizes = _components(mask)  # labelled once per case, not once per size
+        for i, min_size in enumerate(self.min_sizes):
+            kept = _keep_large(labels, sizes, min_size)
+            for fill in (False, True):
+                self.sums[i, int(fill)] += overlap_metrics(fill_holes(kept) if fill else kept, target)["dice"]
+
+    def _add_thresholds(self, probs: np.ndarray, target: np.ndarray) -> None:
+        if probs.shape[0] != self.num_classes:
+            raise ValueError(f"probabilities of {probs.shape[0]} classes for a {self.num_classes}-class task")
+        k, n = self.num_classes - 1, len(self.candidates)
+        tp, predicted, actual = np.zeros((k, n)), np.zeros((k, n)), np.zeros((k, 1))
+        slices = [target] if target.ndim == 2 else target
+        for p, t in zip(slices_at(probs, target.shape), slices, strict=True):
+            # the candidate class and its probability per pixel do not depend on the thresholds
+            candidate = p[1:].argmax(0) + 1
+            for c in range(1, self.num_classes):
+                here, truth = candidate == c, t == c
+                actual[c - 1] += np.count_nonzero(truth)
+                for j, thr in enumerate(self.candidates):
+                    pred = here & (p[c] > p[0] if thr is None else p[c] >= thr)
+                    predicted[c - 1, j] += np.count_nonzero(pred)
+                    tp[c - 1, j] += np.count_nonzero(pred & truth)
+        self.sums += _dice(tp, predicted, actual)
+
+    def result(self) -> Selection:
+        """The choice (METHOD.md's rule, ties to the smallest change) and the mean Dice before/after."""
+        if self.cases == 0:
+            raise ValueError("no validation case to choose post-processing on")
+        means = self.sums / self.cases
+        if self.num_classes == 2:
+            before = self.before / self.cases
+            best, best_dice = PostProcess(), before
+            for i, min_size in enumerate(self.min_sizes):
+                for fill in (False, True):
+                    if means[i, int(fill)] > best_dice + _TOLERANCE:
+                        best, best_dice = (
+                            PostProcess(min_size=min_size, fill_holes=fill),
+                            float(means[i, int(fill)]),
+                        )
+            return Selection(best, float(before), float(best_dice))
+        chosen, after = [], []
+        for scores in means:
+            best = 0
+            for i in range(1, len(scores)):
+                if scores[i] > scores[best] + _TOLERANCE:
+                    best = i
+            chosen.append(self.candidates[best])
+            after.append(scores[best])
+        thresholds = None if all(t is None for t in chosen) else tuple(chosen)
+        return Selection(PostProcess(thresholds=thresholds), float(means[:, 0].mean()), float(np.mean(after)))
+
+
 def _binary_mask(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """A case's predicted foreground: from probabilities (2, ...) by argmax, or from a mask/label map."""
+    """A case's predicted foreground at the target's shape: from probabilities (2, [D,] h, w) by argmax
+    (resized in-plane first), or from a mask / label map of the target's shape."""
     if pred.shape == target.shape:
         return pred.astype(bool)
-    if pred.shape == (2, *target.shape):
-        return pred.argmax(0) == 1
+    if pred.shape[0] == 2 and pred.ndim == target.ndim + 1:
+        return labels_at(pred, target.shape) == 1
     raise ValueError(f"prediction shape {pred.shape} fits neither target {target.shape} nor (2, ...)")
+
+
+def _choose(preds, targets, num_classes: int, **grids) -> Selection:
+    selector = Selector(num_classes, **grids)
+    for p, t in zip(preds, targets, strict=True):
+        selector.add(p, t)
+    return selector.result()
 
 
 def choose_binary(
@@ -173,22 +283,7 @@ def choose_binary(
     Returns:
         Selection(PostProcess(min_size, fill_holes), dice_before, dice_after).
     """
-    masks = [_binary_mask(p, t) for p, t in zip(preds, targets, strict=True)]
-    targets = [t == 1 for t in targets]
-    before = float(np.mean([overlap_metrics(m, t)["dice"] for m, t in zip(masks, targets, strict=True)]))
-    components = [_components(m) for m in masks]  # labelled once per case, not once per size
-    best, best_dice = PostProcess(), before
-    for min_size in sorted(min_sizes):  # from the smallest change up: only a real gain moves `best`
-        kept = [_keep_large(labels, sizes, min_size) for labels, sizes in components]
-        for fill in (False, True):
-            dices = [
-                overlap_metrics(fill_holes(k) if fill else k, t)["dice"]
-                for k, t in zip(kept, targets, strict=True)
-            ]
-            dice = float(np.mean(dices))
-            if dice > best_dice + _TOLERANCE:
-                best, best_dice = PostProcess(min_size=min_size, fill_holes=fill), dice
-    return Selection(best, before, best_dice)
+    return _choose(preds, targets, 2, min_sizes=min_sizes)
 
 
 def choose_thresholds(
@@ -205,33 +300,9 @@ def choose_thresholds(
         Selection(PostProcess(thresholds=...), dice_before, dice_after); Dice means are over cases and
         foreground classes. thresholds is None when no class changes.
     """
-    num_classes = probs[0].shape[0]
-    candidates = [None, *sorted(grid, key=lambda t: (abs(t - 0.5), t))]
-    # the candidate class and its probability per voxel do not depend on the thresholds
-    fg = [(p[1:].argmax(0) + 1, p) for p in probs]
-    chosen, before, after = [], [], []
-    for c in range(1, num_classes):
-        scores = []
-        for t in candidates:
-            dices = []
-            for (candidate, p), target in zip(fg, targets, strict=True):
-                here = candidate == c
-                pred = here & (p[c] > p[0] if t is None else p[c] >= t)
-                dices.append(overlap_metrics(pred, target == c)["dice"])
-            scores.append(float(np.mean(dices)))
-        best = 0  # candidates run from the smallest change up, so only a real gain moves `best`
-        for i in range(1, len(candidates)):
-            if scores[i] > scores[best] + _TOLERANCE:
-                best = i
-        chosen.append(candidates[best])
-        before.append(scores[0])
-        after.append(scores[best])
-    thresholds = None if all(t is None for t in chosen) else tuple(chosen)
-    return Selection(PostProcess(thresholds=thresholds), float(np.mean(before)), float(np.mean(after)))
+    return _choose(probs, targets, probs[0].shape[0], grid=grid)
 
 
 def choose_postprocess(probs: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> Selection:
     """The METHOD.md choice on validation cases: `choose_binary` for K = 2, `choose_thresholds` for K > 2."""
-    if probs[0].shape[0] == 2:
-        return choose_binary(probs, targets)
-    return choose_thresholds(probs, targets)
+    return _choose(probs, targets, probs[0].shape[0])

@@ -6,8 +6,9 @@ Output (memory-mapped by `SegDataset`; loading is a page-cache read, never a dec
     cases.json    the index, one record per sample: case_id (the test case: an image, or the volume a
                   slice came from), group (the patient: folds and the test split never divide a group),
                   slice (index in the volume, None for 2-D), empty (no foreground)
-    meta.json     dataset facts; per case the original shape, spacing (mm, None where unknown) and
-                  NIfTI affine, so that evaluation and prediction can rebuild volumes; a content hash
+    meta.json     dataset facts; per case the original shape, spacing (mm, None where unknown),
+                  NIfTI affine and its ground-truth file (`label`, relative to `raw_dir`), so that
+                  evaluation can score at the original geometry; a content hash of the arrays
 
 Validation (before anything is written; the first bad file stops the stage with its path and the
 problem): unreadable files, image/mask size mismatch, missing masks (see fetch.dataset_files),
@@ -29,8 +30,14 @@ N4 (our settings; METHOD.md names the method only): Otsu foreground mask, the fi
 in-plane, 4 levels x 50 iterations, the bias field then evaluated at full resolution.
 
 Geometry: every 2-D image or slice is resized to S x S (area interpolation for images, nearest for
-labels), ignoring the aspect ratio, as the paper's fixed 256x256 input implies. Evaluation in this
-pipeline is at that resolution and says so. Volumes are sliced along their first array axis (NIfTI z).
+labels), ignoring the aspect ratio, as the paper's fixed 256x256 input implies. Evaluation scores at
+each case's original geometry against the original ground truth (`read_label`), or at this resolution
+with eval.resolution: processed. Volumes are sliced along their first array axis (NIfTI z); every
+slice is kept, so no volume is resampled in z.
+
+Memory: the arrays are written case by case as the workers deliver them (`_StackWriter`), so the stage
+holds about one case per worker (a LiTS volume: its float32 voxels), never the dataset; cases.json
+and meta.json hold a few hundred bytes per slice / case.
 """
 
 from __future__ import annotations
@@ -188,6 +195,39 @@ def read_label_2d(path: Path, num_classes: int) -> np.ndarray:
     raise DataError(f"{path}: mask values {values[:10].tolist()}; expected {expected} (a non-binary mask?)")
 
 
+def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """A label volume (D, H, W) as uint8 classes of `dataset`, validated (MetaImage or NIfTI; msd_prostate's
+    two zones merged into the whole gland).
+
+    Raises:
+        DataError: unreadable, NaN or infinite voxels, or values beyond the classes.
+    """
+    path = Path(path)
+    label = read_metaimage(path)[0] if path.suffix == ".mhd" else read_nifti(path, ndim=3)[0]
+    if not np.isfinite(label).all():
+        raise DataError(f"{path}: label has NaN or infinite voxels")
+    if label.dtype.kind == "f":
+        np.rint(label, out=label)  # in place: a CT label volume can hold 10^8 voxels
+    if dataset == "msd_prostate":
+        label = label > 0  # whole gland = peripheral + transition zone
+    in_range = label.size == 0 or (label.min() >= 0 and label.max() < len(class_names))
+    bad = np.array([]) if in_range else np.setdiff1d(np.unique(label), np.arange(len(class_names)))
+    if bad.size:
+        shown = [int(v) if float(v).is_integer() else float(v) for v in bad[:10]]
+        raise DataError(
+            f"{path}: label values {shown}; expected 0..{len(class_names) - 1} ({list(class_names)})"
+        )
+    return label.astype(np.uint8)
+
+
+def read_label(path: Path, kind: str, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """One case's ground truth as preprocessing reads it, at its original size: (H, W) for a 2-D image
+    (`read_label_2d`), (D, H, W) for a volume (`read_volume_label`). Evaluation scores against it."""
+    if kind == "image":
+        return read_label_2d(Path(path), len(class_names))
+    return read_volume_label(Path(path), dataset, class_names)
+
+
 def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     """Read and validate one case."""
     if spec.kind == "image":
@@ -207,35 +247,23 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     affine = None
     if ref.image.suffix == ".mhd":
         volume, spacing = read_metaimage(ref.image)
-        label, _ = read_metaimage(ref.label)
         volume = volume[None]
     else:
         ndim = 4 if spec.in_channels > 1 else 3
         volume, spacing, affine = read_nifti(ref.image, ndim=ndim, with_affine=True)
-        label, _ = read_nifti(ref.label, ndim=3)
         volume = volume if ndim == 4 else volume[None]
         if volume.shape[0] != spec.in_channels:
             raise DataError(
                 f"{ref.image}: {volume.shape[0]} modalities; {spec.title} expects {spec.in_channels}"
             )
+    if not np.isfinite(volume).all():
+        raise DataError(f"{ref.image}: volume has NaN or infinite voxels")
+    label = read_volume_label(ref.label, spec.name, spec.class_names)
     if volume.shape[1:] != label.shape:
         raise DataError(
             f"{ref.image}: volume shape {volume.shape[1:]} differs from its label's {label.shape}"
         )
-    if not np.isfinite(volume).all():
-        raise DataError(f"{ref.image}: volume has NaN or infinite voxels")
-    if not np.isfinite(label).all():
-        raise DataError(f"{ref.label}: label has NaN or infinite voxels")
-    label = np.rint(label)  # float32 still: a CT label volume can hold 10^8 voxels
-    if spec.name == "msd_prostate":
-        label = (label > 0).astype(np.float32)  # whole gland = peripheral + transition zone
-    bad = np.setdiff1d(np.unique(label), np.arange(spec.num_classes))
-    if bad.size:
-        shown = [int(v) if float(v).is_integer() else float(v) for v in bad[:10]]
-        raise DataError(
-            f"{ref.label}: label values {shown}; expected 0..{spec.num_classes - 1} ({spec.class_names})"
-        )
-    return RawCase(ref.case_id, ref.group, volume, label.astype(np.uint8), spacing, affine)
+    return RawCase(ref.case_id, ref.group, volume, label, spacing, affine)
 
 
 def n4_correct(volume: np.ndarray, spacing: tuple[float, ...], shrink: int = 4) -> np.ndarray:
@@ -355,39 +383,41 @@ def preprocess_dataset(
         raise DataError(f"{raw_dir}: no cases found for {name}")
     workers = min(workers or os.cpu_count() or 1, len(refs))
     jobs = [(ref, spec, settings) for ref in refs]
-    images, masks, seconds, cases, per_case, empty_cases = [], [], [], [], {}, 0
-    with (
-        multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool,
-        tqdm(total=len(refs), desc=f"preprocess {name}", unit="case") as bar,
-    ):
-        for case_id, imgs, msks, second, info in pool.imap(_work, jobs, chunksize=4):
-            images.append(imgs)
-            masks.append(msks)
-            if second is not None:
-                seconds.append(second)
-            group = info.pop("group")
-            for k, mask in enumerate(msks):
-                empty = not bool(mask.any())
-                cases.append(
-                    {
-                        "case_id": case_id,
-                        "group": group,
-                        "slice": k if spec.kind == "volume" else None,
-                        "empty": empty,
-                    }
-                )
-            per_case[case_id] = info
-            empty_cases += not msks.any()
-            bar.update()
-    meta = _meta(name, spec, settings, cases, per_case, empty_cases)
+    label_files = {ref.case_id: os.path.relpath(ref.label, raw_dir) for ref in refs}
+    cases, per_case, empty_cases, observers = [], {}, 0, []
     with atomic_dir(out_dir) as tmp:
+        writers = {name: _StackWriter(tmp / name) for name in ("images.npy", "masks.npy", "observer2.npy")}
+        with (
+            multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool,
+            tqdm(total=len(refs), desc=f"preprocess {name}", unit="case") as bar,
+        ):
+            for case_id, imgs, msks, second, info in pool.imap(_work, jobs, chunksize=4):
+                writers["images.npy"].write(imgs)  # written as it comes: memory is one case, not the dataset
+                writers["masks.npy"].write(msks)
+                if second is not None:
+                    writers["observer2.npy"].write(second)
+                    observers += _observer_dices(msks, second)
+                group = info.pop("group")
+                for k, mask in enumerate(msks):
+                    cases.append(
+                        {
+                            "case_id": case_id,
+                            "group": group,
+                            "slice": k if spec.kind == "volume" else None,
+                            "empty": not bool(mask.any()),
+                        }
+                    )
+                per_case[case_id] = {**info, "label": label_files[case_id]}
+                empty_cases += not msks.any()
+                bar.update()
         digest = hashlib.sha256()
-        for fname, parts in (("images.npy", images), ("masks.npy", masks), ("observer2.npy", seconds)):
-            if parts:
-                _write_stacked(tmp / fname, parts, digest)
+        for writer in writers.values():
+            writer.close(digest)
+        meta = _meta(name, spec, settings, cases, per_case, empty_cases)
+        meta["raw_dir"] = str(raw_dir)
         meta["sha256"] = digest.hexdigest()
-        if seconds:
-            meta["inter_observer_dice"] = _inter_observer_dice(masks, seconds)
+        if observers:
+            meta["inter_observer_dice"] = float(np.mean(observers))
         write_json(tmp / "cases.json", cases)
         write_json(tmp / "meta.json", meta)
     return meta
@@ -441,24 +471,49 @@ class _Serial:
         return map(fn, jobs)
 
 
-def _write_stacked(path: Path, parts: list[np.ndarray], digest) -> None:
-    """Concatenate `parts` along axis 0 straight into a .npy file (no second copy in memory)."""
-    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    i = 0
-    for p in parts:
-        out[i : i + len(p)] = p
-        digest.update(np.ascontiguousarray(p).tobytes())
-        i += len(p)
-    out.flush()
-    del out
+class _StackWriter:
+    """A .npy file of uint8 samples (N, ...) filled block by block, N known only at the end: the data
+    go after a fixed 256-byte header, rewritten with the final shape at `close`. Memory: one block.
+    A writer that received nothing writes no file."""
+
+    HEADER = 256  # bytes, a multiple of 64 as the .npy format asks; room for any shape of 4 ints
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.count, self.tail = Path(path), None, 0, None
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.uint8)
+        if self.file is None:
+            self.file, self.tail = open(self.path, "wb"), block.shape[1:]
+            self.file.write(b"\0" * self.HEADER)
+        if block.shape[1:] != self.tail:
+            raise DataError(
+                f"{self.path.name}: a sample of shape {block.shape[1:]} after samples of {self.tail}"
+            )
+        self.file.write(block.tobytes())
+        self.count += len(block)
+
+    def close(self, digest) -> None:
+        """Write the header; feed the data (as stored, in order) to `digest`."""
+        if self.file is None:
+            return
+        shape = (self.count, *self.tail)
+        text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"
+        text = text.ljust(self.HEADER - 10 - 1) + "\n"
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1"))
+        self.file.close()
+        with open(self.path, "rb") as f:  # re-read in order: the digest is that of the arrays' bytes
+            f.seek(self.HEADER)
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
 
 
-def _inter_observer_dice(first: list[np.ndarray], second: list[np.ndarray]) -> float:
-    """Mean per-image Dice between the two observers at the processed resolution (CHASE_DB1)."""
+def _observer_dices(first: np.ndarray, second: np.ndarray) -> list[float]:
+    """Per image, the Dice between the two observers at the processed resolution (CHASE_DB1)."""
     scores = []
     for a, b in zip(first, second, strict=True):
         inter = float(np.logical_and(a == 1, b == 1).sum())
         total = float((a == 1).sum() + (b == 1).sum())
         scores.append(1.0 if total == 0 else 2 * inter / total)
-    return float(np.mean(scores))
+    return scores

@@ -1,0 +1,72 @@
+"""Class probabilities at the model's resolution -> label maps at a case's original geometry.
+
+One function for the fold ensemble's scoring (`medfusion.evaluation`), post-processing at the original
+resolution (`medfusion.postprocess`) and `medfusion predict`, so that a mask written by predict and
+a mask scored by evaluate are made the same way.
+
+Rule (our choice; METHOD.md says only "resampled back to its original geometry"): the K probability
+maps of each 2-D image or slice are resized in-plane to the original H x W, bilinearly where they grow
+and by area averaging where they shrink (cv2), and the label is taken there (argmax, or the per-class
+thresholds of `postprocess.apply_thresholds`). Resizing probabilities, not labels, keeps boundaries
+smooth at 4x upsampling (a nearest-neighbour resize of a 256x256 label map to 999x960 gives
+staircase vessel edges). Volumes are sliced along their first axis and never resampled in z
+(preprocessing keeps every slice), so a volume's slice count and spacing are its own.
+
+Memory: one slice's K resized maps (K x H x W float32) at a time, plus the uint8 labels of the
+output; never the K x D x H x W probabilities of a whole volume at the original size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+
+def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(K, h, w) probabilities -> (K, H, W) float32 at `size` = (H, W); unchanged when h, w = H, W."""
+    probs = np.asarray(probs, dtype=np.float32)
+    h, w = probs.shape[1:]
+    if (h, w) == tuple(size):
+        return probs
+    grows = size[0] * size[1] >= h * w
+    interpolation = cv2.INTER_LINEAR if grows else cv2.INTER_AREA
+    # cv2 takes (H, W, K) with up to 512 channels; one map at a time keeps K = 1..2 working too
+    return np.stack([cv2.resize(p, (size[1], size[0]), interpolation=interpolation) for p in probs])
+
+
+def slices_at(probs: np.ndarray, shape: Sequence[int]) -> Iterator[np.ndarray]:
+    """The (K, H, W) probabilities of each 2-D image or slice of `probs`, resized to `shape`'s last two axes.
+
+    Args:
+        probs: (K, h, w) for a 2-D image or (K, D, h, w) for a volume's D slices.
+        shape: the original (H, W) or (D, H, W); D must match.
+    """
+    size = (int(shape[-2]), int(shape[-1]))
+    if probs.ndim == 3:
+        if len(shape) != 2:
+            raise ValueError(f"2-D probabilities {probs.shape} for a case of shape {tuple(shape)}")
+        yield resize_probs(probs, size)
+        return
+    if len(shape) != 3 or probs.shape[1] != shape[0]:
+        raise ValueError(f"{probs.shape[1]} slices of probabilities for a volume of shape {tuple(shape)}")
+    for k in range(probs.shape[1]):
+        yield resize_probs(probs[:, k], size)
+
+
+def labels_at(
+    probs: np.ndarray, shape: Sequence[int], thresholds: Sequence[float | None] | None = None
+) -> np.ndarray:
+    """uint8 class labels of `shape` from probabilities (K, [D,] h, w): argmax, or per-class thresholds
+    (`postprocess.apply_thresholds`' rule), after the in-plane resize of the module docstring."""
+    from medfusion.postprocess import apply_thresholds
+
+    out = np.empty(tuple(shape), np.uint8)
+    for k, p in enumerate(slices_at(probs, shape)):
+        labels = apply_thresholds(p, thresholds)
+        if out.ndim == 2:
+            out[...] = labels
+        else:
+            out[k] = labels
+    return out
