@@ -1,4 +1,4 @@
-"""The `medfusion` command: quickstart, fetch, models, predict, check."""
+"""The `medfusion` command: quickstart, fetch, models, predict, plan, check."""
 
 from __future__ import annotations
 
@@ -215,6 +215,38 @@ def predict(
     if failed:
         typer.echo(f"failed: {', '.join(str(p) for p in failed)}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    set_param: list[str] = typer.Option(
+        [], "--set", "-S", help="params override as for dvc exp run, e.g. train.epochs=2"
+    ),
+    params_file: Path = typer.Option(Path("params.yaml"), help="the params file to cost"),
+    processed: Path = typer.Option(
+        Path("data/processed"), help="where preprocessed datasets are (their sizes)"
+    ),
+    steps: int = typer.Option(2, min=1, help="timed training steps per entry (after one warm-up)"),
+    batch: int = typer.Option(
+        4, min=1, help="largest batch the calibration runs (scaled to train.batch_size)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """What `dvc repro` will cost with these params, before any training: every run, a measured step
+    time per entry on this device, hours per dataset and in all (serial and with the executor), disk,
+    and the expected peak memory of the largest stage."""
+    import json
+
+    from medfusion.config import ConfigError
+    from medfusion.plan import PlanError, load_plan_params, make_plan, plan_markdown
+
+    try:
+        params = load_plan_params(params_file, list(set_param))
+        result = make_plan(params, processed, steps=steps, max_batch=batch)
+    except (PlanError, ConfigError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=2) if as_json else plan_markdown(result))
 
 
 @app.command()

@@ -302,9 +302,14 @@ class CVParams:
 @dataclass(frozen=True)
 class EvalParams:
     """`batch_size`: images per forward pass in validation and evaluation, a memory knob (a resource:
-    every loss and metric is a mean over samples, so it cannot change a result)."""
+    every loss and metric is a mean over samples, so it cannot change a result).
+    `resolution`: where test cases are scored. "original" (the field's way, the default): each case's
+    probabilities are resampled to its original geometry and scored against the original ground truth
+    from data/raw (HD95/ASSD in mm where the spacing is known); "processed": at data.image_size against
+    the resized masks, as the models see them."""
 
     batch_size: int
+    resolution: typing.Literal["original", "processed"] = "original"
 
 
 # Settings that cannot change a result: no run's hash and no train stage's params hold them, so

@@ -1,29 +1,44 @@
-"""Test-set evaluation of trained runs: per test case, per foreground class, per run (long table).
+"""Test-set evaluation of trained runs: per test case, per scored region, per run (long table).
 
 A test case is a 2-D image, or a whole volume rebuilt from its slice predictions (metrics on the
-3-D label map). Everything is at the preprocessed resolution (data.image_size in-plane); the report
-says so. Rows: dataset, model, run, case_id, class, metric, value.
+3-D label map). Rows: dataset, model, run, case_id, class, metric, value (+ postprocess, resolution).
+
+Resolution (eval.resolution, METHOD.md "Scoring"): "original" (the default) resamples each case's
+probabilities to its original geometry (`medfusion.resample`: in-plane, every slice kept) and scores
+them against the original ground truth read from the raw copy (`preprocess.read_label`), HD95/ASSD
+in mm where the spacing is known and in original pixels otherwise, post-processing sizes in original
+pixels/voxels; "processed" scores at data.image_size against the resized masks.
+
+Memory (`evaluate_model`): the weights of the runs (all loaded for the test pass, so the fold
+ensemble is built case by case), one case's probabilities per run plus the ensemble's at the model's
+resolution (K x D x S x S float32 each), one case's original-size ground truth and label maps, and
+per-candidate sums for the choice of post-processing. Nothing grows with the number of cases except
+the metric rows (a few per case).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 
 from medfusion.common import first_line, run_name
 from medfusion.data.dataset import SegDataset
-from medfusion.data.io import read_json
+from medfusion.data.io import DataError, read_json
+from medfusion.data.preprocess import read_label
 from medfusion.data.registry import scored_regions
 from medfusion.hardware import Precision
 from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
 from medfusion.models import build_model
+from medfusion.postprocess import PostProcess, Selector
 from medfusion.postprocess import apply as apply_postprocess
-from medfusion.postprocess import choose_postprocess
+from medfusion.resample import labels_at
 from medfusion.training.loop import out_of_memory_explained, predict_probs
 
 
@@ -172,15 +187,110 @@ def group_probs(dataset: SegDataset, probs: np.ndarray) -> dict[str, np.ndarray]
     return {c: p if p.ndim == 3 else p.transpose(1, 0, 2, 3) for c, p in group_cases(dataset, probs).items()}
 
 
-def case_spacings(processed_dir: Path, case_ids: list[str]) -> tuple[dict[str, tuple | None], str]:
-    """Each case's voxel spacing at the processed resolution, and the distance unit ("mm" or "px")."""
-    meta = read_json(Path(processed_dir) / "meta.json")
-    spacings = {
-        c: processed_spacing(meta["cases"][c]["shape"], meta["cases"][c]["spacing"], meta["image_size"])
-        for c in case_ids
-    }
-    unit = "mm" if all(s is not None for s in spacings.values()) else "px"
-    return (spacings if unit == "mm" else dict.fromkeys(case_ids)), unit
+RESOLUTIONS = ("original", "processed")
+
+
+def case_positions(dataset: SegDataset) -> dict[str, list[int]]:
+    """Per case (sorted ids), the positions of its samples in `dataset`, in slice order."""
+    by_case: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, sample in enumerate(dataset.samples):
+        by_case[sample["case_id"]].append((sample["slice"] or 0, i))
+    return {c: [i for _, i in sorted(by_case[c])] for c in sorted(by_case)}
+
+
+def iter_case_probs(
+    model: torch.nn.Module, dataset: SegDataset, batch_size: int, precision: Precision
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(case_id, softmax probabilities) of every case of `dataset` in sorted order: (K, S, S) for an
+    image, (K, D, S, S) for a volume's slices, float32. Batches run across case boundaries; memory is
+    one batch plus the case being assembled."""
+    positions = case_positions(dataset)
+    order = [(c, i) for c, rows in positions.items() for i in rows]
+    pending: list[np.ndarray] = []
+    done = 0  # samples of the current case collected
+    current = 0  # index of the current case in `positions`
+    cases = list(positions)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        images = torch.stack([dataset[i]["image"] for _, i in chunk])
+        where = f"prediction of samples {start}..{start + len(chunk) - 1}"
+        with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
+            probs = predict_probs(model, images, precision).float().numpy()
+        for p in probs:
+            pending.append(p)
+            done += 1
+            case_id = cases[current]
+            if done == len(positions[case_id]):
+                is_volume = dataset.samples[positions[case_id][0]]["slice"] is not None
+                yield case_id, (np.stack(pending, axis=1) if is_volume else pending[0])
+                pending, done, current = [], 0, current + 1
+
+
+class Targets:
+    """Each case's ground truth and voxel spacing at the resolution scored.
+
+    original: the raw ground-truth file recorded by preprocessing (meta.json cases[c].label, under
+    `raw_dir`), read and validated as preprocessing reads it, checked against the recorded shape;
+    spacing in mm where the dataset records it, else None (pixels). processed: the processed masks
+    (stacked slices for volumes), spacing scaled to data.image_size (`processed_spacing`).
+    Memory: one case at a time.
+    """
+
+    def __init__(self, processed_dir: Path, meta: dict, resolution: str, raw_dir: Path | None = None) -> None:
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"eval.resolution {resolution!r}; expected one of {RESOLUTIONS}")
+        self.processed_dir, self.meta, self.resolution = Path(processed_dir), meta, resolution
+        self.raw_dir = Path(raw_dir if raw_dir is not None else meta.get("raw_dir", ""))
+        self.masks = np.load(self.processed_dir / "masks.npy", mmap_mode="r")
+        if resolution == "original":
+            missing = [c for c, info in meta["cases"].items() if "label" not in info]
+            if missing:
+                raise DataError(
+                    f"{self.processed_dir / 'meta.json'}: no ground-truth file recorded for case {missing[0]!r} "
+                    "(preprocessed by an older version); rerun the preprocess stage "
+                    "(dvc repro -f preprocess@<dataset>) or score at -S eval.resolution=processed"
+                )
+
+    @property
+    def unit(self) -> str:
+        """ "mm" when every case has a spacing at this resolution, else "px"."""
+        known = all(info.get("spacing") is not None for info in self.meta["cases"].values())
+        return "mm" if known else "px"
+
+    def spacing(self, case_id: str) -> tuple | None:
+        info = self.meta["cases"][case_id]
+        if self.unit != "mm":
+            return None
+        if self.resolution == "original":
+            return tuple(float(v) for v in info["spacing"])
+        return processed_spacing(info["shape"], info["spacing"], self.meta["image_size"])
+
+    def shape(self, case_id: str, processed_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape scored: the original one, or the processed `processed_shape`."""
+        if self.resolution == "processed":
+            return tuple(processed_shape)
+        return tuple(int(v) for v in self.meta["cases"][case_id]["shape"])
+
+    def target(self, case_id: str, rows: list[int]) -> np.ndarray:
+        """The ground truth of `case_id`, whose processed samples are rows `rows` of masks.npy."""
+        if self.resolution == "processed":
+            masks = np.asarray(self.masks[rows])
+            return masks if self.meta["kind"] == "volume" else masks[0]
+        info = self.meta["cases"][case_id]
+        path = self.raw_dir / info["label"]
+        if not path.is_file():
+            raise DataError(
+                f"{path}: the ground truth of case {case_id!r} is not there; scoring at eval.resolution: "
+                "original reads it from the raw copy (fetch the dataset again, or give --raw-dir), or score "
+                "at -S eval.resolution=processed"
+            )
+        label = read_label(path, self.meta["kind"], self.meta["dataset"], self.meta["class_names"])
+        if list(label.shape) != list(info["shape"]):
+            raise DataError(
+                f"{path}: ground truth of shape {label.shape}, but case {case_id!r} was preprocessed from "
+                f"shape {tuple(info['shape'])}; data/raw changed after preprocessing: rerun the preprocess stage"
+            )
+        return label
 
 
 def _metric_rows(
@@ -218,18 +328,67 @@ def case_regions(meta: dict) -> dict[str, list[int]]:
     return scored_regions(meta["class_names"], meta.get("regions"))
 
 
+def resolution_text(meta: dict, resolution: str, unit: str) -> str:
+    """How the cases were scored, for eval.json and the tables' headers."""
+    size = meta["image_size"]
+    if resolution == "processed":
+        return (
+            f"at the processed {size}x{size} in-plane (eval.resolution: processed), against the resized masks"
+        )
+    geometry = "in-plane size, slice count and spacing" if meta["kind"] == "volume" else "size"
+    return (
+        f"at each case's original {geometry} (eval.resolution: original; predicted at {size}x{size}, "
+        f"probabilities resampled back), against the original ground truth; distances in {unit}"
+    )
+
+
 def evaluate_run(
-    checkpoint_path: Path, processed_dir: Path, test_ids: list[str], batch_size: int, precision: Precision
+    checkpoint_path: Path,
+    processed_dir: Path,
+    test_ids: list[str],
+    batch_size: int,
+    precision: Precision,
+    resolution: str = "original",
+    raw_dir: Path | None = None,
 ) -> list[dict]:
-    """Metric rows (case_id, class, metric, value) of one checkpoint on `test_ids`, raw argmax, no post-processing."""
+    """Metric rows (case_id, class, metric, value) of one checkpoint on `test_ids`, raw argmax, no
+    post-processing, at `resolution` (see the module docstring)."""
+    meta = read_json(Path(processed_dir) / "meta.json")
     model, checkpoint = load_checkpoint(checkpoint_path, precision)
-    check_fits_data(checkpoint_path, checkpoint, read_json(Path(processed_dir) / "meta.json"), processed_dir)
+    check_fits_data(checkpoint_path, checkpoint, meta, processed_dir)
     dataset = SegDataset(processed_dir, test_ids)
-    targets = group_cases(dataset, np.asarray(dataset.masks[dataset.indices]))  # reads only these rows
-    labels = group_cases(dataset, predict_dataset(model, dataset, batch_size, precision))
-    regions = case_regions(read_json(Path(processed_dir) / "meta.json"))
-    spacings, _ = case_spacings(processed_dir, sorted(targets))
-    return _split_counts(_metric_rows(labels, targets, regions, spacings))[0]
+    targets = Targets(processed_dir, meta, resolution, raw_dir)
+    regions, positions = case_regions(meta), case_positions(dataset)
+    rows = []
+    for case_id, probs in iter_case_probs(model, dataset, batch_size, precision):
+        rows_of = [dataset.indices[i] for i in positions[case_id]]
+        target = targets.target(case_id, rows_of)
+        labels = labels_at(probs, target.shape)
+        rows += _metric_rows(
+            {case_id: labels}, {case_id: target}, regions, {case_id: targets.spacing(case_id)}
+        )
+    return _split_counts(rows)[0]
+
+
+class _Scores:
+    """The metric rows and pooled counts of every (run, raw | post), filled one case at a time."""
+
+    def __init__(self, regions: dict[str, list[int]]) -> None:
+        self.regions = regions
+        self.rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
+
+    def add(self, run: str, kind: str, case_id: str, labels: np.ndarray, target: np.ndarray, spacing) -> None:
+        self.rows[(run, kind)] += _metric_rows(
+            {case_id: labels}, {case_id: target}, self.regions, {case_id: spacing}
+        )
+
+    def frames(self, order: list[str]) -> tuple[list[pd.DataFrame], dict]:
+        frames, pooled = [], {}
+        for run in order:
+            for kind in ("raw", "post"):
+                rows, pooled.setdefault(run, {})[kind] = _split_counts(self.rows[(run, kind)])
+                frames.append(pd.DataFrame(rows).assign(run=run, postprocess=kind))
+        return frames, pooled
 
 
 def evaluate_model(
@@ -240,72 +399,92 @@ def evaluate_model(
     batch_size: int,
     precision: Precision,
     examples: int = 4,
+    resolution: str = "original",
+    raw_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, dict, dict[str, np.ndarray]]:
     """Every run (fold x seed) of one model, and their fold ensemble, on the test split.
 
-    For each run: post-processing is chosen on that run's validation fold (`choose_postprocess`,
+    For each run: post-processing is chosen on that run's validation fold (`postprocess.Selector`,
     never on test), then the test cases are scored raw (argmax) and post-processed. The ensemble
     ("ensemble" run) averages the runs' test probabilities; its post-processing is chosen on the
-    pooled out-of-fold validation predictions (each validation case predicted by the run that did not
-    train on it). Metrics per test case (image, or volume rebuilt from its slices) and scored region
-    (each foreground class, or LiTS's nested liver = labels 1-2 and tumour = label 2: `case_regions`),
-    HD95/ASSD in mm at the processed resolution where the spacing is known, else in pixels. Each run's
-    global Dice per region (pooled over all test cases: the LiTS challenge's "Dice global") goes to
-    info["global_dice"][run]["raw" | "post"].
+    pooled out-of-fold validation predictions (each validation case predicted by the runs that did not
+    train on it). Validation is scored at the same resolution as test. Metrics per test case (image,
+    or volume rebuilt from its slices) and scored region (each foreground class, or LiTS's nested
+    liver = labels 1-2 and tumour = label 2: `case_regions`), at `resolution` (module docstring).
+    Each run's global Dice per region (pooled over all test cases: the LiTS challenge's "Dice
+    global") goes to info["global_dice"][run]["raw" | "post"]. Memory: see the module docstring.
+
+    Args:
+        resolution: "original" (the default: each case's own geometry, ground truth from the raw copy)
+            or "processed" (data.image_size).
+        raw_dir: where the raw ground truth is (default: the raw_dir preprocessing recorded).
 
     Returns:
-        per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post");
-        info: distance unit, image size, kind, the post-processing chosen per run with its validation Dice,
-            the scored regions and the global Dice;
+        per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post"), resolution;
+        info: distance unit, image size, resolution and how it was scored, kind, the post-processing
+            chosen per run with its validation Dice, the scored regions and the global Dice;
         examples: for the first `examples` test cases (sorted ids): images (n, C, S, S) uint8, targets and
-            the ensemble's post-processed predictions (n, S, S), the slice with the largest ground truth
-            for volumes, and case_ids.
+            the ensemble's post-processed predictions (n, S, S) at the processed size (the prediction
+            made at the scored resolution and resized back, nearest), the slice with the largest ground
+            truth for volumes, and case_ids.
     """
     processed_dir = Path(processed_dir)
     meta = read_json(processed_dir / "meta.json")
     regions = case_regions(meta)
-    test_set = SegDataset(processed_dir, split["test"])
-    targets = group_cases(test_set, np.asarray(test_set.masks[test_set.indices]))
-    spacings, unit = case_spacings(processed_dir, sorted(targets))
-    frames, chosen, pooled = [], {}, {}
-    ensemble: dict[str, np.ndarray] = {}
-    oof_probs: list[np.ndarray] = []
-    oof_targets: list[np.ndarray] = []
+    targets = Targets(processed_dir, meta, resolution, raw_dir)
+    num_classes = len(meta["class_names"])
+    models: dict[str, torch.nn.Module] = {}
+    chosen: dict[str, dict] = {}
+    pooled_selector = Selector(num_classes)
     for run in runs:
         name = run_name(run["fold"], run["seed"])
         model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
         check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
         val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
-        val_probs = group_probs(val_set, predict_dataset_probs(model, val_set, batch_size, precision))
-        val_targets = group_cases(val_set, np.asarray(val_set.masks[val_set.indices]))
-        cases = sorted(val_targets)
-        selection = choose_postprocess(
-            [val_probs[c].astype(np.float32) for c in cases], [val_targets[c] for c in cases]
-        )
-        oof_probs += [val_probs[c] for c in cases]
-        oof_targets += [val_targets[c] for c in cases]
-        chosen[name] = _selection_record(selection)
-        probs = group_probs(test_set, predict_dataset_probs(model, test_set, batch_size, precision))
-        for c, p in probs.items():
-            ensemble[c] = ensemble.get(c, 0) + p.astype(np.float32) / len(runs)
-        frames += _score(name, probs, selection.postprocess, targets, regions, spacings, pooled)
-    selection = choose_postprocess([p.astype(np.float32) for p in oof_probs], oof_targets)
-    chosen["ensemble"] = _selection_record(selection)
-    frames += _score("ensemble", ensemble, selection.postprocess, targets, regions, spacings, pooled)
-    per_case = pd.concat(frames, ignore_index=True)
+        positions, selector = case_positions(val_set), Selector(num_classes)
+        for case_id, probs in iter_case_probs(model, val_set, batch_size, precision):
+            target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
+            selector.add(probs, target)
+            pooled_selector.add(probs, target)
+        chosen[name] = _selection_record(selector.result())
+        models[name] = model
+    ensemble_selection = pooled_selector.result()
+    chosen["ensemble"] = _selection_record(ensemble_selection)
+    settings = {name: _postprocess_of(record) for name, record in chosen.items()}
+
+    test_set = SegDataset(processed_dir, split["test"])
+    positions = case_positions(test_set)
+    streams = {
+        name: iter_case_probs(model, test_set, batch_size, precision) for name, model in models.items()
+    }
+    scores, pictures = _Scores(regions), _Pictures(test_set, positions, examples)
+    for case_id in positions:
+        rows = [test_set.indices[i] for i in positions[case_id]]
+        target, spacing = targets.target(case_id, rows), targets.spacing(case_id)
+        ensemble = None
+        for name, stream in streams.items():
+            got, probs = next(stream)
+            assert got == case_id, (got, case_id)
+            ensemble = probs / len(models) if ensemble is None else ensemble + probs / len(models)
+            _score_case(scores, name, case_id, probs, settings[name], target, spacing)
+        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
+        pictures.add(case_id, rows, post)
+    frames, pooled = scores.frames([*models, "ensemble"])
+    per_case = pd.concat(frames, ignore_index=True).assign(resolution=resolution)
     info = {
-        "distance_unit": unit,
+        "distance_unit": targets.unit,
         "image_size": meta["image_size"],
+        "resolution": resolution,
+        "resolution_text": resolution_text(meta, resolution, targets.unit),
         "kind": meta["kind"],
         "title": meta.get("title", meta["dataset"]),
         "runs": len(runs),
-        "test_cases": len(targets),
+        "test_cases": len(positions),
         "postprocess": chosen,
         "regions": regions,
         "global_dice": pooled,
     }
-    pictures = _examples(test_set, targets, ensemble, selection.postprocess, examples)
-    return per_case, info, pictures
+    return per_case, info, pictures.arrays()
 
 
 def _selection_record(selection) -> dict:
@@ -316,39 +495,47 @@ def _selection_record(selection) -> dict:
     }
 
 
-def _score(run, probs, postprocess, targets, regions, spacings, pooled: dict) -> list[pd.DataFrame]:
-    """The run's metric frames, raw and post-processed; its pooled Dice per region goes to
-    pooled[run][raw | post]."""
-    raw = {c: p.argmax(0).astype(np.uint8) for c, p in probs.items()}
-    post = {c: apply_postprocess(postprocess, p.astype(np.float32)) for c, p in probs.items()}
-    frames = []
-    for kind, labels in (("raw", raw), ("post", post)):
-        rows, pooled.setdefault(run, {})[kind] = _split_counts(
-            _metric_rows(labels, targets, regions, spacings)
-        )
-        frames.append(pd.DataFrame(rows).assign(run=run, postprocess=kind))
-    return frames
+def _postprocess_of(record: dict) -> PostProcess:
+    thresholds = record["thresholds"]
+    return PostProcess(
+        record["min_size"], record["fill_holes"], None if thresholds is None else tuple(thresholds)
+    )
 
 
-def _examples(test_set: SegDataset, targets, ensemble, postprocess, n: int) -> dict[str, np.ndarray]:
-    rows_of: dict[str, dict] = defaultdict(dict)
-    for row, sample in zip(test_set.indices, test_set.samples, strict=True):
-        rows_of[sample["case_id"]][sample["slice"] or 0] = row
-    images, masks, preds, ids = [], [], [], []
-    for case_id in sorted(targets)[:n]:
-        target = targets[case_id]
-        pred = apply_postprocess(postprocess, ensemble[case_id])
-        k = 0
-        if target.ndim == 3:  # a volume: the slice with the largest ground truth
-            k = int(np.argmax((target > 0).reshape(len(target), -1).sum(1)))
-            target, pred = target[k], pred[k]
-        images.append(np.asarray(test_set.images[rows_of[case_id][k]]))
-        masks.append(target)
-        preds.append(pred)
-        ids.append(case_id)
-    return {
-        "images": np.stack(images),
-        "targets": np.stack(masks),
-        "preds": np.stack(preds),
-        "case_ids": np.array(ids),
-    }
+def _score_case(scores: _Scores, run, case_id, probs, postprocess, target, spacing) -> np.ndarray:
+    """Score one run's case raw and post-processed at the target's shape; returns the post labels."""
+    raw = labels_at(probs, target.shape)
+    post = raw if postprocess == PostProcess() else apply_postprocess(postprocess, probs, target.shape)
+    scores.add(run, "raw", case_id, raw, target, spacing)
+    scores.add(run, "post", case_id, post, target, spacing)
+    return post
+
+
+class _Pictures:
+    """The qualitative examples: the first `n` test cases at the processed size."""
+
+    def __init__(self, test_set: SegDataset, positions: dict[str, list[int]], n: int) -> None:
+        self.test_set, self.wanted = test_set, list(positions)[:n]
+        self.images, self.masks, self.preds, self.ids = [], [], [], []
+
+    def add(self, case_id: str, rows: list[int], post: np.ndarray) -> None:
+        if case_id not in self.wanted:
+            return
+        masks = np.asarray(self.test_set.masks[rows])  # (n, S, S), n = 1 for an image
+        k = int(np.argmax((masks > 0).reshape(len(masks), -1).sum(1))) if len(masks) > 1 else 0
+        pred = post[k] if post.ndim == 3 else post
+        size = masks.shape[-1]
+        if pred.shape != (size, size):
+            pred = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
+        self.images.append(np.asarray(self.test_set.images[rows[k]]))
+        self.masks.append(masks[k])
+        self.preds.append(pred)
+        self.ids.append(case_id)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "images": np.stack(self.images),
+            "targets": np.stack(self.masks),
+            "preds": np.stack(self.preds),
+            "case_ids": np.array(self.ids),
+        }

@@ -18,7 +18,8 @@ Outputs in the output folder, per input <stem>:
     <stem>_overlay.png    with --overlay, 2-D: the input with the classes in colour.
     <stem>_overlay_slice<k>.png   with --overlay, volumes: axial slice k, the one with the largest
                           predicted foreground (the middle one when nothing is found).
-Masks are resized back to the input's size with nearest-neighbour interpolation.
+Masks are made at the input's size: the probabilities are resized back (`medfusion.resample`, the
+function evaluation scores with), then the argmax taken.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -39,12 +39,12 @@ from medfusion.data.preprocess import (
     PreprocessSettings,
     RawCase,
     case_samples,
-    rebuild_volume,
     to_uint8,
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint
 from medfusion.hardware import Precision
+from medfusion.resample import labels_at
 from medfusion.training.loop import out_of_memory_explained, predict_probs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -282,17 +282,23 @@ def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor, precisio
     return total / len(models)
 
 
-def predict_labels(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Argmax of the ensemble's mean probabilities: (n, C, S, S) float32 -> (n, S, S) uint8."""
-    labels = []
+def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """The ensemble's mean probabilities of one case's samples: (n, C, S, S) float32 -> (K, n, S, S)
+    float32 (a volume's slices on axis 1)."""
+    probs = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size])
         device = ensemble.precision.device
         with out_of_memory_explained(
             "prediction", batch, ensemble.models[0], device, "--batch-size", None, "--device"
         ):
-            labels.append(ensemble_probs(ensemble.models, batch, ensemble.precision).argmax(1).numpy())
-    return np.concatenate(labels).astype(np.uint8)
+            probs.append(ensemble_probs(ensemble.models, batch, ensemble.precision).numpy())
+    return np.concatenate(probs).transpose(1, 0, 2, 3)
+
+
+def predict_labels(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Argmax of the ensemble's mean probabilities at the model's size: (n, C, S, S) -> (n, S, S) uint8."""
+    return predict_case_probs(ensemble, images, batch_size).argmax(0).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -311,19 +317,18 @@ def predict_file(
     """Predict one input and write its mask (and overlay) into `out_dir`; returns the files written."""
     prep = ensemble.preprocessing
     case = read_input(path, prep)
-    labels = predict_labels(ensemble, model_inputs(case, prep), batch_size)  # (n, S, S)
+    probs = predict_case_probs(ensemble, model_inputs(case, prep), batch_size)  # (K, n, S, S)
     stem = output_stem(path)
     written = []
     if prep.kind == "image":
-        h, w = case.image.shape[:2]
-        mask = cv2.resize(labels[0], (w, h), interpolation=cv2.INTER_NEAREST)
+        mask = labels_at(probs[:, 0], case.image.shape[:2])  # as evaluation scores: probabilities resized
         written.append(out_dir / f"{stem}_mask.png")
         write_png(written[-1], mask)
         if with_overlay:
             written.append(out_dir / f"{stem}_overlay.png")
             write_png(written[-1], overlay(case.image, mask))
         return written
-    mask = rebuild_volume(labels, case.label.shape)  # (D, H, W)
+    mask = labels_at(probs, case.label.shape)  # (D, H, W), every slice resized in-plane
     written.append(out_dir / f"{stem}_mask.nii.gz")
     write_nifti(written[-1], mask, case.spacing, case.affine)
     if with_overlay:

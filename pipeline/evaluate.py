@@ -1,8 +1,9 @@
 """Stage evaluate@<dataset>-<model>: every trained run and their fold ensemble on the test split.
 
 Writes data/eval/<dataset>/<model>/: per_case.csv (the long table: dataset, model, run, case_id,
-class, metric, value, postprocess), summary.csv, eval.json (distance unit, resolution, the
-post-processing chosen on validation per run) and examples.npz (a few fixed test cases for the
+class, metric, value, postprocess, resolution), summary.csv, eval.json (distance unit, resolution
+(eval.resolution: original, the default, or processed), the post-processing chosen on validation
+per run, the scored regions and global Dice) and examples.npz (a few fixed test cases for the
 report's qualitative figure). The report stage puts the test metrics and these files into the
 model's MLflow runs (one store connection for all entries; MLflow costs each process seconds).
 """
@@ -27,16 +28,24 @@ def main(
     split: Path = typer.Option(...),
     runs_dir: Path = typer.Option(...),
     out_dir: Path = typer.Option(...),
+    raw_dir: Path = typer.Option(None, help="the raw copy (original ground truth); default: meta.json's"),
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
     precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
     runs = read_json(runs_dir / "summary.json")["runs"]
     per_case, info, examples = evaluate_model(
-        runs, runs_dir, processed_dir, read_json(split), params.eval.batch_size, precision
+        runs,
+        runs_dir,
+        processed_dir,
+        read_json(split),
+        params.eval.batch_size,
+        precision,
+        resolution=params.eval.resolution,
+        raw_dir=raw_dir,
     )
     per_case = per_case.assign(dataset=dataset, model=model)[
-        ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess"]
+        ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess", "resolution"]
     ]
     summary = summarize_runs(per_case)
     with atomic_dir(out_dir) as tmp:  # an interrupted stage leaves no mix of old and new files

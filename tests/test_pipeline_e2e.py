@@ -56,6 +56,9 @@ def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_rep
     assert "per test case = one volume rebuilt from its slice predictions" in table2.lower()
     assert "hd95 (mm)" in table2.lower() and "hd95 (px)" in table1.lower()  # spacing known for NIfTI only
     assert "organ = labels 1+2 (tumour included)" in table2  # nested regions, as LiTS is scored
+    for table in (table1, table2):  # scored as the field scores: at each case's original geometry
+        assert "at each case's original" in table and "eval.resolution: original" in table
+    assert "| Dice | Dice global | IoU |" in table2 and "Dice global" not in table1  # pooled over volumes
     for model in [
         "casnet",
         *DEFAULT_MODELS["baselines"],
@@ -84,7 +87,7 @@ def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_rep
     assert all(f"| {m} |" in efficiency for m in ENTRIES) and "RTX 3090" in efficiency
     assert "ISA " in efficiency and "threads, torch" in efficiency  # where it was timed
     per_case = (repo / "data" / "eval" / "synthetic_volumes" / "casnet" / "per_case.csv").read_text()
-    assert ",ensemble," in per_case and ",post" in per_case and ",raw" in per_case
+    assert ",ensemble," in per_case and ",post,original" in per_case and ",raw,original" in per_case
 
 
 def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
@@ -120,6 +123,8 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
     metric_keys = {(r, k) for r, k in db.execute("select run_uuid, key from metrics")}
     assert all((p, "test_dice_organ") in metric_keys or (p, "test_dice_blob") in metric_keys for p in parents)
     assert all((c, "val_dice") in metric_keys for c in children)
+    volumes = {r for r, k in metric_keys if k == "test_dice_organ"}
+    assert volumes and all((r, "test_global_dice_lesion") in metric_keys for r in volumes)  # pooled Dice
     computed = {
         k: v for r, k, v in tags if r in children and k in ("amp_dtype", "precision_reason", "compile")
     }

@@ -42,6 +42,7 @@ and meta.json hold a few hundred bytes per slice / case.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -388,6 +389,7 @@ def preprocess_dataset(
     with atomic_dir(out_dir) as tmp:
         writers = {name: _StackWriter(tmp / name) for name in ("images.npy", "masks.npy", "observer2.npy")}
         with (
+            _discard_on_error(writers.values()),
             multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool,
             tqdm(total=len(refs), desc=f"preprocess {name}", unit="case") as bar,
         ):
@@ -471,6 +473,16 @@ class _Serial:
         return map(fn, jobs)
 
 
+@contextlib.contextmanager
+def _discard_on_error(writers):
+    try:
+        yield
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+
+
 class _StackWriter:
     """A .npy file of uint8 samples (N, ...) filled block by block, N known only at the end: the data
     go after a fixed 256-byte header, rewritten with the final shape at `close`. Memory: one block.
@@ -492,6 +504,11 @@ class _StackWriter:
             )
         self.file.write(block.tobytes())
         self.count += len(block)
+
+    def discard(self) -> None:
+        """Close the file after an error (the temp folder it is in is removed by `atomic_dir`)."""
+        if self.file is not None and not self.file.closed:
+            self.file.close()
 
     def close(self, digest) -> None:
         """Write the header; feed the data (as stored, in order) to `digest`."""

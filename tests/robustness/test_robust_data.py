@@ -176,14 +176,14 @@ def test_disk_full_while_writing_processed_data_keeps_the_previous_version(tmp_p
 
     raw, proc = fetched_and_processed(tmp_path, IMAGES)
     before = snapshot(proc)
-    real = preprocess._write_stacked
+    real = preprocess._StackWriter.write
 
-    def full_disk(path, parts, digest):
-        if path.name == "masks.npy":  # images.npy was written: the disk fills up on the second file
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, parts, digest)
+    def full_disk(self, block):
+        if self.path.name == "masks.npy":  # images.npy has its first case: the disk fills up on the second file
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real(self, block)
 
-    monkeypatch.setattr(preprocess, "_write_stacked", full_disk)
+    monkeypatch.setattr(preprocess._StackWriter, "write", full_disk)
     with pytest.raises(OSError, match=r"No space left on device.*masks\.npy") as err:
         preprocess_dataset("custom", raw, proc, 32, IMAGES)
     assert err.value.errno == errno.ENOSPC
