@@ -208,7 +208,12 @@ def predict(
     prep = ensemble.preprocessing
     typer.echo(
         f"{ensemble.dataset}: {len(ensemble.paths)} checkpoint(s), {prep.modality} {prep.kind}s at "
-        f"{prep.image_size}x{prep.image_size}, {ensemble.num_classes} classes; preprocessing from {prep.source}"
+        + (
+            f"their own size (sliding window {ensemble.patch_size})"
+            if prep.native
+            else f"{prep.image_size}x{prep.image_size}"
+        )
+        + f", {ensemble.num_classes} classes; preprocessing from {prep.source}"
     )
     failed = predict_files(ensemble, inputs, out, overlay, batch_size)
     typer.echo(f"{len(inputs) - len(failed)} of {len(inputs)} inputs predicted -> {out}")

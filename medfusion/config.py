@@ -49,7 +49,11 @@ class CustomDataParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    image_size: int
+    """`image_size`: the side S every 2-D image or slice is resized to (the paper: 256), or "native":
+    2-D images keep their size (padded to a multiple of 16), the model trains on random
+    `patch_size` x `patch_size` patches and predicts by sliding window (an option beyond the paper)."""
+
+    image_size: int | typing.Literal["native"]
     sources: dict[str, str | None]
     synthetic: SyntheticParams
     n4: bool  # N4 bias-field correction of MRI (SimpleITK)
@@ -57,6 +61,16 @@ class DataParams:
     clahe_clip: float  # CLAHE clip limit for grayscale images and slices (8x8 tiles)
     workers: int  # preprocessing processes
     custom: CustomDataParams
+    patch_size: int | None = None  # with image_size: native, the side of the training patches and windows
+
+    @property
+    def native(self) -> bool:
+        return self.image_size == "native"
+
+    @property
+    def model_size(self) -> int:
+        """The side of the model's input: image_size, or patch_size for native images."""
+        return int(self.patch_size if self.native else self.image_size)
 
 
 @dataclass(frozen=True)
@@ -554,8 +568,22 @@ def _check_values(p: Params, source: str) -> None:
 
     _check_names(p, source, fail)
     _check_data(p, fail)
-    if p.data.image_size < 16 or p.data.image_size % 16:
-        fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16")
+    if p.data.native:
+        patch = p.data.patch_size
+        if patch is None or patch < 16 or patch % 16:
+            fail("data.patch_size", patch, "a multiple of 16, at least 16, with data.image_size: native")
+        volumes = [d for d in p.datasets if p.spec(d).kind == "volume"]
+        if volumes:
+            fail(
+                "data.image_size",
+                "native",
+                f"a number (e.g. 256) for volume datasets {volumes}: native resolution is for 2-D images",
+            )
+    else:
+        if p.data.image_size < 16 or p.data.image_size % 16:
+            fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16, or native")
+        if p.data.patch_size is not None:
+            fail("data.patch_size", p.data.patch_size, "null unless data.image_size is native")
     synthetic = p.data.synthetic
     for key in ("num_images", "num_volumes", "slices_per_volume"):
         if getattr(synthetic, key) < 1:
@@ -564,7 +592,7 @@ def _check_values(p: Params, source: str) -> None:
         fail("data.synthetic", synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
     for key in model_sections():
         getattr(p, key).check(key, fail)
-    _check_drgo(p.drgo, p.data.image_size, fail)
+    _check_drgo(p.drgo, p.data.model_size, fail)
     _check_train(p, fail)
     _check_augment(p.augment, fail)
     _check_executor(p.executor, fail)
@@ -613,7 +641,7 @@ def _check_drgo(d: DRGOParams, image_size: int, fail: Fail) -> None:
     if not d.tau > 0:
         fail("drgo.tau", d.tau, "a number > 0")
     if d.region_size < 1 or image_size % d.region_size:
-        fail("drgo.region_size", d.region_size, f"a divisor of data.image_size ({image_size})")
+        fail("drgo.region_size", d.region_size, f"a divisor of the model's input size ({image_size})")
     if d.regions_per_image < 1:
         fail("drgo.regions_per_image", d.regions_per_image, "an integer >= 1")
     if len(d.importance_weights) != 3 or min(d.importance_weights) < 0 or not sum(d.importance_weights) > 0:

@@ -75,12 +75,17 @@ class Entry:
     in_channels: int
     num_classes: int
     class_names: tuple[str, ...]
-    image_size: int
+    image_size: int | str  # data.image_size: S, or "native"
     drgo: DRGOSettings | None  # None: trained with L_seg alone
     ce_weight: float  # L_seg = soft Dice + ce_weight x cross-entropy
     recipe: Recipe
     augment: AugmentParams | None  # None: no augmentation (train.augment: false)
     preprocess: dict[str, Any]  # what `medfusion predict` must do to new images
+    patch_size: int | None = None  # native images: training patches and sliding windows of this side
+
+    @property
+    def native(self) -> bool:
+        return self.image_size == "native"
 
     @property
     def architecture(self) -> str:
@@ -105,6 +110,8 @@ class Entry:
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "image_size": self.image_size,
+            # only where it is used, so that the runs of a fixed image size keep their hashes
+            **({"patch_size": self.patch_size} if self.native else {}),
             "drgo": dataclasses.asdict(self.drgo) if self.drgo else None,
             "loss": {"ce_weight": self.ce_weight},
             "train": dataclasses.asdict(self.recipe),
@@ -123,6 +130,8 @@ class Entry:
         config = self.config()
         flat = {"dataset": self.dataset, "model": self.name, "architecture": self.architecture}
         flat["data.image_size"] = self.image_size
+        if self.native:
+            flat["data.patch_size"] = self.patch_size
         for section in ("model_kwargs", "train", "loss", "drgo", "augment"):
             if config[section] is not None:
                 flat.update(_flatten(config[section], f"{section}."))
@@ -138,6 +147,7 @@ class Entry:
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "image_size": self.image_size,
+            "patch_size": self.patch_size,
             "class_names": list(self.class_names),
             "preprocess": self.preprocess,
             "dataset": self.dataset,
@@ -162,7 +172,8 @@ def entry_section(params: Params, name: str) -> dict[str, Any]:
 def resolve_model(params: Params, name: str, modalities: int = 1, image_size: int | None = None) -> ModelSpec:
     """The network of entry `name`: registry name and constructor kwargs. `modalities` fills CASNet's
     `modalities: null`; constructors that take `image_size` (position tables learned at a reference
-    size: TransUNet, MedT) get `image_size`, default data.image_size."""
+    size: TransUNet, MedT) get `image_size`, default the model's input side (data.image_size, or
+    data.patch_size for native images)."""
     from medfusion.models import MODELS
 
     architecture = "casnet" if is_casnet_entry(params, name) else name
@@ -170,7 +181,7 @@ def resolve_model(params: Params, name: str, modalities: int = 1, image_size: in
     if kwargs.get("modalities", 0) is None:
         kwargs["modalities"] = modalities
     if "image_size" in inspect.signature(MODELS[architecture]).parameters:
-        kwargs["image_size"] = image_size or params.data.image_size
+        kwargs["image_size"] = image_size or params.data.model_size
     return ModelSpec(architecture, kwargs)
 
 
@@ -212,6 +223,7 @@ def resolve_entry(params: Params, dataset: str, name: str) -> Entry:
         recipe=recipe,
         augment=params.augment if t.augment else None,
         preprocess=preprocess,
+        patch_size=d.patch_size if d.native else None,
     )
 
 

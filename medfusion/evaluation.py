@@ -11,7 +11,7 @@ pixels/voxels; "processed" scores at data.image_size against the resized masks.
 
 Memory (`evaluate_model`): the weights of the runs (all loaded for the test pass, so the fold
 ensemble is built case by case), one case's probabilities per run plus the ensemble's at the model's
-resolution (K x D x S x S float32 each), one case's original-size ground truth and label maps, and
+resolution (K x D x S x S, float16 per run and float32 for the ensemble), one case's original-size ground truth and label maps, and
 per-candidate sums for the choice of post-processing. Nothing grows with the number of cases except
 the metric rows (a few per case).
 """
@@ -39,7 +39,7 @@ from medfusion.models import build_model
 from medfusion.postprocess import PostProcess, Selector
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.resample import labels_at
-from medfusion.training.loop import out_of_memory_explained, predict_probs
+from medfusion.training.loop import infer_probs, out_of_memory_explained, predict_probs
 
 
 class CheckpointError(ValueError):
@@ -188,6 +188,7 @@ def group_probs(dataset: SegDataset, probs: np.ndarray) -> dict[str, np.ndarray]
 
 
 RESOLUTIONS = ("original", "processed")
+PICTURE_SIZE = 256  # native images are shown at this size in the qualitative figure
 
 
 def case_positions(dataset: SegDataset) -> dict[str, list[int]]:
@@ -199,11 +200,26 @@ def case_positions(dataset: SegDataset) -> dict[str, list[int]]:
 
 
 def iter_case_probs(
-    model: torch.nn.Module, dataset: SegDataset, batch_size: int, precision: Precision
+    model: torch.nn.Module,
+    dataset: SegDataset,
+    batch_size: int,
+    precision: Precision,
+    patch: int | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(case_id, softmax probabilities) of every case of `dataset` in sorted order: (K, S, S) for an
-    image, (K, D, S, S) for a volume's slices, float32. Batches run across case boundaries; memory is
-    one batch plus the case being assembled."""
+    image, (K, D, S, S) for a volume's slices, float16 (half the memory; scoring resizes each slice
+    in float32). Batches run across case boundaries; memory is
+    one batch plus the case being assembled. Native images (the model's `patch`): one image at a
+    time by sliding window, cropped to the image's own size."""
+    if dataset.native:
+        for case_id, (i,) in case_positions(dataset).items():
+            image = dataset[i]["image"][None]
+            where = f"prediction of {case_id} ({tuple(image.shape[2:])})"
+            with out_of_memory_explained(where, image, model, precision.device, "-S eval.batch_size", None):
+                probs = infer_probs(model, image, precision, patch)[0].numpy().astype(np.float16)
+            h, w = dataset.sizes[i]
+            yield case_id, probs[:, :h, :w]
+        return
     positions = case_positions(dataset)
     order = [(c, i) for c, rows in positions.items() for i in rows]
     pending: list[np.ndarray] = []
@@ -215,7 +231,7 @@ def iter_case_probs(
         images = torch.stack([dataset[i]["image"] for _, i in chunk])
         where = f"prediction of samples {start}..{start + len(chunk) - 1}"
         with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
-            probs = predict_probs(model, images, precision).float().numpy()
+            probs = predict_probs(model, images, precision).numpy().astype(np.float16)  # half the memory
         for p in probs:
             pending.append(p)
             done += 1
@@ -261,7 +277,7 @@ class Targets:
         info = self.meta["cases"][case_id]
         if self.unit != "mm":
             return None
-        if self.resolution == "original":
+        if self.resolution == "original" or self.meta["image_size"] == "native":
             return tuple(float(v) for v in info["spacing"])
         return processed_spacing(info["shape"], info["spacing"], self.meta["image_size"])
 
@@ -275,6 +291,9 @@ class Targets:
         """The ground truth of `case_id`, whose processed samples are rows `rows` of masks.npy."""
         if self.resolution == "processed":
             masks = np.asarray(self.masks[rows])
+            if self.meta["image_size"] == "native":  # the image's own area of its canvas
+                h, w = self.meta["cases"][case_id]["shape"][:2]
+                return masks[0, :h, :w]
             return masks if self.meta["kind"] == "volume" else masks[0]
         info = self.meta["cases"][case_id]
         path = self.raw_dir / info["label"]
@@ -331,6 +350,11 @@ def case_regions(meta: dict) -> dict[str, list[int]]:
 def resolution_text(meta: dict, resolution: str, unit: str) -> str:
     """How the cases were scored, for eval.json and the tables' headers."""
     size = meta["image_size"]
+    if size == "native":
+        return (
+            "at each image's original size (data.image_size: native: predicted at that size by sliding "
+            "window), against the original ground truth; distances in " + unit
+        )
     if resolution == "processed":
         return (
             f"at the processed {size}x{size} in-plane (eval.resolution: processed), against the resized masks"
@@ -360,7 +384,9 @@ def evaluate_run(
     targets = Targets(processed_dir, meta, resolution, raw_dir)
     regions, positions = case_regions(meta), case_positions(dataset)
     rows = []
-    for case_id, probs in iter_case_probs(model, dataset, batch_size, precision):
+    for case_id, probs in iter_case_probs(
+        model, dataset, batch_size, precision, checkpoint.get("patch_size")
+    ):
         rows_of = [dataset.indices[i] for i in positions[case_id]]
         target = targets.target(case_id, rows_of)
         labels = labels_at(probs, target.shape)
@@ -430,46 +456,14 @@ def evaluate_model(
     """
     processed_dir = Path(processed_dir)
     meta = read_json(processed_dir / "meta.json")
-    regions = case_regions(meta)
     targets = Targets(processed_dir, meta, resolution, raw_dir)
-    num_classes = len(meta["class_names"])
-    models: dict[str, torch.nn.Module] = {}
-    chosen: dict[str, dict] = {}
-    pooled_selector = Selector(num_classes)
-    for run in runs:
-        name = run_name(run["fold"], run["seed"])
-        model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
-        check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
-        val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
-        positions, selector = case_positions(val_set), Selector(num_classes)
-        for case_id, probs in iter_case_probs(model, val_set, batch_size, precision):
-            target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
-            selector.add(probs, target)
-            pooled_selector.add(probs, target)
-        chosen[name] = _selection_record(selector.result())
-        models[name] = model
-    ensemble_selection = pooled_selector.result()
-    chosen["ensemble"] = _selection_record(ensemble_selection)
-    settings = {name: _postprocess_of(record) for name, record in chosen.items()}
-
+    loaded, chosen = _choose_on_validation(
+        runs, runs_dir, processed_dir, split, batch_size, precision, targets
+    )
     test_set = SegDataset(processed_dir, split["test"])
-    positions = case_positions(test_set)
-    streams = {
-        name: iter_case_probs(model, test_set, batch_size, precision) for name, model in models.items()
-    }
-    scores, pictures = _Scores(regions), _Pictures(test_set, positions, examples)
-    for case_id in positions:
-        rows = [test_set.indices[i] for i in positions[case_id]]
-        target, spacing = targets.target(case_id, rows), targets.spacing(case_id)
-        ensemble = None
-        for name, stream in streams.items():
-            got, probs = next(stream)
-            assert got == case_id, (got, case_id)
-            ensemble = probs / len(models) if ensemble is None else ensemble + probs / len(models)
-            _score_case(scores, name, case_id, probs, settings[name], target, spacing)
-        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
-        pictures.add(case_id, rows, post)
-    frames, pooled = scores.frames([*models, "ensemble"])
+    scores, pictures = _Scores(case_regions(meta)), _Pictures(test_set, case_positions(test_set), examples)
+    _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures)
+    frames, pooled = scores.frames([*loaded, "ensemble"])
     per_case = pd.concat(frames, ignore_index=True).assign(resolution=resolution)
     info = {
         "distance_unit": targets.unit,
@@ -479,12 +473,62 @@ def evaluate_model(
         "kind": meta["kind"],
         "title": meta.get("title", meta["dataset"]),
         "runs": len(runs),
-        "test_cases": len(positions),
+        "test_cases": len(pictures.positions),
         "postprocess": chosen,
-        "regions": regions,
+        "regions": scores.regions,
         "global_dice": pooled,
     }
     return per_case, info, pictures.arrays()
+
+
+def _choose_on_validation(
+    runs: list[dict], runs_dir: Path, processed_dir: Path, split: dict, batch_size: int, precision: Precision,
+    targets: Targets,
+) -> tuple[dict[str, tuple[torch.nn.Module, int | None]], dict[str, dict]]:  # fmt: skip
+    """Load every run and choose its post-processing on its validation fold, and the ensemble's on
+    all of them pooled, one case at a time. -> ({run: (model, patch)}, {run | "ensemble": record})."""
+    meta = targets.meta
+    loaded: dict[str, tuple[torch.nn.Module, int | None]] = {}
+    chosen: dict[str, dict] = {}
+    pooled = Selector(len(meta["class_names"]))
+    for run in runs:
+        name = run_name(run["fold"], run["seed"])
+        model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
+        check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
+        val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
+        positions, selector = case_positions(val_set), Selector(len(meta["class_names"]))
+        patch = checkpoint.get("patch_size")  # native images: the run's sliding-window side
+        for case_id, probs in iter_case_probs(model, val_set, batch_size, precision, patch):
+            target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
+            selector.add(probs, target)
+            pooled.add(probs, target)
+        chosen[name] = _selection_record(selector.result())
+        loaded[name] = (model, patch)
+    chosen["ensemble"] = _selection_record(pooled.result())
+    return loaded, chosen
+
+
+def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures) -> None:
+    """Every test case, one at a time: each run's probabilities scored raw and post-processed, added
+    into the fold ensemble's (float32), which is then scored too."""
+    settings = {name: _postprocess_of(record) for name, record in chosen.items()}
+    streams = {
+        name: iter_case_probs(model, test_set, batch_size, precision, patch)
+        for name, (model, patch) in loaded.items()
+    }
+    for case_id, positions in pictures.positions.items():
+        rows = [test_set.indices[i] for i in positions]
+        target, spacing = targets.target(case_id, rows), targets.spacing(case_id)
+        ensemble = None
+        for name, stream in streams.items():
+            got, probs = next(stream)
+            if got != case_id:
+                raise RuntimeError(f"run {name} predicted case {got} where {case_id} was expected")
+            share = probs.astype(np.float32) / len(loaded)  # the ensemble's mean in float32
+            ensemble = share if ensemble is None else ensemble + share
+            _score_case(scores, name, case_id, probs, settings[name], target, spacing)
+        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
+        pictures.add(case_id, rows, post)
 
 
 def _selection_record(selection) -> dict:
@@ -515,7 +559,7 @@ class _Pictures:
     """The qualitative examples: the first `n` test cases at the processed size."""
 
     def __init__(self, test_set: SegDataset, positions: dict[str, list[int]], n: int) -> None:
-        self.test_set, self.wanted = test_set, list(positions)[:n]
+        self.test_set, self.positions, self.wanted = test_set, positions, list(positions)[:n]
         self.images, self.masks, self.preds, self.ids = [], [], [], []
 
     def add(self, case_id: str, rows: list[int], post: np.ndarray) -> None:
@@ -524,11 +568,19 @@ class _Pictures:
         masks = np.asarray(self.test_set.masks[rows])  # (n, S, S), n = 1 for an image
         k = int(np.argmax((masks > 0).reshape(len(masks), -1).sum(1))) if len(masks) > 1 else 0
         pred = post[k] if post.ndim == 3 else post
-        size = masks.shape[-1]
+        image, mask = np.asarray(self.test_set.images[rows[k]]), masks[k]
+        if self.test_set.native:  # the image's own area, shown at PICTURE_SIZE
+            h, w = self.test_set.sizes[self.test_set.indices.index(rows[k])]
+            side = PICTURE_SIZE
+            image = np.stack(
+                [cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in image[:, :h, :w]]
+            )
+            mask = cv2.resize(mask[:h, :w], (side, side), interpolation=cv2.INTER_NEAREST)
+        size = mask.shape[-1]
         if pred.shape != (size, size):
             pred = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
-        self.images.append(np.asarray(self.test_set.images[rows[k]]))
-        self.masks.append(masks[k])
+        self.images.append(image)
+        self.masks.append(mask)
         self.preds.append(pred)
         self.ids.append(case_id)
 

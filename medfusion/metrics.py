@@ -108,11 +108,13 @@ def surface_distances(
         1-D float array (|surface(pred)| + |surface(target)|,); an empty array when both masks are
         empty, None when exactly one is (undefined).
 
-    The distance transforms run on the bounding box of both masks (plus a one-voxel margin), not the
-    whole image: that is exact, since every surface voxel of either mask lies inside the box, a
-    Euclidean distance does not depend on what lies between the two points, and outside the box both
-    masks are background, so erosion finds the same surfaces there as on the full image. A small
-    tumour in a 512x512x400 CT then costs a transform of its neighbourhood only.
+    The surfaces are found on the bounding box of both masks (plus a one-voxel margin), not the
+    whole image: that is exact, since outside the box both masks are background, so erosion finds the
+    same surfaces there as on the full image. Each distance, from a surface voxel to the nearest
+    surface voxel of the other mask, is found with a k-d tree of the other surface's voxel centres in
+    mm (scipy cKDTree): the same values as a Euclidean distance transform of that surface (medpy's
+    and MONAI's way), with memory that grows with the surfaces' voxels, not with the box's (a
+    distance transform of a whole liver at 512x512 x 600 slices holds ~20 bytes per voxel of its box).
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
@@ -123,11 +125,15 @@ def surface_distances(
         return np.zeros(0)
     if not has_pred or not has_target:
         return None
+    from scipy.spatial import cKDTree
+
     box = _union_box(pred, target)
-    s_pred, s_target = surface(pred[box]), surface(target[box])
-    to_target = ndimage.distance_transform_edt(~s_target, sampling=sampling)
-    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=sampling)
-    return np.concatenate([to_target[s_pred], to_pred[s_target]])
+    scale = np.asarray(sampling, dtype=np.float64)
+    p_points = np.argwhere(surface(pred[box])) * scale
+    t_points = np.argwhere(surface(target[box])) * scale
+    to_target = cKDTree(t_points).query(p_points, workers=1)[0]
+    to_pred = cKDTree(p_points).query(t_points, workers=1)[0]
+    return np.concatenate([to_target, to_pred])
 
 
 def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:

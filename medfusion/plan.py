@@ -5,8 +5,8 @@ entry x fold x seed) and:
     step time   measured here: each entry's network at data.image_size, `--steps` training steps
                 (forward, Dice loss, backward, Adam) after one warm-up at the precision training
                 resolves on this device (medfusion.hardware), at batch min(train.batch_size, --batch)
-                and scaled linearly to train.batch_size; one forward pass per sample for
-                validation and test prediction, also measured.
+                and scaled linearly to train.batch_size; the prediction of a sample (validation,
+                test), the median of 3 forward passes at that batch.
     hours       per dataset and in all: train.epochs full epochs (an upper bound: early stopping
                 ends runs sooner), each of ceil(train samples / batch) steps plus the prediction of
                 its validation fold; then evaluation (every run's validation and test prediction
@@ -143,7 +143,7 @@ def calibrate(params: Params, entry: str, in_channels: int, num_classes: int, ba
 
     t = params.train
     precision = resolve_precision(t.device, t.cpu_bf16, t.channels_last)
-    size = params.data.image_size
+    size = params.data.model_size
     torch.manual_seed(0)
     model = resolve_model(params, entry, in_channels).build(in_channels, num_classes)
     parameters = sum(p.numel() for p in model.parameters())
@@ -152,11 +152,14 @@ def calibrate(params: Params, entry: str, in_channels: int, num_classes: int, ba
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     x = precision.to_device(torch.randn(batch, in_channels, size, size))
     predict_probs(model, x, precision)  # warm-up
-    start = time.perf_counter()
-    predict_probs(model, x, precision)
-    if precision.device.type == "cuda":
-        torch.cuda.synchronize()
-    forward = (time.perf_counter() - start) / batch
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predict_probs(model, x, precision)
+        if precision.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    forward = sorted(times)[1] / batch  # the median of 3
     return {
         "step_s": step,
         "predict_s_per_sample": forward,
@@ -187,53 +190,14 @@ def make_plan(
         c["activation_bytes"] = int(c["activation_bytes"] * scale)
         calibration[entry] = c
     runs_per_entry = params.cv.n_folds * len(params.cv.seeds)
-    s = params.data.image_size
-    rows, total = [], 0.0
-    disk = 0
+    s = params.data.model_size
+    rows, disk = [], 0
     peak = {"train": 0, "evaluate": 0, "preprocess": 0}
     for d in params.datasets:
-        size, spec = sizes[d], specs[d]
-        test, trains = _split_fractions(params, d, size)
-        train_part = size.samples * (1 - test)
-        train_samples, val_samples, test_samples = (
-            train_part * trains,
-            train_part / params.cv.n_folds,
-            size.samples * test,
-        )
-        steps_per_epoch = math.ceil(train_samples / params.train.batch_size)
-        hours = 0.0
-        for entry in entries:
-            c = calibration[entry]
-            per_run = params.train.epochs * (
-                steps_per_epoch * c["step_s_at_batch"] + val_samples * c["predict_s_per_sample"]
-            )
-            evaluation = runs_per_entry * (val_samples + test_samples) * c["predict_s_per_sample"]
-            hours += (runs_per_entry * per_run + evaluation) / 3600
-            params_bytes = 4 * c["parameters"]
-            peak["train"] = max(peak["train"], 4 * params_bytes + c["activation_bytes"])
-            case = classes * size.depth * s * s * 4 * 2 + size.depth * size.size[0] * size.size[1] * 5
-            peak["evaluate"] = max(peak["evaluate"], runs_per_entry * params_bytes + case)
-            disk += runs_per_entry * params_bytes
-        processed = size.samples * (spec.in_channels + 1 + (d == "chase_db1")) * s * s
-        disk += processed
-        workers = min(params.data.workers or os.cpu_count() or 1, size.cases)
-        peak["preprocess"] = max(
-            peak["preprocess"], size.depth * size.size[0] * size.size[1] * 4 * 2 * max(workers, 1)
-        )
-        rows.append(
-            {
-                "dataset": d,
-                "size_source": size.source,
-                "samples": size.samples,
-                "train_samples_per_run": round(train_samples),
-                "test_samples": round(test_samples),
-                "steps_per_epoch": steps_per_epoch,
-                "runs": runs_per_entry * len(entries),
-                "hours_serial": hours,
-                "processed_bytes": processed,
-            }
-        )
-        total += hours
+        row, used = _dataset_row(params, d, sizes[d], specs[d].in_channels, calibration, classes, peak)
+        rows.append(row)
+        disk += used
+    total = sum(r["hours_serial"] for r in rows)
     parallel, how = _parallelism(params, runs_per_entry)
     return {
         "machine": machine_summary(),
@@ -262,6 +226,54 @@ def make_plan(
         "disk_bytes": disk,
         "peak_memory_bytes": peak,
     }
+
+
+def _dataset_row(
+    params: Params, d: str, size: DatasetSize, in_channels: int, calibration: dict, classes: int, peak: dict
+) -> tuple[dict, int]:
+    """One dataset's line of the plan and the disk it uses; raises `peak` (bytes per stage) in place."""
+    s, entries = params.data.model_size, params.model_names
+    runs_per_entry = params.cv.n_folds * len(params.cv.seeds)
+    test, trains = _split_fractions(params, d, size)
+    train_part = size.samples * (1 - test)
+    train_samples, val_samples = train_part * trains, train_part / params.cv.n_folds
+    test_samples = size.samples * test
+    steps_per_epoch = math.ceil(train_samples / params.train.batch_size)
+    windows = 1
+    if params.data.native:  # sliding windows per image at overlap 0.5 (the largest image)
+        per_axis = [1 if n <= s else math.ceil((n - s) / (s // 2)) + 1 for n in size.size]
+        windows = per_axis[0] * per_axis[1]
+    hours, disk = 0.0, 0
+    for entry in entries:
+        c = calibration[entry]
+        predict = c["predict_s_per_sample"] * windows
+        per_run = params.train.epochs * (steps_per_epoch * c["step_s_at_batch"] + val_samples * predict)
+        evaluation = runs_per_entry * (val_samples + test_samples) * predict
+        hours += (runs_per_entry * per_run + evaluation) / 3600
+        params_bytes = 4 * c["parameters"]
+        peak["train"] = max(peak["train"], 4 * params_bytes + c["activation_bytes"])
+        case = classes * size.depth * s * s * 4 * 2 + size.depth * size.size[0] * size.size[1] * 5
+        peak["evaluate"] = max(peak["evaluate"], runs_per_entry * params_bytes + case)
+        disk += runs_per_entry * params_bytes
+    pixels = s * s
+    if params.data.native:  # every image in a canvas of the largest size
+        pixels = (-(-size.size[0] // 16) * 16) * (-(-size.size[1] // 16) * 16)
+    processed = size.samples * (in_channels + 1 + (d == "chase_db1")) * pixels
+    workers = min(params.data.workers or os.cpu_count() or 1, size.cases)
+    voxels = size.depth * size.size[0] * size.size[1]
+    peak["preprocess"] = max(peak["preprocess"], voxels * 4 * 2 * max(workers, 1))
+    row = {
+        "dataset": d,
+        "size_source": size.source,
+        "samples": size.samples,
+        "train_samples_per_run": round(train_samples),
+        "test_samples": round(test_samples),
+        "steps_per_epoch": steps_per_epoch,
+        "runs": runs_per_entry * len(entries),
+        "hours_serial": hours,
+        "processed_bytes": processed,
+    }
+    return row, disk + processed
 
 
 def _parallelism(params: Params, runs_per_entry: int) -> tuple[int, str]:

@@ -39,7 +39,9 @@ import numpy as np
 from scipy import ndimage
 
 from medfusion.metrics import overlap_metrics
-from medfusion.resample import labels_at, slices_at
+from medfusion.resample import apply_thresholds, labels_at, slices_at
+
+__all__ = ["apply_thresholds"]  # re-exported: the rule lives with the resampling that applies it
 
 MIN_SIZE_GRID = (0, 10, 25, 50, 100, 200, 500)  # pixels (voxels for volumes)
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -115,30 +117,6 @@ def apply_binary(mask: np.ndarray, min_size: int, fill: bool) -> np.ndarray:
     """Small components removed (below `min_size`), then holes filled if `fill`; bool mask."""
     mask = remove_small_components(mask, min_size)
     return fill_holes(mask) if fill else mask
-
-
-def apply_thresholds(probs: np.ndarray, thresholds: Sequence[float | None] | None) -> np.ndarray:
-    """Label map from probabilities with per-class thresholds (rule in the module docstring).
-
-    Args:
-        probs: (K, H, W) or (K, D, H, W) class probabilities, K >= 2.
-        thresholds: K-1 values for classes 1..K-1, each a probability or None (argmax rule);
-            None altogether for the plain argmax.
-
-    Returns:
-        uint8 class indices of shape probs.shape[1:].
-    """
-    if thresholds is None:
-        return probs.argmax(0).astype(np.uint8)
-    if len(thresholds) != probs.shape[0] - 1:
-        raise ValueError(f"{len(thresholds)} thresholds for {probs.shape[0] - 1} foreground classes")
-    candidate = probs[1:].argmax(0) + 1
-    p_candidate = np.take_along_axis(probs, candidate[None], axis=0)[0]
-    keep = np.zeros(candidate.shape, bool)
-    for c, t in enumerate(thresholds, start=1):
-        here = candidate == c
-        keep[here] = p_candidate[here] > probs[0][here] if t is None else p_candidate[here] >= t
-    return np.where(keep, candidate, 0).astype(np.uint8)
 
 
 def apply(postprocess: PostProcess, probs: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:

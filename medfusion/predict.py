@@ -45,7 +45,7 @@ from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint
 from medfusion.hardware import Precision
 from medfusion.resample import labels_at
-from medfusion.training.loop import out_of_memory_explained, predict_probs
+from medfusion.training.loop import infer_probs, out_of_memory_explained
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -63,7 +63,7 @@ class PredictError(ValueError):
 class Preprocessing:
     """How the model's training images were preprocessed, and where that was read from."""
 
-    image_size: int
+    image_size: int | str  # S, or "native" (2-D images at their own size, by sliding window)
     modality: str  # rgb | gray (2-D images), ct | mri (volumes)
     in_channels: int
     ct_window: tuple[float, float] | None
@@ -75,9 +75,14 @@ class Preprocessing:
     def kind(self) -> str:
         return "image" if self.modality in ("rgb", "gray") else "volume"
 
-    def settings(self) -> PreprocessSettings:
+    @property
+    def native(self) -> bool:
+        return self.image_size == "native"
+
+    def settings(self, canvas: tuple[int, int] | None = None) -> PreprocessSettings:
         return PreprocessSettings(
             self.image_size,
+            canvas=canvas,
             n4=self.n4,
             ct_window=tuple(self.ct_window) if self.ct_window else CT_WINDOW,
             clahe_clip=self.clahe_clip or 2.0,  # unused where None (RGB)
@@ -94,6 +99,7 @@ class Ensemble:
     dataset: str
     preprocessing: Preprocessing
     precision: Precision
+    patch_size: int | None = None  # native images: the sliding window's side
 
 
 def find_checkpoints(run: Path) -> list[Path]:
@@ -123,7 +129,7 @@ def preprocessing_from_meta(meta_path: Path, checkpoint: dict) -> Preprocessing:
     try:
         intensity = meta["intensity"]
         prep = Preprocessing(
-            int(meta["image_size"]),
+            _size(meta["image_size"]),
             meta["modality"],
             int(meta["in_channels"]),
             intensity["ct_window"],
@@ -157,7 +163,7 @@ def resolve_preprocessing(
         p = checkpoint["preprocess"]
         window = tuple(p["ct_window"]) if p.get("ct_window") else None
         return Preprocessing(
-            int(p["image_size"]),
+            _size(p["image_size"]),
             p["modality"],
             int(p["in_channels"]),
             window,
@@ -206,7 +212,19 @@ def load_ensemble(run: Path, precision: Precision, processed_meta: Path | None =
                     "an ensemble needs checkpoints of one dataset and model"
                 )
     prep = resolve_preprocessing(first, paths[0], processed_meta)
-    return Ensemble(models, paths, first["num_classes"], first.get("dataset", "?"), prep, precision)
+    return Ensemble(
+        models,
+        paths,
+        first["num_classes"],
+        first.get("dataset", "?"),
+        prep,
+        precision,
+        first.get("patch_size"),
+    )
+
+
+def _size(value) -> int | str:
+    return value if value == "native" else int(value)
 
 
 def output_stem(path: Path) -> str:
@@ -270,15 +288,26 @@ def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
         access="",
         test_rule="",
     )
+    if prep.native:  # the image at its size, padded to a multiple of 16 with the z-scored mean (0)
+        h, w = case.image.shape[:2]
+        canvas = (-(-h // 16) * 16, -(-w // 16) * 16)
+        images, _, _ = case_samples(case, spec, prep.settings(canvas))
+        stats = (float(images[0, :, :h, :w].mean()), float(images[0, :, :h, :w].std()))
+        out = zscore(images[0], stats)
+        out[:, h:, :], out[:, :, w:] = 0, 0
+        return out[None]
     images, _, _ = case_samples(case, spec, prep.settings())  # (n, C, S, S) uint8
     return np.stack([zscore(image) for image in images])
 
 
-def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Mean softmax probabilities (B, K, S, S) of `models` on `images` (B, C, S, S)."""
-    total = predict_probs(models[0], images, precision)
+def ensemble_probs(
+    models: list[torch.nn.Module], images: torch.Tensor, precision: Precision, patch: int | None = None
+) -> torch.Tensor:
+    """Mean softmax probabilities (B, K, S, S) of `models` on `images` (B, C, S, S); by sliding
+    window of `patch` for native images (`training.loop.infer_probs`, as evaluation predicts)."""
+    total = infer_probs(models[0], images, precision, patch)
     for model in models[1:]:
-        total += predict_probs(model, images, precision)
+        total += infer_probs(model, images, precision, patch)
     return total / len(models)
 
 
@@ -292,7 +321,9 @@ def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int =
         with out_of_memory_explained(
             "prediction", batch, ensemble.models[0], device, "--batch-size", None, "--device"
         ):
-            probs.append(ensemble_probs(ensemble.models, batch, ensemble.precision).numpy())
+            probs.append(
+                ensemble_probs(ensemble.models, batch, ensemble.precision, ensemble.patch_size).numpy()
+            )
     return np.concatenate(probs).transpose(1, 0, 2, 3)
 
 
@@ -321,7 +352,10 @@ def predict_file(
     stem = output_stem(path)
     written = []
     if prep.kind == "image":
-        mask = labels_at(probs[:, 0], case.image.shape[:2])  # as evaluation scores: probabilities resized
+        h, w = case.image.shape[:2]
+        if prep.native:  # predicted at its own size: only the padding goes
+            probs = probs[..., :h, :w]
+        mask = labels_at(probs[:, 0], (h, w))  # as evaluation scores: probabilities resized
         written.append(out_dir / f"{stem}_mask.png")
         write_png(written[-1], mask)
         if with_overlay:

@@ -55,13 +55,35 @@ def slices_at(probs: np.ndarray, shape: Sequence[int]) -> Iterator[np.ndarray]:
         yield resize_probs(probs[:, k], size)
 
 
+def apply_thresholds(probs: np.ndarray, thresholds: Sequence[float | None] | None) -> np.ndarray:
+    """Label map from probabilities with per-class thresholds (the rule of medfusion.postprocess's docstring).
+
+    Args:
+        probs: (K, H, W) or (K, D, H, W) class probabilities, K >= 2.
+        thresholds: K-1 values for classes 1..K-1, each a probability or None (argmax rule);
+            None altogether for the plain argmax.
+
+    Returns:
+        uint8 class indices of shape probs.shape[1:].
+    """
+    if thresholds is None:
+        return probs.argmax(0).astype(np.uint8)
+    if len(thresholds) != probs.shape[0] - 1:
+        raise ValueError(f"{len(thresholds)} thresholds for {probs.shape[0] - 1} foreground classes")
+    candidate = probs[1:].argmax(0) + 1
+    p_candidate = np.take_along_axis(probs, candidate[None], axis=0)[0]
+    keep = np.zeros(candidate.shape, bool)
+    for c, t in enumerate(thresholds, start=1):
+        here = candidate == c
+        keep[here] = p_candidate[here] > probs[0][here] if t is None else p_candidate[here] >= t
+    return np.where(keep, candidate, 0).astype(np.uint8)
+
+
 def labels_at(
     probs: np.ndarray, shape: Sequence[int], thresholds: Sequence[float | None] | None = None
 ) -> np.ndarray:
     """uint8 class labels of `shape` from probabilities (K, [D,] h, w): argmax, or per-class thresholds
-    (`postprocess.apply_thresholds`' rule), after the in-plane resize of the module docstring."""
-    from medfusion.postprocess import apply_thresholds
-
+    (`apply_thresholds`), after the in-plane resize of the module docstring."""
     out = np.empty(tuple(shape), np.uint8)
     for k, p in enumerate(slices_at(probs, shape)):
         labels = apply_thresholds(p, thresholds)

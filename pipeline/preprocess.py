@@ -35,7 +35,8 @@ def main(
         raise SystemExit(f"preprocess {dataset}: {err}") from None
     print(
         f"preprocess {dataset}: {meta['num_cases']} cases ({meta['num_groups']} patients), "
-        f"{meta['num_samples']} 2-D samples at {d.image_size}x{d.image_size}, "
+        f"{meta['num_samples']} 2-D samples at "
+        f"{'their own size' if d.native else f'{d.image_size}x{d.image_size}'}, "
         f"{meta['empty_samples']} with an empty mask, in {time.perf_counter() - start:.1f} s -> {out_dir}"
     )
 

@@ -204,17 +204,28 @@ def test_bounding_box_gives_the_full_transform_values(seed):
     assert np.allclose(np.sort(got), np.sort(_full_transform_distances(pred, target, spacing)))
 
 
-def test_distance_transform_runs_on_the_bounding_box_only(monkeypatch):
+def test_surfaces_are_found_on_the_bounding_box_only(monkeypatch):
     pred, target = np.zeros((60, 128, 128), bool), np.zeros((60, 128, 128), bool)
     pred[30:33, 40:45, 50:54] = True
     target[31:35, 42:47, 51:56] = True
     shapes = []
-    edt = ndimage.distance_transform_edt
-    monkeypatch.setattr(
-        metrics.ndimage, "distance_transform_edt", lambda x, **kw: shapes.append(x.shape) or edt(x, **kw)
-    )
+    real = metrics.surface
+    monkeypatch.setattr(metrics, "surface", lambda x: shapes.append(x.shape) or real(x))
     hd95(pred, target, (2.0, 1.0, 1.0))
     assert shapes == [(7, 9, 8)] * 2  # union box (5, 7, 6) plus a one-voxel margin on each side
+
+
+def test_surface_distances_equal_those_of_a_distance_transform():
+    """The k-d tree gives what a Euclidean distance transform of each surface gives (medpy's way), in mm."""
+    rng = np.random.default_rng(3)
+    spacing = (2.5, 0.8, 0.6)
+    pred = ndimage.binary_dilation(rng.random((12, 30, 40)) > 0.97, iterations=2)
+    target = ndimage.binary_dilation(rng.random((12, 30, 40)) > 0.97, iterations=2)
+    s_pred, s_target = metrics.surface(pred), metrics.surface(target)
+    to_target = ndimage.distance_transform_edt(~s_target, sampling=spacing)[s_pred]
+    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)[s_target]
+    found = metrics.surface_distances(pred, target, spacing)
+    assert np.allclose(np.sort(found), np.sort(np.concatenate([to_target, to_pred])))
 
 
 def test_mean_defined_excludes_and_counts_undefined():

@@ -14,10 +14,48 @@ from medfusion.data.distance import distance_map
 from medfusion.data.io import read_json
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """Per-image z-score over all pixels and channels (METHOD.md section 3); (C, H, W) -> float32."""
+def zscore(image: np.ndarray, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Per-image z-score over all pixels and channels (METHOD.md section 3); (C, H, W) -> float32.
+    `stats` (mean, std) of the whole image where `image` is a patch of it."""
     image = image.astype(np.float32)
-    return (image - image.mean()) / max(float(image.std()), 1e-6)
+    mean, std = stats if stats is not None else (float(image.mean()), float(image.std()))
+    return (image - mean) / max(std, 1e-6)
+
+
+FOREGROUND_PATCHES = 1 / 3  # share of training patches centred on a foreground pixel (nnU-Net's 0.33)
+
+
+def patch_box(
+    mask: np.ndarray, patch: int, rng: np.random.Generator, foreground: float = FOREGROUND_PATCHES
+) -> tuple[int, int]:
+    """Top-left (y, x) of a `patch` x `patch` training patch in an (H, W) image, which may start
+    outside an image smaller than the patch (the rest is padding). With probability `foreground` and
+    where the mask has foreground, the patch is centred on a uniformly drawn foreground pixel (clipped
+    to stay inside the image where it can); otherwise its position is uniform over the image."""
+    h, w = mask.shape
+    hi_y, hi_x = max(h - patch, 0), max(w - patch, 0)
+    if rng.random() < foreground:
+        ys, xs = np.nonzero(mask)
+        if len(ys):
+            k = int(rng.integers(len(ys)))
+            y = min(max(int(ys[k]) - patch // 2, 0), hi_y)
+            x = min(max(int(xs[k]) - patch // 2, 0), hi_x)
+            return y, x
+    return int(rng.integers(0, hi_y + 1)), int(rng.integers(0, hi_x + 1))
+
+
+def crop_padded(array: np.ndarray, y: int, x: int, height: int, width: int) -> np.ndarray:
+    """array[..., y:y+height, x:x+width], zero-padded where the box leaves the array."""
+    out = np.zeros((*array.shape[:-2], height, width), array.dtype)
+    part = array[..., y : y + height, x : x + width]
+    out[..., : part.shape[-2], : part.shape[-1]] = part
+    return out
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int = 16) -> np.ndarray:
+    """Zero-pad the last two axes at the bottom and right up to a multiple of `multiple`."""
+    h, w = array.shape[-2:]
+    return crop_padded(array, 0, 0, -(-h // multiple) * multiple, -(-w // multiple) * multiple)
 
 
 class SegDataset(Dataset):
@@ -39,6 +77,12 @@ class SegDataset(Dataset):
 
     Items: dict(image (C, S, S) float32 z-scored, mask (S, S) int64, index int, epoch int
     [, distance (S, S) float32]).
+
+    Native images (meta.json image_size "native"): an item is the image at its own size, cropped from
+    its canvas and zero-padded to a multiple of 16 (`patch_size` None: validation and test, one per
+    batch), or, with `patch_size`, a training patch (`patch_box`: a third of them centred on
+    foreground), drawn reproducibly in (seed, epoch, index) and then augmented. Both are z-scored
+    with the whole image's mean and std, as sliding-window inference sees them.
     """
 
     def __init__(
@@ -48,6 +92,7 @@ class SegDataset(Dataset):
         augment: AugmentParams | bool | None = False,
         seed: int = 0,
         distance: bool = False,
+        patch_size: int | None = None,
     ) -> None:
         processed_dir = Path(processed_dir)
         self.images = np.load(processed_dir / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
@@ -70,6 +115,13 @@ class SegDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.distance = distance
+        self.native = (processed_dir / "meta.json").is_file() and read_json(processed_dir / "meta.json")[
+            "image_size"
+        ] == "native"
+        self.patch_size = patch_size if self.native else None
+        if self.native:
+            shapes = read_json(processed_dir / "meta.json")["cases"]
+            self.sizes = [tuple(shapes[c["case_id"]]["shape"][:2]) for c in self.samples]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -81,18 +133,39 @@ class SegDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         j = self.indices[i]
-        image, mask = np.asarray(self.images[j]), np.asarray(self.masks[j])
+        stats = None
+        if self.native:
+            image, mask, stats = self._native(i, j, epoch)
+        else:
+            image, mask = np.asarray(self.images[j]), np.asarray(self.masks[j])
         if self.transform is not None:
             image, mask = self.augment_sample(self.transform, image, mask, self.seed, epoch, i)
         item = {
-            "image": torch.from_numpy(zscore(np.ascontiguousarray(image))),
+            "image": torch.from_numpy(zscore(np.ascontiguousarray(image), stats)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
             "index": i,
             "epoch": epoch,
         }
         if self.distance:
             item["distance"] = torch.from_numpy(distance_map(mask))
+        if self.native and self.patch_size is None:  # padding z-scores to 0 (the mean), as inference pads
+            h, w = self.sizes[i]
+            item["image"][:, h:, :] = 0
+            item["image"][:, :, w:] = 0
         return item
+
+    def _native(self, i: int, j: int, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """Sample i (row j) of a native dataset: its image and mask (a patch, or the whole image padded
+        to a multiple of 16) and the whole image's (mean, std)."""
+        h, w = self.sizes[i]
+        image, mask = np.asarray(self.images[j, :, :h, :w]), np.asarray(self.masks[j, :h, :w])
+        stats = (float(image.mean()), float(image.std()))
+        if self.patch_size is None:
+            return pad_to_multiple(image), pad_to_multiple(mask), stats
+        sequence = np.random.SeedSequence(self.seed % 2**64, spawn_key=(epoch, i, 7))
+        y, x = patch_box(mask, self.patch_size, np.random.default_rng(sequence))
+        p = self.patch_size
+        return crop_padded(image, y, x, p, p), crop_padded(mask, y, x, p, p), stats
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -58,11 +58,13 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False):
+def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False, integers: bool = False):
     """Read a NIfTI volume as (D, H, W) float32 (slices first) and its spacing (z, y, x) in mm.
 
     ndim=4 reads a multi-modal volume (X, Y, Z, M) as (M, D, H, W). `with_affine` also returns the
-    4x4 affine as nested lists (to write predictions in the same space).
+    4x4 affine as nested lists (to write predictions in the same space). `integers` (label maps):
+    a file stored as integers without scaling is returned in its own integer type (a uint8 label
+    volume of 10^8 voxels stays 100 MB instead of 400 MB as float32); others as float32.
 
     Raises:
         DataError: unreadable, or not `ndim`-dimensional (e.g. a 4-D volume where 3-D is expected).
@@ -71,7 +73,14 @@ def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False):
 
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        slope, inter = (
+            img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None, None)
+        )
+        unscaled = slope in (None, 1.0) and inter in (None, 0.0)
+        if integers and unscaled and np.issubdtype(img.get_data_dtype(), np.integer):
+            data = np.asarray(img.dataobj.get_unscaled())
+        else:
+            data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises several unrelated types for bad files
         raise DataError(f"{path}: cannot read NIfTI ({err})") from err
     if data.ndim != ndim:

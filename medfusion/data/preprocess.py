@@ -29,7 +29,9 @@ Intensity (METHOD.md section 3; the z-score per image happens at load time in `S
 N4 (our settings; METHOD.md names the method only): Otsu foreground mask, the fit on a copy shrunk 4x
 in-plane, 4 levels x 50 iterations, the bias field then evaluated at full resolution.
 
-Geometry: every 2-D image or slice is resized to S x S (area interpolation for images, nearest for
+Geometry (data.image_size native, 2-D only: each image keeps its size, with CLAHE for grayscale, and is
+stored top-left in a zero-padded canvas of the largest size rounded up to a multiple of 16, meta.json
+`canvas`; its own size is cases[c].shape). Otherwise: every 2-D image or slice is resized to S x S (area interpolation for images, nearest for
 labels), ignoring the aspect ratio, as the paper's fixed 256x256 input implies. Evaluation scores at
 each case's original geometry against the original ground truth (`read_label`), or at this resolution
 with eval.resolution: processed. Volumes are sliced along their first array axis (NIfTI z); every
@@ -43,6 +45,7 @@ and meta.json hold a few hundred bytes per slice / case.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -72,11 +75,16 @@ JPEG_MASK_MAX_GREY = 0.05  # a JPEG "mask" with more mid-grey pixels than this i
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    image_size: int
+    image_size: int | str  # S, or "native" (2-D images keep their size)
     n4: bool = True
     ct_window: tuple[float, float] = CT_WINDOW
     clahe_clip: float = 2.0
     group_pattern: str | None = None  # custom datasets: regex whose group 1 is the patient id
+    canvas: tuple[int, int] | None = None  # native: the (H, W) every image is padded into (set by preprocess)
+
+    @property
+    def native(self) -> bool:
+        return self.image_size == "native"
 
 
 @dataclass(frozen=True)
@@ -204,10 +212,10 @@ def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | l
         DataError: unreadable, NaN or infinite voxels, or values beyond the classes.
     """
     path = Path(path)
-    label = read_metaimage(path)[0] if path.suffix == ".mhd" else read_nifti(path, ndim=3)[0]
-    if not np.isfinite(label).all():
-        raise DataError(f"{path}: label has NaN or infinite voxels")
+    label = read_metaimage(path)[0] if path.suffix == ".mhd" else read_nifti(path, ndim=3, integers=True)[0]
     if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"{path}: label has NaN or infinite voxels")
         np.rint(label, out=label)  # in place: a CT label volume can hold 10^8 voxels
     if dataset == "msd_prostate":
         label = label > 0  # whole gland = peripheral + transition zone
@@ -218,7 +226,7 @@ def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | l
         raise DataError(
             f"{path}: label values {shown}; expected 0..{len(class_names) - 1} ({list(class_names)})"
         )
-    return label.astype(np.uint8)
+    return label.astype(np.uint8, copy=False)
 
 
 def read_label(path: Path, kind: str, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -307,6 +315,8 @@ def case_samples(
     """Resized samples of one case: images (n, C, S, S) uint8, masks (n, S, S) uint8, observer-2 masks."""
     size = settings.image_size
     clahe = cv2.createCLAHE(clipLimit=settings.clahe_clip, tileGridSize=(8, 8))
+    if settings.native:
+        return _native_samples(case, spec, settings, clahe)
     if spec.kind == "image":
         image = _resize(case.image, size, nearest=False)
         if spec.modality == "gray":
@@ -327,6 +337,43 @@ def case_samples(
     images = np.stack(channels, axis=1)  # (D, M, S, S)
     masks = np.stack([_resize(s, size, nearest=True) for s in case.label])
     return images, masks, None
+
+
+def _native_samples(case: RawCase, spec: DatasetSpec, settings: PreprocessSettings, clahe) -> tuple:
+    """A 2-D image at its own size (CLAHE for grayscale), padded with zeros at the bottom and right
+    into the dataset's canvas; its own size is meta.json's cases[c].shape."""
+    if spec.kind != "image":
+        raise DataError(f"{case.case_id}: data.image_size native is for 2-D images; {spec.title} has volumes")
+    image = case.image if case.image.ndim == 3 else case.image[..., None]
+    if spec.modality == "gray":
+        image = clahe.apply(image[..., 0])[..., None]
+    h, w = image.shape[:2]
+    ch, cw = settings.canvas
+    if h > ch or w > cw:
+        raise DataError(f"{case.case_id}: image of {h}x{w} does not fit the canvas {ch}x{cw}")
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((ch, cw, *a.shape[2:]), np.uint8)
+        out[:h, :w] = a
+        return out
+
+    second = None if case.observer2 is None else pad(case.observer2)[None]
+    return pad(image).transpose(2, 0, 1)[None], pad(case.label)[None], second
+
+
+def native_canvas(refs: list[CaseRef]) -> tuple[int, int]:
+    """The largest (H, W) of the images, each rounded up to a multiple of 16 (image headers only)."""
+    from PIL import Image
+
+    h = w = 16
+    for ref in refs:
+        try:
+            with Image.open(ref.image) as im:
+                width, height = im.size
+        except OSError as err:
+            raise DataError(f"{ref.image}: unreadable image ({err})") from err
+        h, w = max(h, -(-height // 16) * 16), max(w, -(-width // 16) * 16)
+    return h, w
 
 
 def _work(args: tuple[CaseRef, DatasetSpec, PreprocessSettings]) -> tuple:
@@ -382,6 +429,12 @@ def preprocess_dataset(
         raise DataError(str(err)) from err
     if not refs:
         raise DataError(f"{raw_dir}: no cases found for {name}")
+    if settings.native:
+        if spec.kind != "image":
+            raise DataError(
+                f"data.image_size native is for 2-D images; {spec.title} ({name}) has volumes: set a size (e.g. 256)"
+            )
+        settings = dataclasses.replace(settings, canvas=native_canvas(refs))
     workers = min(workers or os.cpu_count() or 1, len(refs))
     jobs = [(ref, spec, settings) for ref in refs]
     label_files = {ref.case_id: os.path.relpath(ref.label, raw_dir) for ref in refs}
@@ -439,6 +492,7 @@ def _meta(
         "title": spec.title,
         "kind": spec.kind,
         "image_size": settings.image_size,
+        **({"canvas": list(settings.canvas)} if settings.native else {}),
         "in_channels": spec.in_channels,
         "modalities": spec.modalities,
         "modality": spec.modality,

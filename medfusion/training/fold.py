@@ -159,14 +159,33 @@ def build_loaders(
     """Training loader (augmented, with d(x) where the loss needs it, MixUp/CutMix in the workers) and
     validation loader (never augmented)."""
     train_set = SegDataset(
-        processed_dir, fold_split["train"], augment=entry.augment, seed=seed, distance=entry.boundary
+        processed_dir,
+        fold_split["train"],
+        augment=entry.augment,
+        seed=seed,
+        distance=entry.boundary,
+        patch_size=entry.patch_size,
     )
     val_set = SegDataset(processed_dir, fold_split["val"])
     collate = MixCollate(entry.augment, seed) if entry.augment else None
     workers = resources.num_workers
     train = make_loader(train_set, entry.recipe.batch_size, True, workers, seed, pin, collate)
-    val = make_loader(val_set, resources.eval_batch_size, False, workers, seed, pin)
+    # native images differ in size: validated one at a time, by sliding window
+    val = make_loader(val_set, 1 if val_set.native else resources.eval_batch_size, False, workers, seed, pin)
     return train, val
+
+
+def native_class_frequencies(dataset: SegDataset, num_classes: int) -> torch.Tensor:
+    """`class_frequencies` of a native dataset over each image's own area (not its canvas padding)."""
+    import numpy as np
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for j, (h, w) in zip(dataset.indices, dataset.sizes, strict=True):
+        counts += np.bincount(np.asarray(dataset.masks[j, :h, :w]).ravel(), minlength=num_classes)[
+            :num_classes
+        ]
+    counts = counts.astype(np.float64)
+    return torch.tensor((counts + 1) / (counts.sum() + num_classes), dtype=torch.float32)
 
 
 def build_trainer(
@@ -203,7 +222,11 @@ def build_trainer(
 
     if entry.drgo is not None:
         train_set = train_loader.dataset
-        freq = class_frequencies(train_set.masks, entry.num_classes, train_set.indices)
+        freq = (
+            native_class_frequencies(train_set, entry.num_classes)
+            if train_set.native
+            else class_frequencies(train_set.masks, entry.num_classes, train_set.indices)
+        )
         objective: Objective = DRGOObjective(entry.drgo, freq, entry.ce_weight, seed)
     else:
         objective = plain_objective(val_loss)
@@ -251,7 +274,12 @@ def train_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
             f"epoch {epoch + 1}",
         )
         val_loss, val_dice = validate(
-            trainer.model, trainer.val_loader, trainer.val_loss, trainer.precision, trainer.entry.num_classes
+            trainer.model,
+            trainer.val_loader,
+            trainer.val_loss,
+            trainer.precision,
+            trainer.entry.num_classes,
+            trainer.entry.patch_size,
         )
     trainer.scheduler.step()
     terms = trainer.objective.epoch_terms() if isinstance(trainer.objective, DRGOObjective) else {}

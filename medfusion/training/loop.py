@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -253,19 +254,88 @@ def predict_probs(model: nn.Module, image: Tensor, precision: Precision) -> Tens
     return logits.float().softmax(dim=1).cpu()
 
 
+def window_starts(length: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced window starts covering [0, length): steps of at most patch x (1 - overlap)."""
+    if length <= patch:
+        return [0]
+    step = max(1, int(patch * (1 - overlap)))
+    n = math.ceil((length - patch) / step) + 1
+    return [round(i * (length - patch) / (n - 1)) for i in range(n)]
+
+
+@functools.cache
+def gaussian_weights(patch: int, sigma_scale: float = 1 / 8) -> Tensor:
+    """(patch, patch) importance of each window pixel: a Gaussian centred on the window, sigma =
+    patch / 8 (nnU-Net's choice), scaled to a maximum of 1 and floored at its smallest positive value
+    so that no pixel gets weight 0."""
+    centre, sigma = (patch - 1) / 2, patch * sigma_scale
+    g = torch.exp(-((torch.arange(patch, dtype=torch.float32) - centre) ** 2) / (2 * sigma**2))
+    weights = g[:, None] * g[None, :]
+    weights /= weights.max()
+    return weights.clamp_min(float(weights[weights > 0].min()))
+
+
+@torch.no_grad()
+def sliding_window_probs(
+    model: nn.Module, images: Tensor, precision: Precision, patch: int, overlap: float = 0.5, batch: int = 8
+) -> Tensor:
+    """Softmax probabilities (B, K, H, W) float32 on the CPU of images (B, C, H, W) of any size, from
+    `patch` x `patch` windows overlapping by `overlap`, each weighted by `gaussian_weights` (the
+    centre of a window counts more than its edges). An image smaller than a window is zero-padded
+    (the z-scored mean) and cropped back. Memory: one image's K x H x W sums, `batch` windows."""
+    b, c, h, w = images.shape
+    H, W = max(h, patch), max(w, patch)
+    if (H, W) != (h, w):
+        images = torch.nn.functional.pad(images, (0, W - w, 0, H - h))
+    weights = gaussian_weights(patch)
+    boxes = [(y, x) for y in window_starts(H, patch, overlap) for x in window_starts(W, patch, overlap)]
+    out = []
+    for image in images:
+        total, norm = None, torch.zeros(H, W)
+        for start in range(0, len(boxes), batch):
+            chunk = boxes[start : start + batch]
+            windows = torch.stack([image[:, y : y + patch, x : x + patch] for y, x in chunk])
+            probs = predict_probs(model, windows, precision)
+            if total is None:
+                total = torch.zeros(probs.shape[1], H, W)
+            for (y, x), p in zip(chunk, probs, strict=True):
+                total[:, y : y + patch, x : x + patch] += p * weights
+                norm[y : y + patch, x : x + patch] += weights
+        out.append((total / norm)[:, :h, :w])
+    return torch.stack(out)
+
+
+def infer_probs(model: nn.Module, images: Tensor, precision: Precision, patch: int | None = None) -> Tensor:
+    """Probabilities (B, K, H, W): the model on the whole input, or by sliding window of `patch`."""
+    if patch is None:
+        return predict_probs(model, images, precision)
+    return sliding_window_probs(model, images, precision, patch)
+
+
 @torch.no_grad()
 def validate(
-    model: nn.Module, loader: DataLoader, loss_fn: LossFn, precision: Precision, num_classes: int
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    precision: Precision,
+    num_classes: int,
+    patch: int | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and mean Dice over samples and foreground classes (2-D, per sample)."""
+    """Mean loss and mean Dice over samples and foreground classes (2-D, per sample). With `patch`
+    (native images) by sliding window: the loss of the stitched probabilities p, given to `loss_fn`
+    as logits log p (whose softmax is p)."""
     model.eval()
     total, count, dices = 0.0, 0, []
     for step, batch in enumerate(loader):
         where = f"validation, step {step}"
         with out_of_memory_explained(where, batch["image"], model, precision.device, "-S eval.batch_size"):
             image, mask = precision.to_device(batch["image"]), batch["mask"].to(precision.device)
-            with precision.autocast():
-                logits = model(image).float()
+            if patch is None:
+                with precision.autocast():
+                    logits = model(image).float()
+            else:
+                probs = sliding_window_probs(model, image, precision, patch).to(mask.device)
+                logits = probs.clamp_min(1e-8).log()
             total += loss_fn(logits, mask).item() * len(mask)
         count += len(mask)
         pred, target = logits.argmax(1).cpu().numpy(), mask.cpu().numpy()

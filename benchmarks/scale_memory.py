@@ -1,0 +1,235 @@
+"""Peak memory of each pipeline stage on LiTS17-shaped data at 1/8, 1/2 and full size.
+
+    python benchmarks/scale_memory.py --fraction 0.125 --work /tmp/scale   # one size
+    python benchmarks/scale_memory.py --fraction 0.125 0.5 1 --work /tmp/scale --report reports/scale_memory.md
+
+The data: 131 x `fraction` generated CT volumes of 512x512 in-plane with LiTS-like slice counts
+(seeded, between 74 and 987, scaled so that the full size holds about 58,638 slices as LiTS17 does),
+labels 0/1/2 (liver with tumours inside), spacing (z, y, x) = (1.5-5 mm, 0.7 mm, 0.7 mm), written
+once as volume-N.nii.gz / segmentation-N.nii.gz (gzip level 1) and read as the `lits17` dataset.
+Then each stage runs in its own process, whose peak RSS (`os.wait4`'s ru_maxrss) is recorded:
+    preprocess   the lits17 reader at data.image_size (default 256), one worker (a second worker
+                 adds its own case: see preprocess.py's docstring)
+    split        30 x fraction test volumes (at least 2), 5 folds
+    train        a tiny U-Net (base width 4), 1 epoch, batch 16, for 5 folds x 3 seeds, fp32,
+                 loader in-process
+    evaluate     every run and the fold ensemble at eval.resolution original (ground truth read
+                 from the generated raw copy), post-processing chosen on validation
+    report       summary, Tables 1-4 and the statistics of that one entry
+The goal (issue 15): each stage's peak RSS at most 4 GB at full size and within 1.3x between 1/8
+and full size. Prints a markdown table and, with --report, writes it (with the machine) to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("preprocess", "split", "train", "evaluate", "report")
+LITS_VOLUMES, LITS_SLICES = 131, 58638
+
+
+def slice_counts(volumes: int, seed: int = 0) -> list[int]:
+    """LiTS-like slice counts: lognormal, clipped to [74, 987], scaled to 58,638 / 131 on average."""
+    rng = np.random.default_rng(seed)
+    raw = np.clip(rng.lognormal(np.log(400), 0.45, LITS_VOLUMES), 74, 987)
+    raw = np.clip(np.rint(raw * LITS_SLICES / raw.sum()), 74, 987).astype(int)
+    return [int(v) for v in raw[:volumes]]
+
+
+def write_volume(out_dir: Path, i: int, depth: int, seed: int) -> None:
+    """One CT-like volume (int16 HU) and its labels, slice by slice (memory: the volume's int16 + uint8)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed + i)
+    size = 512
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    body = ((yy - 256) / 230) ** 2 + ((xx - 256) / 200) ** 2 <= 1
+    cy, cx, ry, rx = rng.uniform(200, 300), rng.uniform(180, 280), rng.uniform(70, 110), rng.uniform(80, 120)
+    tumours = [(rng.uniform(0.3, 0.7) * depth, rng.uniform(-30, 30), rng.uniform(-30, 30), rng.uniform(8, 20))
+               for _ in range(int(rng.integers(0, 4)))]  # fmt: skip
+    volume = np.empty((depth, size, size), np.int16)
+    labels = np.zeros((depth, size, size), np.uint8)
+    spacing_z = float(rng.uniform(1.5, 5.0))
+    for k in range(depth):
+        z = (k - depth / 2) / (0.45 * depth)
+        scale = max(1 - z * z, 0.0) ** 0.5
+        liver = body & (
+            (((yy - cy) / max(ry * scale, 1e-3)) ** 2 + ((xx - cx) / max(rx * scale, 1e-3)) ** 2) <= 1
+        )
+        tumour = np.zeros_like(liver)
+        for tz, ty, tx, r in tumours:
+            rz = r * r - ((k - tz) * spacing_z / 0.7) ** 2
+            if rz > 0:
+                tumour |= (yy - cy - ty) ** 2 + (xx - cx - tx) ** 2 <= rz
+        tumour &= liver
+        hu = np.where(body, 40, -1000) + 60 * liver - 50 * tumour + ((yy + xx + 7 * k) % 23 - 11)
+        volume[k] = hu
+        labels[k] = liver.astype(np.uint8) + tumour.astype(np.uint8)
+    affine = np.diag([0.7, 0.7, spacing_z, 1.0])
+    for name, array in ((f"volume-{i}.nii.gz", volume), (f"segmentation-{i}.nii.gz", labels)):
+        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)  # (x, y, z) on disk
+        tmp = out_dir / f".{name}.tmp.nii.gz"
+        nib.save(image, tmp)  # nibabel's default gzip level is 1: fast
+        tmp.replace(out_dir / name)
+
+
+def generate(raw: Path, fraction: float) -> dict:
+    counts = slice_counts(max(2, round(LITS_VOLUMES * fraction)))
+    raw.mkdir(parents=True, exist_ok=True)
+    for i, depth in enumerate(counts):
+        if not (raw / f"segmentation-{i}.nii.gz").exists():
+            write_volume(raw, i, depth, seed=0)
+    return {"volumes": len(counts), "slices": sum(counts), "largest": max(counts)}
+
+
+def _params(image_size: int):
+    from medfusion.config import params_from_dict, read_yaml
+
+    raw = read_yaml(REPO / "params.yaml")
+    raw["datasets"] = ["lits17"]
+    raw["data"]["image_size"] = image_size
+    raw["data"]["workers"] = 1
+    raw["unet"]["base_channels"] = 4
+    raw["train"].update(epochs=1, batch_size=16, num_workers=0, compile="off", device="cpu", cpu_bf16=False)
+    raw["cv"].update(n_folds=5, seeds=[0, 1, 2])
+    raw["eval"]["batch_size"] = 16
+    raw["drgo"]["region_size"] = min(raw["drgo"]["region_size"], image_size // 2)
+    return params_from_dict(raw)
+
+
+def run_stage(stage: str, work: Path, fraction: float, image_size: int) -> None:
+    """One stage, in this process (the parent measures its peak RSS)."""
+    from medfusion.data.io import read_json, write_json
+
+    params = _params(image_size)
+    raw, proc, runs_dir = work / "raw", work / "processed", work / "runs"
+    if stage == "preprocess":
+        from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
+
+        preprocess_dataset("lits17", raw, proc, PreprocessSettings(image_size), workers=1)
+    elif stage == "split":
+        from medfusion.data.splits import make_split
+
+        groups = {c["case_id"]: c["group"] for c in read_json(proc / "cases.json")}
+        test = max(2, round(30 * fraction))
+        write_json(work / "split.json", make_split(groups, f"count:{test}", 5, 0, 0.2))
+    elif stage == "train":
+        from medfusion.entries import resolve_entry, resources
+        from medfusion.hardware import resolve_precision
+        from medfusion.training.fold import run_fold
+
+        entry = resolve_entry(params, "lits17", "unet")
+        split = read_json(work / "split.json")
+        precision = resolve_precision("cpu", False, False)
+        runs = []
+        for fold in range(5):
+            for seed in (0, 1, 2):
+                run_fold(entry, proc, split, fold, seed, runs_dir / f"fold{fold}_seed{seed}",
+                         lambda metrics, step: None, resources(params), precision)  # fmt: skip
+                runs.append({"fold": fold, "seed": seed})
+        write_json(runs_dir / "summary.json", {"runs": runs})
+    elif stage == "evaluate":
+        from medfusion.evaluation import evaluate_model
+        from medfusion.hardware import resolve_precision
+
+        per_case, info, _ = evaluate_model(
+            read_json(runs_dir / "summary.json")["runs"], runs_dir, proc, read_json(work / "split.json"), 16,
+            resolve_precision("cpu", False, False), resolution="original", raw_dir=raw,
+        )  # fmt: skip
+        per_case.assign(dataset="lits17", model="unet").to_csv(work / "per_case.csv", index=False)
+        write_json(work / "eval.json", info)
+    elif stage == "report":
+        import pandas as pd
+
+        from medfusion.report import build_tables, global_dice_frame, summarize_runs
+        from medfusion.stats import compare_models
+
+        per_case = pd.read_csv(work / "per_case.csv")
+        info = read_json(work / "eval.json")
+        summarize_runs(per_case)
+        pooled = global_dice_frame("lits17", "unet", info["global_dice"])
+        build_tables(per_case, {"lits17": info}, ["unet"], {}, compare_models(per_case, ["unet"]), pooled)
+    else:
+        raise SystemExit(f"unknown stage {stage!r}; one of {STAGES}")
+
+
+def measure(stage: str, work: Path, fraction: float, image_size: int) -> tuple[int, float]:
+    """(peak RSS in bytes, seconds) of `stage` in a child process."""
+    cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--fraction", str(fraction),
+           "--image-size", str(image_size)]  # fmt: skip
+    start = time.perf_counter()
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"stage {stage} failed ({process.returncode}) at fraction {fraction}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fraction", type=float, nargs="+", default=[0.125])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/medfusion_scale"))
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--report", type=Path, help="write the markdown table here")
+    args = ap.parse_args()
+    os.environ.update(
+        {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    )
+    if args.stage:
+        run_stage(args.stage, args.work, args.fraction[0], args.image_size)
+        return
+    from medfusion.hardware import machine_summary
+
+    results = []
+    for fraction in args.fraction:
+        work = args.work / f"f{fraction:g}"
+        t0 = time.perf_counter()
+        data = generate(work / "raw", fraction)
+        generated = time.perf_counter() - t0
+        row = {"fraction": fraction, **data, "generate_s": generated}
+        for stage in STAGES:
+            row[stage] = measure(stage, work, fraction, args.image_size)
+            print(
+                f"fraction {fraction:g} {stage}: {row[stage][0] / 2**30:.2f} GiB, {row[stage][1]:.0f} s",
+                flush=True,
+            )
+        results.append(row)
+    lines = [
+        f"Peak RSS per stage (GiB) and wall time, LiTS17-shaped generated data at {args.image_size}x{args.image_size}, "
+        f"on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
+        f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size}`.",
+        "",
+        "| fraction | volumes | slices | largest volume | " + " | ".join(STAGES) + " |",
+        "|---|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for r in results:
+        cells = [f"{r[s][0] / 2**30:.2f} ({r[s][1]:.0f} s)" for s in STAGES]
+        lines.append(
+            f"| {r['fraction']:g} | {r['volumes']} | {r['slices']} | {r['largest']} slices | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if len(results) > 1:
+        ratios = [max(r[s][0] for r in results) / min(r[s][0] for r in results) for s in STAGES]
+        lines.append("| largest / smallest | | | | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    print(json.dumps(results))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
