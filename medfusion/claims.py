@@ -69,8 +69,13 @@ def _runs_text(summary: pd.DataFrame, dataset: str, info: Mapping) -> str:
     case = "volume" if info.get("kind") == "volume" else "image"
     runs = "/".join(str(r) for r in sorted(set(rows["runs"])))
     cases = "/".join(str(c) for c in sorted(set(rows["cases"])))
+    if info.get("resolution", "processed") == "original":
+        where = f"predicted at {size}x{size}" if size != "native" else "predicted at native size"
+        where += ", scored at each case's original resolution"
+    else:
+        where = f"scored at the processed {size}x{size} in-plane"
     return (
-        f"post-processed, {size}x{size} in-plane, Dice per test {case}, mean ± std over {runs} runs "
+        f"post-processed, {where}, Dice per test {case}, mean ± std over {runs} runs "
         f"(folds x seeds) of each run's mean over {cases} test cases"
     )
 

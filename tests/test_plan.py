@@ -88,3 +88,19 @@ def test_plan_command_measures_and_prints_json(tmp_path):
         [*cmd[:4], "-S", "train.epochs=0"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "train.epochs" in bad.stderr
+
+
+def test_plan_counts_sliding_windows_for_native_images(monkeypatch, tmp_path):
+    """Native synthetic images (96x96 as generated) with 32-pixel patches: 5 windows per axis at half
+    overlap, so every predicted image costs 25 forward passes; the canvas is 96x96."""
+    _fixed_calibration(monkeypatch)
+    raw = tiny_raw_params()
+    raw["models"] = {"casnet": ["casnet"], "baselines": []}
+    raw["data"].update(image_size="native", patch_size=32)
+    raw["drgo"]["region_size"] = 16
+    out = plan.make_plan(params_from_dict(raw), tmp_path / "none", steps=1, max_batch=4)
+    (row,) = out["datasets"]
+    per_run = 2 * (3 * 0.5 + 9.6 * 0.01 * 25)
+    evaluation = 2 * (9.6 + 4.8) * 0.01 * 25
+    assert row["hours_serial"] == pytest.approx((2 * per_run + evaluation) / 3600)
+    assert row["processed_bytes"] == 24 * (3 + 1) * 96 * 96
