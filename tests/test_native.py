@@ -129,7 +129,7 @@ def test_native_training_and_evaluation_at_each_images_size(tmp_path):
     split = make_split(groups, "fraction", 2, 0, 0.2)
     runs = []
     for fold in range(2):
-        result = train_fold(
+        train_fold(
             params,
             "custom",
             "unet",

@@ -23,7 +23,10 @@ def _with(path: str, value=None, delete: bool = False) -> dict:
 BAD_PARAMS = {
     # case: (params.yaml text, what the message must say)
     "epochs as a word": (_with("train.epochs", "ten"), "train.epochs: expected int, got str 'ten'"),
-    "fractional image size": (_with("data.image_size", 1.5), "data.image_size: expected int or 'native', got float 1.5"),
+    "fractional image size": (
+        _with("data.image_size", 1.5),
+        "data.image_size: expected int or 'native', got float 1.5",
+    ),
     "negative epochs": (_with("train.epochs", -3), "train.epochs = -3; expected an integer >= 1"),
     "image size not a multiple of 16": (
         _with("data.image_size", 100),

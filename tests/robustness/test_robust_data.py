@@ -179,7 +179,9 @@ def test_disk_full_while_writing_processed_data_keeps_the_previous_version(tmp_p
     real = preprocess._StackWriter.write
 
     def full_disk(self, block):
-        if self.path.name == "masks.npy":  # images.npy has its first case: the disk fills up on the second file
+        if (
+            self.path.name == "masks.npy"
+        ):  # images.npy has its first case: the disk fills up on the second file
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         real(self, block)
 
