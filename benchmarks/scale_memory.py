@@ -7,7 +7,9 @@ The data: 131 x `fraction` generated CT volumes of 512x512 in-plane with LiTS-li
 (seeded, between 74 and 987, scaled so that the full size holds about 58,638 slices as LiTS17 does),
 labels 0/1/2 (liver with tumours inside), spacing (z, y, x) = (1.5-5 mm, 0.7 mm, 0.7 mm), written
 once as volume-N.nii.gz / segmentation-N.nii.gz (gzip level 1) and read as the `lits17` dataset.
-Then each stage runs in its own process, whose peak RSS (`os.wait4`'s ru_maxrss) is recorded:
+Then each stage runs in its own process, whose peak RSS is recorded (the kernel's high-water mark,
+VmHWM of /proc/self/status, read by the stage itself as it ends: `ru_maxrss` of a child started by
+vfork would count the parent's peak too):
     preprocess   the lits17 reader at data.image_size (default 256), one worker (a second worker
                  adds its own case: see preprocess.py's docstring)
     split        30 x fraction test volumes (at least 2), 5 folds
@@ -160,6 +162,15 @@ def run_stage(stage: str, work: Path, fraction: float, image_size: int) -> None:
         build_tables(per_case, {"lits17": info}, ["unet"], {}, compare_models(per_case, ["unet"]), pooled)
     else:
         raise SystemExit(f"unknown stage {stage!r}; one of {STAGES}")
+    (work / f".peak_{stage}").write_text(str(_high_water_mark()))
+
+
+def _high_water_mark() -> int:
+    """This process's peak resident set size in bytes (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
 def measure(stage: str, work: Path, fraction: float, image_size: int) -> tuple[int, float]:
@@ -167,12 +178,10 @@ def measure(stage: str, work: Path, fraction: float, image_size: int) -> tuple[i
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--fraction", str(fraction),
            "--image-size", str(image_size)]  # fmt: skip
     start = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"stage {stage} failed ({process.returncode}) at fraction {fraction}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SystemExit(f"stage {stage} failed ({done.returncode}) at fraction {fraction}")
+    return int((work / f".peak_{stage}").read_text()), time.perf_counter() - start
 
 
 def main() -> None:

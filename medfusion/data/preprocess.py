@@ -102,7 +102,9 @@ class CaseRef:
 class RawCase:
     case_id: str
     group: str
-    image: np.ndarray  # (H, W, C) uint8 for 2-D; (M, D, H, W) float32 for volumes (M modalities)
+    image: (
+        np.ndarray
+    )  # (H, W, C) uint8 for 2-D; (M, D, H, W) for volumes (M modalities): float32, or the integers stored
     label: np.ndarray  # (H, W) or (D, H, W) uint8 classes
     spacing: tuple[float, ...] | None  # mm, (z, y, x) for volumes; None where unknown
     affine: list | None = None
@@ -259,13 +261,14 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
         volume = volume[None]
     else:
         ndim = 4 if spec.in_channels > 1 else 3
-        volume, spacing, affine = read_nifti(ref.image, ndim=ndim, with_affine=True)
+        # integers where the file stores them: a CT volume stays int16 (half of float32) until windowed
+        volume, spacing, affine = read_nifti(ref.image, ndim=ndim, with_affine=True, integers=True)
         volume = volume if ndim == 4 else volume[None]
         if volume.shape[0] != spec.in_channels:
             raise DataError(
                 f"{ref.image}: {volume.shape[0]} modalities; {spec.title} expects {spec.in_channels}"
             )
-    if not np.isfinite(volume).all():
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         raise DataError(f"{ref.image}: volume has NaN or infinite voxels")
     label = read_volume_label(ref.label, spec.name, spec.class_names)
     if volume.shape[1:] != label.shape:
@@ -293,13 +296,21 @@ def n4_correct(volume: np.ndarray, spacing: tuple[float, ...], shrink: int = 4) 
     return sitk.GetArrayFromImage(corrected).astype(np.float32)
 
 
-def to_uint8(volume: np.ndarray, modality: str, ct_window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
-    """Intensity window of a CT or MRI volume, scaled to uint8."""
+def intensity_window(volume: np.ndarray, modality: str, ct_window: tuple[float, float] = CT_WINDOW) -> tuple:
+    """(low, high) of a volume's intensity window: the CT window, or the MRI volume's 0.5-99.5 percentiles."""
     if modality == "ct":
-        lo, hi = ct_window
-    else:
-        lo, hi = np.percentile(volume, [0.5, 99.5])
-    scaled = (np.clip(volume, lo, hi) - lo) / max(hi - lo, 1e-6)
+        return tuple(float(v) for v in ct_window)
+    lo, hi = np.percentile(volume, [0.5, 99.5])
+    return float(lo), float(hi)
+
+
+def to_uint8(
+    volume: np.ndarray, modality: str, ct_window: tuple[float, float] = CT_WINDOW, window: tuple | None = None
+) -> np.ndarray:
+    """Intensity window of a CT or MRI volume (or one slice of it, with the volume's `window`), scaled
+    to uint8."""
+    lo, hi = window if window is not None else intensity_window(volume, modality, ct_window)
+    scaled = (np.clip(volume.astype(np.float32, copy=False), lo, hi) - lo) / max(hi - lo, 1e-6)
     return np.rint(scaled * 255).astype(np.uint8)
 
 
@@ -331,8 +342,9 @@ def case_samples(
         first = m == 0  # T2 (or the only channel); msd_prostate's ADC is channel 1
         if spec.modality == "mri" and settings.n4 and first:
             volume = n4_correct(volume, case.spacing or (1.0, 1.0, 1.0))
-        slices = to_uint8(volume, spec.modality, settings.ct_window)
-        resized = [_resize(s, size, nearest=False) for s in slices]
+        window = intensity_window(volume, spec.modality, settings.ct_window)
+        # slice by slice: the float temporaries of the window are one slice, not the volume
+        resized = [_resize(to_uint8(s, spec.modality, window=window), size, nearest=False) for s in volume]
         channels.append(np.stack([clahe.apply(s) if first else s for s in resized]))
     images = np.stack(channels, axis=1)  # (D, M, S, S)
     masks = np.stack([_resize(s, size, nearest=True) for s in case.label])
