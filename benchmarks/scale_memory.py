@@ -13,7 +13,8 @@ vfork would count the parent's peak too):
     preprocess   the lits17 reader at data.image_size (default 256), one worker (a second worker
                  adds its own case: see preprocess.py's docstring)
     split        30 x fraction test volumes (at least 2), 5 folds
-    train        a tiny U-Net (base width 4), 1 epoch, batch 16, for 5 folds x 3 seeds, fp32,
+    train        a tiny U-Net (base width 4), 1 epoch, batch 16, no augmentation, for 5 folds x
+                 --seeds seeds (the protocol's 3; fewer where 2 cores cannot train 15), fp32,
                  loader in-process
     evaluate     every run and the fold ensemble at eval.resolution original (ground truth read
                  from the generated raw copy), post-processing chosen on validation
@@ -93,7 +94,7 @@ def generate(raw: Path, fraction: float) -> dict:
     return {"volumes": len(counts), "slices": sum(counts), "largest": max(counts)}
 
 
-def _params(image_size: int):
+def _params(image_size: int, seeds: int = 3):
     from medfusion.config import params_from_dict, read_yaml
 
     raw = read_yaml(REPO / "params.yaml")
@@ -101,18 +102,21 @@ def _params(image_size: int):
     raw["data"]["image_size"] = image_size
     raw["data"]["workers"] = 1
     raw["unet"]["base_channels"] = 4
-    raw["train"].update(epochs=1, batch_size=16, num_workers=0, compile="off", device="cpu", cpu_bf16=False)
-    raw["cv"].update(n_folds=5, seeds=[0, 1, 2])
+    # no augmentation: memory is the point, and albumentations' elastic field costs 2 s a batch here
+    raw["train"].update(
+        epochs=1, batch_size=16, num_workers=0, compile="off", device="cpu", cpu_bf16=False, augment=False
+    )
+    raw["cv"].update(n_folds=5, seeds=list(range(seeds)))
     raw["eval"]["batch_size"] = 16
     raw["drgo"]["region_size"] = min(raw["drgo"]["region_size"], image_size // 2)
     return params_from_dict(raw)
 
 
-def run_stage(stage: str, work: Path, fraction: float, image_size: int) -> None:
+def run_stage(stage: str, work: Path, fraction: float, image_size: int, seeds: int = 3) -> None:
     """One stage, in this process (the parent measures its peak RSS)."""
     from medfusion.data.io import read_json, write_json
 
-    params = _params(image_size)
+    params = _params(image_size, seeds)
     raw, proc, runs_dir = work / "raw", work / "processed", work / "runs"
     if stage == "preprocess":
         from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
@@ -134,7 +138,7 @@ def run_stage(stage: str, work: Path, fraction: float, image_size: int) -> None:
         precision = resolve_precision("cpu", False, False)
         runs = []
         for fold in range(5):
-            for seed in (0, 1, 2):
+            for seed in params.cv.seeds:
                 run_fold(entry, proc, split, fold, seed, runs_dir / f"fold{fold}_seed{seed}",
                          lambda metrics, step: None, resources(params), precision)  # fmt: skip
                 runs.append({"fold": fold, "seed": seed})
@@ -173,10 +177,10 @@ def _high_water_mark() -> int:
     raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
-def measure(stage: str, work: Path, fraction: float, image_size: int) -> tuple[int, float]:
+def measure(stage: str, work: Path, fraction: float, image_size: int, seeds: int) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of `stage` in a child process."""
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--fraction", str(fraction),
-           "--image-size", str(image_size)]  # fmt: skip
+           "--image-size", str(image_size), "--seeds", str(seeds)]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     if done.returncode != 0:
@@ -189,6 +193,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, nargs="+", default=[0.125])
     ap.add_argument("--work", type=Path, default=Path("/tmp/medfusion_scale"))
     ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per fold (the protocol: 3)")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="write the markdown table here")
     args = ap.parse_args()
@@ -196,7 +201,7 @@ def main() -> None:
         {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
     )
     if args.stage:
-        run_stage(args.stage, args.work, args.fraction[0], args.image_size)
+        run_stage(args.stage, args.work, args.fraction[0], args.image_size, args.seeds)
         return
     from medfusion.hardware import machine_summary
 
@@ -208,7 +213,7 @@ def main() -> None:
         generated = time.perf_counter() - t0
         row = {"fraction": fraction, **data, "generate_s": generated}
         for stage in STAGES:
-            row[stage] = measure(stage, work, fraction, args.image_size)
+            row[stage] = measure(stage, work, fraction, args.image_size, args.seeds)
             print(
                 f"fraction {fraction:g} {stage}: {row[stage][0] / 2**30:.2f} GiB, {row[stage][1]:.0f} s",
                 flush=True,
@@ -216,8 +221,8 @@ def main() -> None:
         results.append(row)
     lines = [
         f"Peak RSS per stage (GiB) and wall time, LiTS17-shaped generated data at {args.image_size}x{args.image_size}, "
-        f"on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
-        f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size}`.",
+        f"5 folds x {args.seeds} seed(s), on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
+        f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size} --seeds {args.seeds}`.",
         "",
         "| fraction | volumes | slices | largest volume | " + " | ".join(STAGES) + " |",
         "|---|---|---|---|" + "---|" * len(STAGES),

@@ -91,6 +91,16 @@ def train_fold(params: Params, dataset: str, name: str, processed: Path, split: 
                     precision or fp32(), resume_key)  # fmt: skip
 
 
+def train_folds(params: Params, dataset: str, name: str, processed: Path, split: dict, runs_dir: Path,
+                folds: int = 2) -> list[dict]:  # fmt: skip
+    """`train_fold` of folds 0..folds-1 with seed 0 into runs_dir/fold<k>_seed0; the runs' records."""
+    from medfusion.common import run_name
+
+    for fold in range(folds):
+        train_fold(params, dataset, name, processed, split, fold, 0, runs_dir / run_name(fold, 0))
+    return [{"fold": fold, "seed": 0} for fold in range(folds)]
+
+
 def train_cv(params: Params, dataset: str, name: str, processed: Path, split_path: Path, out_dir: Path,
              tracker) -> list[dict]:  # fmt: skip
     """run_cv of entry `name` with params' cv, resources and executor, as the train stage calls it."""

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import fp32, replace, tiny_raw_params, train_fold
+from conftest import fp32, replace, tiny_raw_params, train_fold, train_folds
 
 from medfusion.config import params_from_dict
 from medfusion.data.fetch import fetch_dataset
@@ -14,14 +14,6 @@ from medfusion.evaluation import evaluate_model
 FP32 = fp32()
 
 
-def _train_two_folds(params, dataset, processed, split, runs_dir):
-    runs = []
-    for fold in range(2):
-        train_fold(params, dataset, "unet", processed, split, fold, 0, runs_dir / f"fold{fold}_seed0")
-        runs.append({"fold": fold, "seed": 0})
-    return runs
-
-
 @pytest.mark.parametrize("dataset", ["synthetic", "synthetic_volumes"])
 def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
     params = params_from_dict(tiny_raw_params())
@@ -30,7 +22,7 @@ def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
     preprocess_dataset(dataset, tmp_path / "raw", tmp_path / "proc", 32)
     cases = read_json(tmp_path / "proc" / "cases.json")
     split = make_split({c["case_id"]: c["group"] for c in cases}, "fraction", 2, 0, 0.2)
-    runs = _train_two_folds(params, dataset, tmp_path / "proc", split, tmp_path / "runs")
+    runs = train_folds(params, dataset, "unet", tmp_path / "proc", split, tmp_path / "runs")
 
     per_case, info, examples = evaluate_model(runs, tmp_path / "runs", tmp_path / "proc", split, 8, FP32)
 

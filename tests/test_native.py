@@ -4,7 +4,7 @@ sliding-window inference with Gaussian weights, evaluation and predict at the im
 import numpy as np
 import pytest
 import torch
-from conftest import fp32, replace, tiny_raw_params, train_fold
+from conftest import fp32, replace, tiny_raw_params, train_folds
 
 from medfusion.config import ConfigError, params_from_dict
 from medfusion.data.dataset import SegDataset, patch_box
@@ -127,19 +127,7 @@ def test_native_training_and_evaluation_at_each_images_size(tmp_path):
     params = replace(params_from_dict(raw), "train", epochs=3)
     groups = {c["case_id"]: c["group"] for c in read_json(tmp_path / "proc" / "cases.json")}
     split = make_split(groups, "fraction", 2, 0, 0.2)
-    runs = []
-    for fold in range(2):
-        train_fold(
-            params,
-            "custom",
-            "unet",
-            tmp_path / "proc",
-            split,
-            fold,
-            0,
-            tmp_path / "runs" / f"fold{fold}_seed0",
-        )
-        runs.append({"fold": fold, "seed": 0})
+    runs = train_folds(params, "custom", "unet", tmp_path / "proc", split, tmp_path / "runs")
     checkpoint = torch.load(tmp_path / "runs" / "fold0_seed0" / "model.pt", weights_only=True)
     assert checkpoint["image_size"] == "native" and checkpoint["patch_size"] == 32
     per_case, info, examples = evaluate_model(runs, tmp_path / "runs", tmp_path / "proc", split, 4, FP32)

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import fp32, replace, tiny_kwargs, tiny_raw_params, train_fold
+from conftest import fp32, replace, tiny_kwargs, tiny_raw_params, train_folds
 
 import medfusion.evaluation as evaluation
 from medfusion.config import params_from_dict
@@ -139,19 +139,7 @@ def _peak_of_evaluation(tmp_path, volumes: int) -> tuple[int, int]:
     groups = {c["case_id"]: c["group"] for c in read_json(tmp_path / "proc" / "cases.json")}
     split = make_split(groups, "fraction", 2, 0, 0.5)
     write_json(tmp_path / "split.json", split)
-    runs = []
-    for fold in range(2):
-        train_fold(
-            params,
-            "synthetic_volumes",
-            "unet",
-            tmp_path / "proc",
-            split,
-            fold,
-            0,
-            tmp_path / "runs" / f"fold{fold}_seed0",
-        )
-        runs.append({"fold": fold, "seed": 0})
+    runs = train_folds(params, "synthetic_volumes", "unet", tmp_path / "proc", split, tmp_path / "runs")
     tracemalloc.start()
     try:
         evaluation.evaluate_model(runs, tmp_path / "runs", tmp_path / "proc", split, 8, FP32)
