@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from medfusion.common import first_line, run_name
-from medfusion.data.dataset import SegDataset
+from medfusion.data.dataset import SegDataset, StoredRows
 from medfusion.data.io import DataError, read_json
 from medfusion.data.preprocess import read_label
 from medfusion.data.registry import scored_regions
@@ -257,7 +257,7 @@ class Targets:
             raise ValueError(f"eval.resolution {resolution!r}; expected one of {RESOLUTIONS}")
         self.processed_dir, self.meta, self.resolution = Path(processed_dir), meta, resolution
         self.raw_dir = Path(raw_dir if raw_dir is not None else meta.get("raw_dir", ""))
-        self.masks = np.load(self.processed_dir / "masks.npy", mmap_mode="r")
+        self.masks = StoredRows(self.processed_dir / "masks.npy")  # read, not mapped: memory is one case
         if resolution == "original":
             missing = [c for c, info in meta["cases"].items() if "label" not in info]
             if missing:

@@ -161,3 +161,23 @@ def test_evaluation_memory_does_not_grow_with_the_number_of_cases(tmp_path):
     # measured: ~45 kB more per case (the metric rows); holding every probability map (the previous design) grew by ~340 kB per case
     assert large - small < 0.5 * (n_large - n_small) * per_case, (small, large)
     assert large < 1.3 * small, (small, large)
+
+
+def test_stored_rows_read_what_the_map_holds_without_mapping_it(synthetic_processed):
+    """SegDataset reads samples with pread (StoredRows): the same bytes as the memory map, one row at a
+    time, picklable for loader workers (which open their own file)."""
+    import pickle
+
+    from medfusion.data.dataset import SegDataset, StoredRows
+
+    processed, split = synthetic_processed
+    mapped = np.load(processed / "masks.npy", mmap_mode="r")
+    rows = StoredRows(processed / "masks.npy")
+    assert len(rows) == len(mapped) and rows.shape == mapped.shape
+    assert np.array_equal(rows[3], mapped[3]) and np.array_equal(rows[[5, 1, 2]], mapped[[5, 1, 2]])
+    again = pickle.loads(pickle.dumps(rows))
+    assert again._fd is None and np.array_equal(again[0], mapped[0])
+    dataset = SegDataset(processed, split["test"])
+    item = dataset[0]
+    j = dataset.indices[0]
+    assert np.array_equal(item["mask"].numpy(), mapped[j])

@@ -181,9 +181,7 @@ def native_class_frequencies(dataset: SegDataset, num_classes: int) -> torch.Ten
 
     counts = np.zeros(num_classes, dtype=np.int64)
     for j, (h, w) in zip(dataset.indices, dataset.sizes, strict=True):
-        counts += np.bincount(np.asarray(dataset.masks[j, :h, :w]).ravel(), minlength=num_classes)[
-            :num_classes
-        ]
+        counts += np.bincount(dataset.mask_rows.row(j)[:h, :w].ravel(), minlength=num_classes)[:num_classes]
     counts = counts.astype(np.float64)
     return torch.tensor((counts + 1) / (counts.sum() + num_classes), dtype=torch.float32)
 
@@ -225,7 +223,7 @@ def build_trainer(
         freq = (
             native_class_frequencies(train_set, entry.num_classes)
             if train_set.native
-            else class_frequencies(train_set.masks, entry.num_classes, train_set.indices)
+            else class_frequencies(train_set.mask_rows, entry.num_classes, train_set.indices)
         )
         objective: Objective = DRGOObjective(entry.drgo, freq, entry.ce_weight, seed)
     else:
