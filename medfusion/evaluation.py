@@ -238,8 +238,11 @@ def iter_case_probs(
             case_id = cases[current]
             if done == len(positions[case_id]):
                 is_volume = dataset.samples[positions[case_id][0]]["slice"] is not None
-                yield case_id, (np.stack(pending, axis=1) if is_volume else pending[0])
+                case = [np.stack(pending, axis=1) if is_volume else pending[0]]
                 pending, done, current = [], 0, current + 1
+                # hand the array over without keeping a reference in this frame: with one stream
+                # per run, a kept case would cost runs x case while the streams wait
+                yield case_id, case.pop()
 
 
 class Targets:
