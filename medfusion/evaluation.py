@@ -209,7 +209,8 @@ def iter_case_probs(
     """(case_id, softmax probabilities) of every case of `dataset` in sorted order: (K, S, S) for an
     image, (K, D, S, S) for a volume's slices, float16 (half the memory; scoring resizes each slice
     in float32). Batches run across case boundaries; memory is
-    one batch plus the case being assembled. Native images (the model's `patch`): one image at a
+    one batch plus the case being assembled, written slice by slice into one array of the case's size
+    (no list of slices stacked at the end, which would hold the case twice). Native images (the model's `patch`): one image at a
     time by sliding window, cropped to the image's own size."""
     if dataset.native:
         for case_id, (i,) in case_positions(dataset).items():
@@ -222,7 +223,7 @@ def iter_case_probs(
         return
     positions = case_positions(dataset)
     order = [(c, i) for c, rows in positions.items() for i in rows]
-    pending: list[np.ndarray] = []
+    case: list[np.ndarray] = []  # the case being assembled (0 or 1 array)
     done = 0  # samples of the current case collected
     current = 0  # index of the current case in `positions`
     cases = list(positions)
@@ -233,13 +234,17 @@ def iter_case_probs(
         with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
             probs = predict_probs(model, images, precision).numpy().astype(np.float16)  # half the memory
         for p in probs:
-            pending.append(p)
-            done += 1
             case_id = cases[current]
-            if done == len(positions[case_id]):
-                is_volume = dataset.samples[positions[case_id][0]]["slice"] is not None
-                case = [np.stack(pending, axis=1) if is_volume else pending[0]]
-                pending, done, current = [], 0, current + 1
+            n = len(positions[case_id])
+            if dataset.samples[positions[case_id][0]]["slice"] is None:  # an image: its one sample
+                case.append(p.copy())  # not a view of the batch, which would keep the batch alive
+            else:
+                if done == 0:
+                    case.append(np.empty((p.shape[0], n, *p.shape[1:]), np.float16))
+                case[0][:, done] = p
+            done += 1
+            if done == n:
+                done, current = 0, current + 1
                 # hand the array over without keeping a reference in this frame: with one stream
                 # per run, a kept case would cost runs x case while the streams wait
                 yield case_id, case.pop()
@@ -505,6 +510,7 @@ def _choose_on_validation(
             target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
             selector.add(probs, target)
             pooled.add(probs, target)
+            del probs, target  # not held while the stream assembles the next case
         chosen[name] = _selection_record(selector.result())
         loaded[name] = (model, patch)
     chosen["ensemble"] = _selection_record(pooled.result())
@@ -513,7 +519,8 @@ def _choose_on_validation(
 
 def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures) -> None:
     """Every test case, one at a time: each run's probabilities scored raw and post-processed, added
-    into the fold ensemble's (float32), which is then scored too."""
+    into the fold ensemble's (float32, summed in place: one case-sized float32 array, no temporaries),
+    which is then scored too."""
     settings = {name: _postprocess_of(record) for name, record in chosen.items()}
     streams = {
         name: iter_case_probs(model, test_set, batch_size, precision, patch)
@@ -527,11 +534,16 @@ def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores
             got, probs = next(stream)
             if got != case_id:
                 raise RuntimeError(f"run {name} predicted case {got} where {case_id} was expected")
-            share = probs.astype(np.float32) / len(loaded)  # the ensemble's mean in float32
-            ensemble = share if ensemble is None else ensemble + share
+            if ensemble is None:
+                ensemble = probs.astype(np.float32)
+            else:
+                np.add(ensemble, probs, out=ensemble)
             _score_case(scores, name, case_id, probs, settings[name], target, spacing)
+            del probs  # before the next run's case arrives
+        ensemble /= len(loaded)  # the runs' mean
         post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
         pictures.add(case_id, rows, post)
+        del ensemble, target, post  # this case's arrays, gone before the next case is read
 
 
 def _selection_record(selection) -> dict:
