@@ -2,9 +2,12 @@
 
     python benchmarks/scale_memory.py --fraction 0.125 --work /tmp/scale   # one size
     python benchmarks/scale_memory.py --fraction 0.125 0.5 1 --work /tmp/scale --report reports/scale_memory.md
+    python benchmarks/scale_memory.py --fraction 1 --stages preprocess split   # the data stages only
 
 The data: 131 x `fraction` generated CT volumes of 512x512 in-plane with LiTS-like slice counts
-(seeded, between 74 and 987, scaled so that the full size holds about 58,638 slices as LiTS17 does),
+(seeded, between 74 and 987, scaled so that the full size holds about 58,638 slices as LiTS17 does;
+volume 0 is the largest, 987 slices, at every fraction, so that the fractions differ in the number of
+cases and not in the largest case, which is what memory is allowed to grow with),
 labels 0/1/2 (liver with tumours inside), spacing (z, y, x) = (1.5-5 mm, 0.7 mm, 0.7 mm), written
 once as volume-N.nii.gz / segmentation-N.nii.gz (gzip level 1) and read as the `lits17` dataset.
 Then each stage runs in its own process, whose peak RSS is recorded (the kernel's high-water mark,
@@ -41,11 +44,14 @@ LITS_VOLUMES, LITS_SLICES = 131, 58638
 
 
 def slice_counts(volumes: int, seed: int = 0) -> list[int]:
-    """LiTS-like slice counts: lognormal, clipped to [74, 987], scaled to 58,638 / 131 on average."""
+    """LiTS-like slice counts of the first `volumes` of 131: lognormal, clipped to [74, 987], scaled to
+    58,638 / 131 on average, the largest first (every fraction holds the full size's largest case)."""
     rng = np.random.default_rng(seed)
     raw = np.clip(rng.lognormal(np.log(400), 0.45, LITS_VOLUMES), 74, 987)
     raw = np.clip(np.rint(raw * LITS_SLICES / raw.sum()), 74, 987).astype(int)
-    return [int(v) for v in raw[:volumes]]
+    largest = int(np.argmax(raw))
+    ordered = [raw[largest], *np.delete(raw, largest)]
+    return [int(v) for v in ordered[:volumes]]
 
 
 def write_volume(out_dir: Path, i: int, depth: int, seed: int) -> None:
@@ -194,6 +200,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/medfusion_scale"))
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per fold (the protocol: 3)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="the stages to measure")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="write the markdown table here")
     args = ap.parse_args()
@@ -212,7 +219,7 @@ def main() -> None:
         data = generate(work / "raw", fraction)
         generated = time.perf_counter() - t0
         row = {"fraction": fraction, **data, "generate_s": generated}
-        for stage in STAGES:
+        for stage in args.stages:
             row[stage] = measure(stage, work, fraction, args.image_size, args.seeds)
             print(
                 f"fraction {fraction:g} {stage}: {row[stage][0] / 2**30:.2f} GiB, {row[stage][1]:.0f} s",
@@ -222,20 +229,21 @@ def main() -> None:
     lines = [
         f"Peak RSS per stage (GiB) and wall time, LiTS17-shaped generated data at {args.image_size}x{args.image_size}, "
         f"5 folds x {args.seeds} seed(s), on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
-        f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size} --seeds {args.seeds}`.",
+        f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size} --seeds {args.seeds}"
+        f"{'' if args.stages == list(STAGES) else ' --stages ' + ' '.join(args.stages)}`.",
         "",
-        "| fraction | volumes | slices | largest volume | " + " | ".join(STAGES) + " |",
-        "|---|---|---|---|" + "---|" * len(STAGES),
+        "| fraction | volumes | slices | largest volume | " + " | ".join(args.stages) + " |",
+        "|---|---|---|---|" + "---|" * len(args.stages),
     ]
     for r in results:
-        cells = [f"{r[s][0] / 2**30:.2f} ({r[s][1]:.0f} s)" for s in STAGES]
+        cells = [f"{r[s][0] / 2**30:.2f} ({r[s][1]:.0f} s)" for s in args.stages]
         lines.append(
             f"| {r['fraction']:g} | {r['volumes']} | {r['slices']} | {r['largest']} slices | "
             + " | ".join(cells)
             + " |"
         )
     if len(results) > 1:
-        ratios = [max(r[s][0] for r in results) / min(r[s][0] for r in results) for s in STAGES]
+        ratios = [max(r[s][0] for r in results) / min(r[s][0] for r in results) for s in args.stages]
         lines.append("| largest / smallest | | | | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
