@@ -217,11 +217,19 @@ def _counts(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     }
 
 
+def dice_from_counts(tp, predicted, actual) -> np.ndarray:
+    """Dice from pixel counts, scalars or arrays (broadcast): 2 tp / (|pred| + |target|), 1 where
+    both are empty (the empty-mask rule). float64."""
+    tp, predicted, actual = (np.asarray(x, dtype=np.float64) for x in (tp, predicted, actual))
+    total = predicted + actual
+    return np.where(total == 0, 1.0, 2 * tp / np.maximum(total, 1))
+
+
 def pooled_dice(tp: Iterable[float], fp: Iterable[float], fn: Iterable[float]) -> float:
     """Global Dice over many cases from their per-case counts: 2 sum(tp) / (2 sum(tp) + sum(fp) +
     sum(fn)); 1.0 when every case is empty in both prediction and target (the empty-mask rule)."""
     tp_, fp_, fn_ = (float(np.sum(list(x))) for x in (tp, fp, fn))
-    return _ratio(int(2 * tp_), int(2 * tp_ + fp_ + fn_), perfect=fp_ == 0 and fn_ == 0)
+    return float(dice_from_counts(tp_, tp_ + fp_, tp_ + fn_))
 
 
 def mean_defined(values: Iterable[float]) -> tuple[float, int]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medfusion.metrics import overlap_metrics
+from medfusion.metrics import dice_from_counts, overlap_metrics
 from medfusion.resample import apply_thresholds, labels_at, slices_at
 
 __all__ = ["apply_thresholds"]  # re-exported: the rule lives with the resampling that applies it
@@ -137,13 +137,6 @@ def apply(postprocess: PostProcess, probs: np.ndarray, shape: Sequence[int] | No
     return apply_binary(labels == 1, postprocess.min_size, postprocess.fill_holes).astype(np.uint8)
 
 
-def _dice(tp, predicted, actual):
-    """Dice from counts (arrays broadcast): 2 tp / (|pred| + |target|), 1 where both are empty."""
-    tp, predicted, actual = (np.asarray(x, dtype=np.float64) for x in (tp, predicted, actual))
-    total = predicted + actual
-    return np.where(total == 0, 1.0, 2 * tp / np.maximum(total, 1))
-
-
 class Selector:
     """`choose_postprocess` one validation case at a time: memory is the per-candidate sums of Dice
     (candidates x classes floats) and one case's arrays while it is added, whatever the number of cases.
@@ -201,7 +194,7 @@ class Selector:
                     pred = here & (p[c] > p[0] if thr is None else p[c] >= thr)
                     predicted[c - 1, j] += np.count_nonzero(pred)
                     tp[c - 1, j] += np.count_nonzero(pred & truth)
-        self.sums += _dice(tp, predicted, actual)
+        self.sums += dice_from_counts(tp, predicted, actual)
 
     def result(self) -> Selection:
         """The choice (METHOD.md's rule, ties to the smallest change) and the mean Dice before/after."""

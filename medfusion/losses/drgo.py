@@ -94,8 +94,13 @@ def class_frequencies(
     for start in range(0, len(rows), chunk):
         part = np.asarray(masks[rows[start : start + chunk]]).reshape(-1)
         counts += np.bincount(part, minlength=num_classes)[:num_classes]
-    counts = counts.astype(np.float64)
-    return torch.tensor((counts + 1) / (counts.sum() + num_classes), dtype=torch.float32)
+    return smoothed_frequencies(counts)
+
+
+def smoothed_frequencies(counts: np.ndarray) -> Tensor:
+    """pi(c) from pixel counts per class, Laplace-smoothed: (count_c + 1) / (total + K); shape (K,)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return torch.tensor((counts + 1) / (counts.sum() + len(counts)), dtype=torch.float32)
 
 
 def entropy(probs: Tensor) -> Tensor:

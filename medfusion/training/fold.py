@@ -36,7 +36,7 @@ from medfusion.data.io import write_json
 from medfusion.entries import Entry, Resources
 from medfusion.hardware import Precision, resolve_compile, resolve_precision
 from medfusion.losses import segmentation_loss
-from medfusion.losses.drgo import class_frequencies
+from medfusion.losses.drgo import class_frequencies, smoothed_frequencies
 from medfusion.models import compile_model
 from medfusion.seed import rng_states, seed_everything, set_rng_states, worker_init_fn
 from medfusion.training.loop import DRGOObjective, Objective, plain_objective, train_one_epoch, validate
@@ -182,8 +182,7 @@ def native_class_frequencies(dataset: SegDataset, num_classes: int) -> torch.Ten
     counts = np.zeros(num_classes, dtype=np.int64)
     for j, (h, w) in zip(dataset.indices, dataset.sizes, strict=True):
         counts += np.bincount(dataset.mask_rows.row(j)[:h, :w].ravel(), minlength=num_classes)[:num_classes]
-    counts = counts.astype(np.float64)
-    return torch.tensor((counts + 1) / (counts.sum() + num_classes), dtype=torch.float32)
+    return smoothed_frequencies(counts)
 
 
 def build_trainer(
