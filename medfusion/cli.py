@@ -54,7 +54,7 @@ def quickstart(
     name: str = typer.Option("", help="experiment name (default: quickstart-<time>)"),
     set_param: list[str] = typer.Option([], "--set", "-S", help="extra params override, e.g. train.epochs=2"),
     all_models: bool = typer.Option(
-        False, "--all-models", help="train all ten model entries (default: casnet, casnet_wo_br and unet)"
+        False, "--all-models", help="train all eleven model entries (default: casnet, casnet_wo_br and unet)"
     ),
 ) -> None:
     """Run the whole DVC pipeline on synthetic data on CPU, as a real `dvc exp run` with small settings.

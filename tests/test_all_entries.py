@@ -19,7 +19,7 @@ from medfusion.stats import compare_models
 
 def _all_entries_tiny() -> dict:
     raw = tiny_raw_params()
-    raw["models"] = raw_params()["models"]  # all ten entries
+    raw["models"] = raw_params()["models"]  # all eleven entries
     for section, cls in model_sections().items():
         raw[section].update(cls.TINY)
     raw["drgo"]["region_size"] = 16

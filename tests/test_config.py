@@ -28,7 +28,7 @@ def test_every_model_in_params_builds():
     p = load_params(REPO / "params.yaml")
     assert set(p.models.baselines) == set(MODELS) - {"casnet"} == set(baseline_names())
     assert set(model_sections()) == {"model", *baseline_names()}  # every registered model has its section
-    assert p.model_names[:4] == ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br"]
+    assert p.model_names[:5] == ["casnet", "casnet_wo_hfe", "casnet_wo_ca", "casnet_wo_br", "casnet_wo_drgo"]
     for name in p.model_names:
         spec = resolve_model(p, name)
         assert spec.architecture in MODELS
@@ -44,6 +44,9 @@ def test_ablation_entries_override_the_model_section():
     assert "use_boundary" not in kwargs["casnet_wo_br"] and "drgo" not in kwargs["casnet"]  # loss settings
     wo_br, full = (resolve_entry(p, "kvasir_seg", n) for n in ("casnet_wo_br", "casnet"))
     assert wo_br.drgo.use_boundary is False and full.drgo.use_boundary is True
+    wo_drgo = resolve_entry(p, "kvasir_seg", "casnet_wo_drgo")  # the same network, trained with L_seg only
+    assert wo_drgo.drgo is None and wo_drgo.model == full.model and not wo_drgo.boundary
+    assert wo_drgo.run_hash("d", {}, 0, 0) != full.run_hash("d", {}, 0, 0)
     assert full.model.kwargs["modalities"] == 1 and full.architecture == "casnet"
     assert resolve_entry(p, "kvasir_seg", "unet").drgo is None  # the paper trains baselines with L_seg
     assert kwargs["transunet"]["image_size"] == 256 and kwargs["medt"]["image_size"] == 256
