@@ -454,7 +454,8 @@ def evaluate_model(
         raw_dir: where the raw ground truth is (default: the raw_dir preprocessing recorded).
 
     Returns:
-        per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post"), resolution;
+        per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post"), resolution,
+            group (the case's patient, cases.json's group);
         info: distance unit, image size, resolution and how it was scored, kind, the post-processing
             chosen per run with its validation Dice, the scored regions and the global Dice;
         examples: for the first `examples` test cases (sorted ids): images (n, C, S, S) uint8, targets and
@@ -472,7 +473,9 @@ def evaluate_model(
     scores, pictures = _Scores(case_regions(meta)), _Pictures(test_set, case_positions(test_set), examples)
     _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures)
     frames, pooled = scores.frames([*loaded, "ensemble"])
+    patients = {s["case_id"]: s["group"] for s in test_set.samples}  # for statistics by patient
     per_case = pd.concat(frames, ignore_index=True).assign(resolution=resolution)
+    per_case["group"] = per_case["case_id"].map(patients)
     info = {
         "distance_unit": targets.unit,
         "image_size": meta["image_size"],

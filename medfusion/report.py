@@ -474,8 +474,26 @@ _ABLATION_COLUMNS = [
 # --- statistics table ----------------------------------------------------------------------------
 
 
-def statistics_table(stats: pd.DataFrame, infos: Mapping[str, Mapping]) -> tuple[str, pd.DataFrame]:
-    """Markdown of `medfusion.stats.compare_models`'s output per dataset; the CSV is that output."""
+PATIENT_NOTE = (
+    "Patients: where one patient gives several test cases (CHASE_DB1: two eyes of a child), the "
+    "per-case test treats them as independent. The patient columns resample patients instead: "
+    "the 95% interval of the same mean per-case difference under a cluster bootstrap over patients "
+    "(10,000 draws, percentile) and a t-test on the per-patient mean differences. Datasets where "
+    "every case is its own patient have no patient columns: their per-case test is the patient test."
+)
+RUNS_NOTE = (
+    "Over runs (training variance): each trained run's (fold x seed) mean Dice over the test cases, "
+    "CASNet against the model's run of the same fold and seed; paired t-test and Wilcoxon over those "
+    "runs, Holm-corrected per dataset x class, diff = CASNet - model in points with its t-based 95% CI."
+)
+
+
+def statistics_table(
+    stats: pd.DataFrame, infos: Mapping[str, Mapping], runs: pd.DataFrame | None = None
+) -> tuple[str, pd.DataFrame]:
+    """Markdown of `medfusion.stats.compare_models`'s output per dataset (the per-case test, and the
+    patient-level interval and test where patients give several cases), then `compare_runs`'s output
+    (`runs`) where given; the CSV is compare_models's output."""
     lines = [
         "# Statistics: CASNet against every other entry",
         "",
@@ -490,33 +508,77 @@ def statistics_table(stats: pd.DataFrame, infos: Mapping[str, Mapping]) -> tuple
     ]
     if stats.empty:
         lines.append("No comparison: fewer than two models were run.")
+    patients_shown = False
     for dataset, group in stats.groupby("dataset", sort=False):
         info = infos.get(dataset, {})
-        unit = info.get("distance_unit", "px")
+        patients = "cluster_ci_low" in group and bool(group["cluster_ci_low"].notna().any())
+        patients_shown |= patients
         lines += [
             f"## {info.get('title', dataset)} (`{dataset}`)",
             "",
-            f"| class | metric | model | n | {group['reference'].iloc[0]} | model | diff [95% CI] | t | p (t) "
-            "| p (t, Holm) | W | p (W) | p (W, Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *_stats_rows(group, info, patients),
+            "",
         ]
-        for r in group.to_dict("records"):
-            metric = r["metric"]
-            name = NAMES.get(metric, metric) + (f" ({unit})" if metric in DISTANCE_METRICS else " (%)")
-            diff = (
-                f"{_value(metric, r['mean_diff'], unit)} [{_value(metric, r['ci_low'], unit)}, "
-                f"{_value(metric, r['ci_high'], unit)}]"
-            )
-            t = "n/a" if math.isnan(r["t"]) else f"{r['t']:.3f}"
-            w = "n/a" if math.isnan(r["w"]) else f"{r['w']:.1f}"
-            cells = [r["class"], name, r["model"], str(r["n_cases"]), _value(metric, r["mean_reference"], unit),
-                     _value(metric, r["mean_model"], unit), diff, t, _p(r["p_t"]), _p(r["p_t_holm"]), w,
-                     _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+    if patients_shown:
+        lines += [PATIENT_NOTE, ""]
+    if runs is not None and not runs.empty:
+        lines += _runs_section(runs, infos)
     frame = stats.copy()
     frame.attrs["how"] = "\n".join(lines[2:3])
     return "\n".join(lines).rstrip() + "\n", frame
+
+
+def _stats_rows(group: pd.DataFrame, info: Mapping, patients: bool) -> list[str]:
+    """The per-case test's table of one dataset, with the patient-level columns when `patients`."""
+    unit = info.get("distance_unit", "px")
+    extra = " patients | diff [95% CI], patients | p (t, patients) |" if patients else ""
+    lines = [
+        f"| class | metric | model | n | {group['reference'].iloc[0]} | model | diff [95% CI] | t | p (t) "
+        "| p (t, Holm) | W | p (W) | p (W, Holm) |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 3 if patients else ""),
+    ]
+    for r in group.to_dict("records"):
+        metric = r["metric"]
+        name = NAMES.get(metric, metric) + (f" ({unit})" if metric in DISTANCE_METRICS else " (%)")
+        t = "n/a" if math.isnan(r["t"]) else f"{r['t']:.3f}"
+        w = "n/a" if math.isnan(r["w"]) else f"{r['w']:.1f}"
+        cells = [r["class"], name, r["model"], str(r["n_cases"]), _value(metric, r["mean_reference"], unit),
+                 _value(metric, r["mean_model"], unit), _interval(metric, r, unit, "ci"), t, _p(r["p_t"]),
+                 _p(r["p_t_holm"]), w, _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
+        if patients:
+            n_groups = "n/a" if pd.isna(r["n_groups"]) else str(int(r["n_groups"]))
+            cells += [n_groups, _interval(metric, r, unit, "cluster_ci"), _p(r["p_t_groups"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _interval(metric: str, r: Mapping, unit: str, prefix: str) -> str:
+    """ "diff [low, high]" with the mean difference and the `prefix`_low / _high bounds."""
+    low, high = (_value(metric, r[f"{prefix}_{end}"], unit) for end in ("low", "high"))
+    return f"{_value(metric, r['mean_diff'], unit)} [{low}, {high}]"
+
+
+def _runs_section(runs: pd.DataFrame, infos: Mapping[str, Mapping]) -> list[str]:
+    """`medfusion.stats.compare_runs`'s output per dataset."""
+    lines = ["## Over runs", "", RUNS_NOTE, ""]
+    for dataset, group in runs.groupby("dataset", sort=False):
+        unit = infos.get(dataset, {}).get("distance_unit", "px")
+        lines += [
+            f"### {infos.get(dataset, {}).get('title', dataset)} (`{dataset}`)",
+            "",
+            f"| class | metric | model | runs | {group['reference'].iloc[0]} | model | diff [95% CI] | p (t) "
+            "| p (t, Holm) | p (W) | p (W, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in group.to_dict("records"):
+            metric = r["metric"]
+            cells = [r["class"], NAMES.get(metric, metric), r["model"], str(r["n_runs"]),
+                     _value(metric, r["mean_reference"], unit), _value(metric, r["mean_model"], unit),
+                     _interval(metric, r, unit, "ci"), _p(r["p_t"]), _p(r["p_t_holm"]), _p(r["p_wilcoxon"]),
+                     _p(r["p_wilcoxon_holm"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 # --- everything at once --------------------------------------------------------------------------
@@ -529,6 +591,7 @@ def build_tables(
     ablations: Mapping[str, Mapping],
     stats: pd.DataFrame,
     global_dice: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
 ) -> dict[str, tuple[str, pd.DataFrame]]:
     """The paper's Tables 1-4 and the statistics table, as (markdown, CSV frame) each.
 
@@ -543,6 +606,7 @@ def build_tables(
         stats: `medfusion.stats.compare_models(per_case, models)`.
         global_dice: the pooled Dice of every evaluation (`global_dice_frame` rows); volume datasets
             show it as 'Dice global'.
+        runs: `medfusion.stats.compare_runs(per_case, models)`, shown in the statistics table.
 
     Returns:
         {"table1", "table2", "table3", "table4", "statistics"}: (markdown text, frame); write the
@@ -558,7 +622,7 @@ def build_tables(
     out = {t: comparison_table(t, summary, raw, infos, compared, stats, pooled) for t in ("table1", "table2")}
     for t in ("table3", "table4"):
         out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats, pooled)
-    out["statistics"] = statistics_table(stats, infos)
+    out["statistics"] = statistics_table(stats, infos, runs)
     return out
 
 

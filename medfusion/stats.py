@@ -17,6 +17,14 @@ What is compared (METHOD.md section 3, "statistics"):
   within a family = one dataset x class x metric (all entries compared with the reference);
 - mean difference reference - model with its t-based 95% CI over the paired differences. For HD95
   and ASSD lower is better, so a negative difference favours the reference.
+- patients, not cases (METHOD.md section 3): where the table has a `group` column (the patient of
+  each case, from the split's cases.json) and some patient gives several cases (CHASE_DB1: two eyes
+  of a child), `cluster_comparison` adds an interval that resamples patients (cluster bootstrap of
+  the mean per-case difference, percentile, 10,000 draws, seeded) and a t-test on the per-patient
+  mean differences (`n_groups`, `cluster_ci_low/high`, `p_t_groups`). Where every case is its own
+  patient these are NaN: the per-case test already is the patient test.
+- training variance (`compare_runs`): the per-run mean over test cases, reference against model in
+  the same run (fold and seed), paired t-test and Wilcoxon over runs, Holm-corrected per family.
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ DEFAULT_METRICS = ("dice", "iou", "hd95")
 COLUMNS = [
     "dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
     "mean_diff", "ci_low", "ci_high", "t", "p_t", "p_t_holm", "w", "p_wilcoxon", "p_wilcoxon_holm",
+    "n_groups", "cluster_ci_low", "cluster_ci_high", "p_t_groups",
 ]  # fmt: skip
+RUN_COLUMNS = ["n_runs" if c == "n_cases" else c for c in COLUMNS[:17]]
+BOOTSTRAP_DRAWS = 10_000
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -58,7 +69,7 @@ def paired_comparison(reference: np.ndarray, other: np.ndarray, confidence: floa
     Returns:
         n_cases, mean_reference, mean_model, mean_diff (reference - other), ci_low, ci_high (t-based
         CI of the mean difference), t and p_t (ttest_rel), w and p_wilcoxon (wilcoxon). t/p_t are NaN
-        with fewer than 2 pairs or constant differences (the t statistic is undefined); w/p_wilcoxon
+        with fewer than 2 pairs or constant differences (up to rounding: the t statistic is undefined); w/p_wilcoxon
         are NaN when every difference is zero (nothing to rank) or there are no pairs.
     """
     a, b = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
@@ -74,7 +85,7 @@ def paired_comparison(reference: np.ndarray, other: np.ndarray, confidence: floa
     if n >= 2:
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n)
         out.update(ci_low=float(diff.mean() - half), ci_high=float(diff.mean() + half))
-        if np.ptp(diff) > 0:
+        if np.ptp(diff) > 1e-12 * max(1.0, float(np.abs(diff).max())):  # constant up to rounding: no t
             t, p = stats.ttest_rel(a, b)
             out.update(t=float(t), p_t=float(p))
     if np.any(diff != 0):
@@ -83,17 +94,77 @@ def paired_comparison(reference: np.ndarray, other: np.ndarray, confidence: floa
     return out
 
 
+def cluster_comparison(
+    reference: np.ndarray,
+    other: np.ndarray,
+    groups: np.ndarray,
+    confidence: float = 0.95,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The paired comparison with patients, not cases, as the unit (pairs with a NaN dropped).
+
+    Cluster bootstrap: each of `draws` resamples takes as many patients as there are, with
+    replacement, and all their cases; the statistic is the mean per-case difference reference - other
+    (the per-case mean of `paired_comparison`), and the interval its percentile interval. The test is
+    a one-sample t-test of the per-patient mean differences against 0. Memory: draws x patients
+    indices (80 MB at 1,000 patients).
+
+    Returns:
+        n_groups, cluster_ci_low, cluster_ci_high, p_t_groups; NaN where every patient gives one case
+        (the per-case figures are then the patient figures) or fewer than 2 patients remain; p_t_groups
+        NaN also when the per-patient differences are constant.
+    """
+    a, b, g = np.asarray(reference, dtype=float), np.asarray(other, dtype=float), np.asarray(groups)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    patients, inverse = np.unique(g[keep], return_inverse=True)
+    out = {
+        "n_groups": len(patients),
+        "cluster_ci_low": np.nan,
+        "cluster_ci_high": np.nan,
+        "p_t_groups": np.nan,
+    }
+    if len(patients) < 2 or len(patients) == int(keep.sum()):
+        return out
+    sums = np.bincount(inverse, weights=(a - b)[keep])
+    counts = np.bincount(inverse).astype(float)
+    picks = np.random.default_rng(seed).integers(0, len(patients), size=(draws, len(patients)))
+    boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    out.update(cluster_ci_low=float(low), cluster_ci_high=float(high))
+    per_patient = sums / counts
+    if np.ptp(per_patient) > 1e-12 * max(1.0, float(np.abs(per_patient).max())):
+        out["p_t_groups"] = float(stats.ttest_1samp(per_patient, 0.0).pvalue)
+    return out
+
+
+def _trained_rows(per_case: pd.DataFrame, postprocess: str) -> pd.DataFrame:
+    """The trained runs' rows (the "ensemble" run left out) with `postprocess` (all when absent)."""
+    rows = per_case[per_case["run"] != "ensemble"]
+    if "postprocess" in rows:
+        rows = rows[rows["postprocess"] == postprocess]
+    return rows
+
+
 def case_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
     """Each test case's value averaged over the trained runs (the "ensemble" run left out).
 
     Uses the rows with `postprocess == postprocess` (all rows when the column is absent). NaN values
-    are skipped in the mean. Returns columns dataset, class, metric, model, case_id, value.
+    are skipped in the mean. Returns columns dataset, class, metric, model, case_id, value, and group
+    where the table has it.
     """
-    rows = per_case[per_case["run"] != "ensemble"]
-    if "postprocess" in rows:
-        rows = rows[rows["postprocess"] == postprocess]
-    keys = ["dataset", "class", "metric", "model", "case_id"]
+    rows = _trained_rows(per_case, postprocess)
+    keys = ["dataset", "class", "metric", "model", "case_id", *(["group"] if "group" in rows else [])]
     return rows.groupby(keys, as_index=False, sort=True)["value"].mean()
+
+
+def run_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
+    """Each trained run's mean over its test cases (NaN values skipped). Columns dataset, class,
+    metric, model, run, value."""
+    rows = _trained_rows(per_case, postprocess)
+    return rows.groupby(["dataset", "class", "metric", "model", "run"], as_index=False, sort=True)[
+        "value"
+    ].mean()
 
 
 def compare_models(
@@ -105,7 +176,8 @@ def compare_models(
     """The reference `models[0]` (CASNet) against every other entry of `models` present in the table.
 
     Args:
-        per_case: the long per-case table (see the module docstring).
+        per_case: the long per-case table (see the module docstring); with a `group` column (the
+            patient of each case) the patient-level columns are filled where a patient has several cases.
         models: model entries, reference first; entries absent from a dataset are skipped.
         metrics: metrics compared, each its own Holm family per dataset and class.
         postprocess: which rows to compare ("post": post-processing chosen on validation).
@@ -121,17 +193,65 @@ def compare_models(
         wide = group.pivot(index="case_id", columns="model", values="value")  # (cases, models)
         if reference not in wide:
             continue
+        patients = group.groupby("case_id")["group"].first().reindex(wide.index) if "group" in group else None
         family = []
         for other in [m for m in models[1:] if m in wide]:
             result = paired_comparison(wide[reference].to_numpy(), wide[other].to_numpy())
+            if patients is not None:
+                result.update(
+                    cluster_comparison(
+                        wide[reference].to_numpy(), wide[other].to_numpy(), patients.to_numpy()
+                    )
+                )
             family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
                            "model": other, **result})  # fmt: skip
-        for key in ("p_t", "p_wilcoxon"):
-            for row, adjusted in zip(family, holm([r[key] for r in family]), strict=True):
-                row[f"{key}_holm"] = float(adjusted)
-        rows += family
+        rows += _holm_family(family)
     out = pd.DataFrame(rows, columns=COLUMNS)
     out["n_cases"] = out["n_cases"].astype(int)
+    return _in_model_order(out, models, metrics)
+
+
+def compare_runs(
+    per_case: pd.DataFrame,
+    models: Sequence[str],
+    metrics: Sequence[str] = ("dice",),
+    postprocess: str = "post",
+) -> pd.DataFrame:
+    """Training variance: the reference `models[0]` against every other entry over runs.
+
+    Each trained run's (fold x seed) mean over the test cases (`run_means`) is paired with the other
+    entry's run of the same name, so both saw the same training fold and seed; paired t-test and
+    Wilcoxon over those runs, Holm-corrected within dataset x class x metric, the mean difference
+    with its t-based 95% CI. Returns columns `RUN_COLUMNS` (n_runs = pairs used).
+    """
+    means = run_means(per_case[per_case["metric"].isin(metrics)], postprocess)
+    reference = models[0] if models else None
+    rows = []
+    for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
+        wide = group.pivot(index="run", columns="model", values="value")  # (runs, models)
+        if reference not in wide:
+            continue
+        family = []
+        for other in [m for m in models[1:] if m in wide]:
+            result = paired_comparison(wide[reference].to_numpy(), wide[other].to_numpy())
+            result["n_runs"] = result.pop("n_cases")
+            family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
+                           "model": other, **result})  # fmt: skip
+        rows += _holm_family(family)
+    out = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    out["n_runs"] = out["n_runs"].astype(int)
+    return _in_model_order(out, models, metrics)
+
+
+def _holm_family(family: list[dict]) -> list[dict]:
+    """Holm-adjusted p_t and p_wilcoxon of one family of comparisons, in place."""
+    for key in ("p_t", "p_wilcoxon"):
+        for row, adjusted in zip(family, holm([r[key] for r in family]), strict=True):
+            row[f"{key}_holm"] = float(adjusted)
+    return family
+
+
+def _in_model_order(out: pd.DataFrame, models: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(models)}
     metric_order = {m: i for i, m in enumerate(metrics)}
     out = out.sort_values(

@@ -1,7 +1,7 @@
 """Stage evaluate@<dataset>-<model>: every trained run and their fold ensemble on the test split.
 
 Writes data/eval/<dataset>/<model>/: per_case.csv (the long table: dataset, model, run, case_id,
-class, metric, value, postprocess, resolution), summary.csv, eval.json (distance unit, resolution
+class, metric, value, postprocess, resolution, group: the patient), summary.csv, eval.json (distance unit, resolution
 (eval.resolution: original, the default, or processed), the post-processing chosen on validation
 per run, the scored regions and global Dice) and examples.npz (a few fixed test cases for the
 report's qualitative figure). The report stage puts the test metrics and these files into the
@@ -45,7 +45,18 @@ def main(
         raw_dir=raw_dir,
     )
     per_case = per_case.assign(dataset=dataset, model=model)[
-        ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess", "resolution"]
+        [
+            "dataset",
+            "model",
+            "run",
+            "case_id",
+            "class",
+            "metric",
+            "value",
+            "postprocess",
+            "resolution",
+            "group",
+        ]
     ]
     summary = summarize_runs(per_case)
     with atomic_dir(out_dir) as tmp:  # an interrupted stage leaves no mix of old and new files

@@ -110,6 +110,7 @@ def main(
     eval_dir: Path = typer.Option(...),
     runs_dir: Path = typer.Option(...),
     stats: Path = typer.Option(...),
+    stats_runs: Path = typer.Option(None, help="compare_runs's CSV (the stats stage's --runs-out)"),
     out_dir: Path = typer.Option(...),
     params_file: Path = Path("params.yaml"),
 ):
@@ -128,7 +129,8 @@ def main(
             )
     pooled = pd.concat(pooled, ignore_index=True)
     tests = pd.read_csv(stats)
-    tables = build_tables(per_case, infos, models, params.ablations, tests, pooled)
+    over_runs = pd.read_csv(stats_runs) if stats_runs is not None else None
+    tables = build_tables(per_case, infos, models, params.ablations, tests, pooled, over_runs)
     for name, (markdown, frame) in tables.items():
         atomic_write_text(out_dir / "tables" / f"{name}.md", markdown)
         atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))

@@ -108,6 +108,9 @@ def test_stats_compare_casnet_with_every_other_entry(quickstart_repo):
     assert (tests["p_t_holm"].dropna() >= tests.loc[tests["p_t_holm"].notna(), "p_t"] - 1e-12).all()
     statistics = (repo / "reports" / "tables" / "statistics.md").read_text()
     assert "| blob | Dice (%) | unet | 14 |" in statistics
+    over_runs = pd.read_csv(repo / "reports" / "stats_runs.csv")  # 2 folds x 1 seed: 2 paired runs
+    assert (over_runs["n_runs"] == 2).all() and set(over_runs["model"]) == set(ENTRIES[1:])
+    assert "## Over runs" in statistics and "| blob | Dice | unet | 2 |" in statistics
 
 
 def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quickstart_repo):

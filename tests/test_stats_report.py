@@ -17,11 +17,20 @@ from medfusion.report import (
     global_dice_frame,
     metrics_json,
     mlflow_test_metrics,
+    statistics_table,
     summarize_global,
     summarize_runs,
     table_csv,
 )
-from medfusion.stats import COLUMNS, compare_models, holm, paired_comparison
+from medfusion.stats import (
+    COLUMNS,
+    RUN_COLUMNS,
+    cluster_comparison,
+    compare_models,
+    compare_runs,
+    holm,
+    paired_comparison,
+)
 
 COLS = ["dataset", "model", "run", "case_id", "class", "metric", "value", "postprocess"]
 RUNS = ("fold0_seed0", "fold1_seed0")
@@ -138,6 +147,69 @@ def test_nan_cases_are_dropped_pairwise_and_undefined_tests_are_nan():
     assert math.isnan(out.loc["medt", "p_t_holm"]) and math.isnan(out.loc["medt", "p_wilcoxon_holm"])
     assert out.loc["unet", "p_t_holm"] == pytest.approx(out.loc["unet", "p_t"])  # a family of one valid test
     assert compare_models(table, ["casnet"]).empty
+
+
+def test_cluster_comparison_resamples_patients_not_cases():
+    # 3 patients with 2 eyes each: differences per patient (0.1, 0.3), (0.2, 0.2), (0.0, 0.4)
+    diff = np.array([0.1, 0.3, 0.2, 0.2, 0.0, 0.4])
+    groups = np.array(["p1", "p1", "p2", "p2", "p3", "p3"])
+    out = cluster_comparison(diff, np.zeros(6), groups)
+    assert out["n_groups"] == 3
+    # every patient's mean difference is 0.2 and each gives 2 cases: every resample's mean is 0.2
+    assert (out["cluster_ci_low"], out["cluster_ci_high"]) == pytest.approx((0.2, 0.2))
+    assert math.isnan(out["p_t_groups"])  # constant per-patient differences: no t statistic
+    # unequal patients: the interval is that of a bootstrap over the 3 patients' (sum, count)
+    diff = np.array([0.1, 0.3, 0.5, 0.2, 0.0, 0.1])
+    groups = np.array(["p1", "p1", "p2", "p2", "p3", "p3"])
+    out = cluster_comparison(diff, np.zeros(6), groups, draws=20_000)
+    sums, counts = np.array([0.4, 0.7, 0.1]), np.array([2.0, 2.0, 2.0])
+    picks = np.random.default_rng(0).integers(0, 3, size=(20_000, 3))
+    expected = np.quantile(sums[picks].sum(1) / counts[picks].sum(1), [0.025, 0.975])
+    assert (out["cluster_ci_low"], out["cluster_ci_high"]) == pytest.approx(tuple(expected))
+    assert out["cluster_ci_low"] == pytest.approx(0.05)  # the all-p3 draw, (0.1 + 0.1 + 0.1) / 6
+    assert out["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp([0.2, 0.35, 0.05], 0).pvalue)
+    # one case per patient: the per-case test is the patient test, nothing to add
+    single = cluster_comparison(diff, np.zeros(6), np.array(list("abcdef")))
+    assert single["n_groups"] == 6 and math.isnan(single["cluster_ci_low"]) and math.isnan(single["p_t_groups"])
+
+
+def test_compare_models_adds_patient_columns_from_the_group_column():
+    table = fixed_table()
+    table = table[table["dataset"] == "kvasir_seg"].copy()
+    table["group"] = table["case_id"].map({"c0": "a", "c1": "a", "c2": "b", "c3": "b", "c4": "c"})
+    out = compare_models(table, MODELS)
+    assert list(out.columns) == COLUMNS
+    row = out[(out["metric"] == "dice") & (out["model"] == "casnet_wo_ca")].iloc[0]
+    d = GAP["casnet_wo_ca"]  # per-patient mean differences (0.15, 0.2, 0.05)
+    assert row["n_groups"] == 3 and row["n_cases"] == 5
+    assert row["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp([0.15, 0.2, 0.05], 0).pvalue)
+    assert row["cluster_ci_low"] <= d.mean() <= row["cluster_ci_high"]
+    markdown = statistics_table(out, INFOS)[0]
+    assert "| patients | diff [95% CI], patients | p (t, patients) |" in markdown
+    assert "resample patients" in markdown
+    plain = statistics_table(compare_models(fixed_table(), MODELS), INFOS)[0]  # no group column
+    assert "patients |" not in plain and "resample patients" not in plain
+
+
+def test_compare_runs_pairs_the_same_fold_and_seed():
+    table = fixed_table()
+    # run means: fold0 = case mean + 0.01, fold1 = case mean - 0.01 for every model, so the
+    # per-run differences are both REF.mean() - (REF - GAP).mean() = GAP.mean()
+    shift = table["run"].eq("fold1_seed0") & table["model"].eq("unet")
+    table.loc[shift, "value"] -= 0.02  # unet's second run is worse by 2 points
+    out = compare_runs(table, MODELS)
+    assert list(out.columns) == RUN_COLUMNS and set(out["metric"]) == {"dice"}
+    row = out[(out["dataset"] == "kvasir_seg") & (out["model"] == "unet")].iloc[0]
+    assert row["n_runs"] == 2
+    gap = GAP["unet"].mean()
+    assert row["mean_diff"] == pytest.approx(gap + 0.01)  # differences gap and gap + 0.02
+    t = scipy_stats.ttest_rel([REF.mean() + 0.01, REF.mean() - 0.01],
+                              [REF.mean() + 0.01 - gap, REF.mean() - 0.03 - gap])  # fmt: skip
+    assert row["p_t"] == pytest.approx(t.pvalue)
+    family = out[(out["dataset"] == "kvasir_seg")]
+    np.testing.assert_allclose(family["p_t_holm"], holm(family["p_t"]))
+    markdown = statistics_table(compare_models(table, MODELS), INFOS, out)[0]
+    assert "## Over runs" in markdown and "| polyp | Dice | unet | 2 |" in markdown
 
 
 # --- tables --------------------------------------------------------------------------------------
