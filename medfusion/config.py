@@ -153,6 +153,7 @@ class UNetParams(ModelSection):
 @dataclass(frozen=True)
 class SegNetParams(ModelSection):
     base_channels: int
+    pretrained: str | None  # a torchvision vgg16_bn state dict (medfusion/models/pretrained.py)
     drgo: bool
 
     TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16}
@@ -164,6 +165,7 @@ class DeepLabV3Params(ModelSection):
     depth: int
     output_stride: int
     aspp_channels: int
+    pretrained: str | None  # a torchvision ResNet state dict of this depth (medfusion/models/pretrained.py)
     drgo: bool
 
     TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16, "depth": 18, "aspp_channels": 32}
@@ -413,6 +415,7 @@ def baseline_names() -> list[str]:
 
 
 LOSS_KEYS = ("use_boundary", "drgo")  # settings of the loss, not constructor arguments
+TRAINING_KEYS = (*LOSS_KEYS, "pretrained")  # nor is the file the encoder starts from
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_CHOICES = ("auto", "off", "regions", "full")
 OPTIMIZERS = ("adam", "adamw")

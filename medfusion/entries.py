@@ -19,11 +19,13 @@ section with its dataclass in medfusion/config.py (a `ModelSection` with a `TINY
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from medfusion.config import LOSS_KEYS, AugmentParams, Params, config_hash
+from medfusion.config import TRAINING_KEYS, AugmentParams, Params, config_hash
 from medfusion.losses.drgo import DRGOSettings
 
 
@@ -82,6 +84,7 @@ class Entry:
     augment: AugmentParams | None  # None: no augmentation (train.augment: false)
     preprocess: dict[str, Any]  # what `medfusion predict` must do to new images
     patch_size: int | None = None  # native images: training patches and sliding windows of this side
+    pretrained: str | None = None  # the encoder's starting weights (<model>.pretrained), None = from scratch
 
     @property
     def native(self) -> bool:
@@ -112,12 +115,27 @@ class Entry:
             "image_size": self.image_size,
             # only where it is used, so that the runs of a fixed image size keep their hashes
             **({"patch_size": self.patch_size} if self.native else {}),
+            # the file's content, not its path, so that another file at the same path retrains
+            **({"pretrained_sha256": self.pretrained_sha256()} if self.pretrained else {}),
             "drgo": dataclasses.asdict(self.drgo) if self.drgo else None,
             "loss": {"ce_weight": self.ce_weight},
             "train": dataclasses.asdict(self.recipe),
             "augment": dataclasses.asdict(self.augment) if self.augment else None,
             "preprocess": self.preprocess,
         }
+
+    def pretrained_sha256(self) -> str:
+        """sha256 of the pretrained file (a clear error when it does not exist); read once per version."""
+        from medfusion.models.pretrained import PretrainedError
+
+        path = Path(self.pretrained)
+        if not path.is_file():
+            raise PretrainedError(
+                f"{self.architecture}.pretrained: {path} does not exist; expected the state dict "
+                "medfusion/models/pretrained.py names for this model, or null to train from scratch"
+            )
+        stat = path.stat()
+        return _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     def run_hash(self, data_sha256: str, fold_split: dict, fold: int, seed: int) -> str:
         """What a finished (fold, seed) run depends on: the entry, the processed data (meta.json's
@@ -132,6 +150,8 @@ class Entry:
         flat["data.image_size"] = self.image_size
         if self.native:
             flat["data.patch_size"] = self.patch_size
+        if self.pretrained:
+            flat["pretrained"], flat["pretrained_sha256"] = self.pretrained, self.pretrained_sha256()
         for section in ("model_kwargs", "train", "loss", "drgo", "augment"):
             if config[section] is not None:
                 flat.update(_flatten(config[section], f"{section}."))
@@ -151,6 +171,9 @@ class Entry:
             "class_names": list(self.class_names),
             "preprocess": self.preprocess,
             "dataset": self.dataset,
+            "pretrained": {"file": self.pretrained, "sha256": self.pretrained_sha256()}
+            if self.pretrained
+            else None,
         }
 
 
@@ -177,7 +200,7 @@ def resolve_model(params: Params, name: str, modalities: int = 1, image_size: in
     from medfusion.models import MODELS
 
     architecture = "casnet" if is_casnet_entry(params, name) else name
-    kwargs = {k: v for k, v in entry_section(params, name).items() if k not in LOSS_KEYS}
+    kwargs = {k: v for k, v in entry_section(params, name).items() if k not in TRAINING_KEYS}
     if kwargs.get("modalities", 0) is None:
         kwargs["modalities"] = modalities
     if "image_size" in inspect.signature(MODELS[architecture]).parameters:
@@ -224,7 +247,15 @@ def resolve_entry(params: Params, dataset: str, name: str) -> Entry:
         augment=params.augment if t.augment else None,
         preprocess=preprocess,
         patch_size=d.patch_size if d.native else None,
+        pretrained=entry_section(params, name).get("pretrained"),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    from medfusion.models.pretrained import file_sha256
+
+    return file_sha256(path)
 
 
 def resources(params: Params) -> Resources:

@@ -8,9 +8,10 @@ As in the paper: ResNet backbone (depth 50 by default) whose last stages trade s
 (output stride 16: stage 4 dilated by 2, ASPP rates 6, 12, 18; output stride 8: stages 3 and 4 dilated
 by 2 and 4, rates doubled); ASPP = one 1x1 and three 3x3 atrous convolutions plus global average
 pooling, each with BN, concatenated and fused by a 1x1 convolution; logits are up-sampled bilinearly
-to the input size. Deliberate changes: no ImageNet (or COCO) pre-training, because no weights can be
-downloaded here: the backbone trains from scratch under the same protocol as every other model, which
-is the fair comparison but lowers DeepLabV3's numbers against published ones. No multi-grid unit rates
+to the input size. Deliberate changes: by default no ImageNet (or COCO) pre-training: the backbone
+trains from scratch under the same protocol as every other model, which is the fair comparison but
+lowers DeepLabV3's numbers against published ones; `deeplabv3.pretrained: PATH` starts the backbone
+from a torchvision ResNet state dict instead (medfusion/models/pretrained.py; nothing is downloaded). No multi-grid unit rates
 and no multi-scale inference. `base_channels` scales the backbone width (64 in the paper) and
 `aspp_channels` the head (256 in the paper) so that CPU runs are feasible.
 """

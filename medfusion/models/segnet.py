@@ -8,8 +8,9 @@ As in the paper: the 13 convolutional layers of VGG16 (blocks of 2, 2, 3, 3, 3 C
 widths 64, 128, 256, 512, 512), 2x2 max-pooling that records its indices; a mirrored decoder in which
 each block first max-unpools with the indices of the matching encoder pool (sparse up-sampling, no
 learned up-sampling and no skip of features), then convolves; a final 1x1 classifier. Deliberate
-changes: `base_channels` scales the widths (64 = VGG16) for CPU runs; no ImageNet initialisation (no
-download here). Unpooling is given the encoder's pre-pool size, so inputs need only be multiples of
+changes: `base_channels` scales the widths (64 = VGG16) for CPU runs; no ImageNet initialisation by
+default (`segnet.pretrained: PATH` starts the encoder from a torchvision vgg16_bn state dict:
+medfusion/models/pretrained.py). Unpooling is given the encoder's pre-pool size, so inputs need only be multiples of
 16 (five poolings of a side 16k floor some sizes; the unpooling restores them exactly).
 """
 

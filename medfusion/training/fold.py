@@ -202,7 +202,13 @@ def build_trainer(
     train_loader, val_loader = build_loaders(
         entry, processed_dir, fold_split, seed, resources, precision.device.type == "cuda"
     )
-    model = entry.build().to(precision.device)
+    model = entry.build()
+    if entry.pretrained:  # the encoder from a standard file (medfusion/models/pretrained.py)
+        from medfusion.models.pretrained import load_pretrained
+
+        counts = load_pretrained(model, entry.architecture, entry.pretrained)
+        print(f"{entry.name}: encoder from {entry.pretrained} ({counts['loaded']} tensors)")
+    model = model.to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     compiled = compile_model(model, how)
