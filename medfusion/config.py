@@ -94,7 +94,7 @@ class ModelSection:
     fields of a subclass are the section's keys; `TINY` holds the overrides that make the model
     tiny (the quickstart and the tests train it at these widths: a quarter of the paper's width,
     so CASNet 8 and the 64-wide baselines 16; MedT 16, half its 32, because base_channels / 2 must
-    divide by 2 x heads); `check` validates the values (every integer >= 1 unless a subclass says more).
+    divide by 2 x heads, with the two-stage `blocks: [1, 2]` so that small inputs fit); `check` validates the values (every integer >= 1 unless a subclass says more).
     """
 
     TINY: typing.ClassVar[dict[str, Any]] = {}
@@ -218,12 +218,15 @@ class MedTParams(ModelSection):
     base_channels: int
     heads: int
     local_grid: int
+    blocks: list[int]
     drgo: bool
 
-    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16, "heads": 4}
+    TINY: typing.ClassVar[dict[str, Any]] = {"base_channels": 16, "heads": 4, "blocks": [1, 2]}
 
     def check(self, key: str, fail: Fail) -> None:
         super().check(key, fail)
+        if len(self.blocks) < 2 or min(self.blocks) < 1:
+            fail(f"{key}.blocks", self.blocks, "a list of at least two integers >= 1 (blocks per stage)")
         if self.base_channels % 4 or (self.base_channels // 2) % (2 * self.heads):
             fail(
                 f"{key}.base_channels",
@@ -595,6 +598,13 @@ def _check_values(p: Params, source: str) -> None:
         fail("data.synthetic", synthetic, "num_images >= 10 and num_volumes >= 4 (room for folds)")
     for key in model_sections():
         getattr(p, key).check(key, fail)
+    if "medt" in p.models.baselines:  # MedT's local branch halves each patch once per stage after the first
+        medt = p.medt
+        multiple = 2 * medt.local_grid * 2 ** (len(medt.blocks) - 1)
+        if p.data.model_size % multiple:
+            size_key = "data.patch_size" if p.data.native else "data.image_size"
+            fail(size_key, p.data.model_size, f"a multiple of {multiple} for medt (2 x medt.local_grid x "
+                 f"2^(stages - 1), medt.blocks {medt.blocks}), or fewer medt.blocks")  # fmt: skip
     _check_drgo(p.drgo, p.data.model_size, fail)
     _check_train(p, fail)
     _check_augment(p.augment, fail)

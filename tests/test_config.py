@@ -108,6 +108,8 @@ def _with(path: str, value, delete: bool = False) -> dict:
             "transunet.hidden_size = 768; expected a multiple of transunet.num_heads",
         ),
         ("medt.heads", 16, False, "medt.base_channels = 32; expected a multiple of 4 with"),
+        ("medt.blocks", [1], False, "medt.blocks = [1]; expected a list of at least two"),
+        ("data.image_size", 240, False, "data.image_size = 240; expected a multiple of 64 for medt"),
         ("datasets", ["kvasir"], False, "datasets[0] = 'kvasir'; expected one of"),
         ("data.image_size", 100, False, "data.image_size = 100; expected a multiple of 16"),
         ("train.device", "tpu", False, "train.device = 'tpu'; expected one of ['auto', 'cpu', 'cuda']"),

@@ -228,10 +228,38 @@ def test_medt_local_branch_sees_patches():
     model = build_model("medt", 1, 2, **TINY_KWARGS["medt"]).eval()
     with torch.no_grad():
         x = torch.randn(1, 1, 64, 64)
-        base = model.local_branch
-        feats = model.stem(x)
-        patches = feats.reshape(1, feats.shape[1], 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(16, -1, 8, 8)
-        assert base(patches).shape == (16, 8, 16, 16)
+        out = model(x)
+        # the local branch sees each 16 x 16 patch alone: changing one patch changes no other patch's output
+        changed = x.clone()
+        changed[..., :16, :16] += 5.0
+        patches = model.local_branch(
+            changed.reshape(1, 1, 4, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).reshape(16, 1, 16, 16)
+        )
+        before = model.local_branch(
+            x.reshape(1, 1, 4, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).reshape(16, 1, 16, 16)
+        )
+        assert patches.shape == (16, 8, 16, 16) and out.shape == (1, 2, 64, 64)
+        assert not torch.allclose(patches[0], before[0]) and torch.allclose(patches[1:], before[1:])
+
+
+def test_medt_at_the_authors_size():
+    """The authors' medt_net (s = 0.125, blocks [1, 2, 4, 1], 8 heads) at 3 channels and 128x128:
+    about 1.4 M parameters; the local branch has four stages (the last at 1/16 of a patch) and no
+    positional terms, the global branch two, gated."""
+    model = build_model(
+        "medt", 3, 2, base_channels=32, heads=8, local_grid=4, blocks=[1, 2, 4, 1], image_size=128
+    )
+    assert 1.3e6 < sum(p.numel() for p in model.parameters()) < 1.45e6
+    assert [len(s) for s in model.local_branch.stages] == [1, 2, 4, 1]
+    assert [len(s) for s in model.global_branch.stages] == [1, 2]
+    local_attention = model.local_branch.stages[0][0].attention[0]
+    assert not local_attention.positional and not hasattr(local_attention, "relative")
+    assert model.global_branch.stages[0][0].attention[0].positional
+    assert model(torch.randn(1, 3, 128, 128)).shape == (1, 2, 128, 128)
+    with pytest.raises(ValueError, match=r"input side 96 is not a multiple of .* = 64"):
+        model(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match=r"reference size .* 48 is not a multiple"):
+        build_model("medt", 3, 2, image_size=48)
 
 
 def test_compile_regions_are_the_attention_blocks_only():

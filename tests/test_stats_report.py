@@ -170,7 +170,9 @@ def test_cluster_comparison_resamples_patients_not_cases():
     assert out["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp([0.2, 0.35, 0.05], 0).pvalue)
     # one case per patient: the per-case test is the patient test, nothing to add
     single = cluster_comparison(diff, np.zeros(6), np.array(list("abcdef")))
-    assert single["n_groups"] == 6 and math.isnan(single["cluster_ci_low"]) and math.isnan(single["p_t_groups"])
+    assert (
+        single["n_groups"] == 6 and math.isnan(single["cluster_ci_low"]) and math.isnan(single["p_t_groups"])
+    )
 
 
 def test_compare_models_adds_patient_columns_from_the_group_column():
