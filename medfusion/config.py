@@ -194,6 +194,7 @@ class TransUNetParams(ModelSection):
     num_heads: int
     mlp_dim: int
     decoder_scale: float
+    norm: str  # the R50's: group (GN + weight standardisation, the paper's) | batch
     drgo: bool
 
     TINY: typing.ClassVar[dict[str, Any]] = {
@@ -211,6 +212,8 @@ class TransUNetParams(ModelSection):
             fail(f"{key}.hidden_size", self.hidden_size, f"a multiple of {key}.num_heads ({self.num_heads})")
         if not self.decoder_scale > 0:
             fail(f"{key}.decoder_scale", self.decoder_scale, "a number > 0")
+        if self.norm not in ("group", "batch"):
+            fail(f"{key}.norm", self.norm, "group (the paper's GN + weight standardisation) or batch")
 
 
 @dataclass(frozen=True)

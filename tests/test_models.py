@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import tiny_kwargs
@@ -202,6 +204,28 @@ def test_transunet_encodes_the_1_16_map_with_a_vit():
     assert [len(s) for s in model.cnn.stages] == [3, 4, 9]  # R50 hybrid stages
     assert model.pos.weight.shape[-1] == 16  # 256 / 16 tokens per side at the reference size
     assert len(model.vit.layers.layers) == TINY_KWARGS["transunet"]["num_layers"]
+
+
+def test_transunet_r50_has_group_norm_and_weight_standardisation():
+    from medfusion.models.resnet import StdConv2d
+
+    model = build_model("transunet", 3, 2, **TINY_KWARGS["transunet"])  # norm: group, the default
+    cnn = list(model.cnn.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cnn)
+    assert all(type(m) is StdConv2d for m in cnn if isinstance(m, torch.nn.Conv2d))
+    norms = [m for m in cnn if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == math.gcd(32, m.num_channels) and m.eps == 1e-6 for m in norms)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())  # BN in the decoder
+    batch = build_model("transunet", 3, 2, **{**TINY_KWARGS["transunet"], "norm": "batch"})
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch.cnn.modules())
+    # weight standardisation: the same output as a plain convolution with standardised filters
+    layer = StdConv2d(3, 4, 3, padding=1, bias=False)
+    w = layer.weight
+    standard = (w - w.mean((1, 2, 3), keepdim=True)) / (
+        w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5
+    ).sqrt()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, standard, padding=1), atol=1e-5)
 
 
 def test_medt_gated_axial_attention():

@@ -4,12 +4,20 @@ Reference:
     K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016.
     arXiv:1512.03385. Dilated stages as in DeepLab (Chen et al. 2017, arXiv:1706.05587).
 
-No weights can be downloaded here, so every model built on it trains from scratch.
+Normalisation: batch norm (`norm="batch"`, He et al.) or, as in TransUNet's R50 (the BiT ResNet of
+Kolesnikov et al. 2020, arXiv:1912.11370), group norm (32 groups, eps 1e-6; fewer groups where a
+narrow width has fewer channels) after convolutions with weight standardisation (`norm="group"`).
+Trained from scratch unless a model loads pretrained weights (medfusion/models/pretrained.py).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+NORMS = ("batch", "group")
 
 # depth -> (block type, blocks per stage)
 DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -20,14 +28,42 @@ DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 }
 
 
-def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    """Conv(kernel, 'same' padding for stride 1)-BN-ReLU."""
+class StdConv2d(nn.Conv2d):
+    """A convolution with weight standardisation: each filter is shifted to mean 0 and scaled to
+    variance 1 (over its input channels and taps, eps 1e-5) before it is applied (Qiao et al. 2019;
+    BiT and TransUNet's R50). Parameter names are Conv2d's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) / (var + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """BatchNorm2d, or GroupNorm with 32 groups (the greatest divisor of `channels` up to 32), eps 1e-6."""
+    if norm not in NORMS:
+        raise ValueError(f"normalisation {norm!r} is not one of {list(NORMS)}")
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def conv(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1, norm: str = "batch"
+) -> nn.Conv2d:
+    """A bias-free convolution ('same' padding for stride 1), weight-standardised under group norm."""
+    cls = StdConv2d if norm == "group" else nn.Conv2d
+    return cls(c_in, c_out, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False)
+
+
+def conv_bn_relu(
+    c_in: int, c_out: int, kernel: int = 3, stride: int = 1, dilation: int = 1, norm: str = "batch"
+) -> nn.Sequential:
+    """Conv(kernel, 'same' padding for stride 1)-Norm-ReLU (BN; or StdConv-GN with norm="group")."""
     return nn.Sequential(
-        nn.Conv2d(
-            c_in, c_out, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False
-        ),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
+        conv(c_in, c_out, kernel, stride, dilation, norm), norm_layer(norm, c_out), nn.ReLU(inplace=True)
     )
 
 
@@ -36,15 +72,17 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, width: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(
+        self, c_in: int, width: int, stride: int = 1, dilation: int = 1, norm: str = "batch"
+    ) -> None:
         super().__init__()
         c_out = width * self.expansion
         self.body = nn.Sequential(
-            conv_bn_relu(c_in, width, 3, stride, dilation),
-            nn.Conv2d(width, c_out, 3, padding=dilation, dilation=dilation, bias=False),
-            nn.BatchNorm2d(c_out),
+            conv_bn_relu(c_in, width, 3, stride, dilation, norm),
+            conv(width, c_out, 3, 1, dilation, norm),
+            norm_layer(norm, c_out),
         )
-        self.shortcut = _shortcut(c_in, c_out, stride)
+        self.shortcut = _shortcut(c_in, c_out, stride, norm)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,26 +94,28 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, width: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(
+        self, c_in: int, width: int, stride: int = 1, dilation: int = 1, norm: str = "batch"
+    ) -> None:
         super().__init__()
         c_out = width * self.expansion
         self.body = nn.Sequential(
-            conv_bn_relu(c_in, width, 1),
-            conv_bn_relu(width, width, 3, stride, dilation),
-            nn.Conv2d(width, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
+            conv_bn_relu(c_in, width, 1, norm=norm),
+            conv_bn_relu(width, width, 3, stride, dilation, norm),
+            conv(width, c_out, 1, norm=norm),
+            norm_layer(norm, c_out),
         )
-        self.shortcut = _shortcut(c_in, c_out, stride)
+        self.shortcut = _shortcut(c_in, c_out, stride, norm)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.body(x) + self.shortcut(x))
 
 
-def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
+def _shortcut(c_in: int, c_out: int, stride: int, norm: str = "batch") -> nn.Module:
     if stride == 1 and c_in == c_out:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(conv(c_in, c_out, 1, stride, norm=norm), norm_layer(norm, c_out))
 
 
 class ResNet(nn.Module):
@@ -88,6 +128,7 @@ class ResNet(nn.Module):
         blocks: blocks per stage, overriding the depth's (TransUNet's R50 hybrid uses (3, 4, 9)).
         dilations: per stage, 1 for a normal stage or d > 1 to keep the resolution and dilate by d
             (DeepLabV3: output stride 16 = (1, 1, 1, 2), output stride 8 = (1, 1, 2, 4)).
+        norm: "batch" (BN) or "group" (GN after weight-standardised convolutions, TransUNet's R50).
 
     Shape:
         forward: (B, C, H, W) -> [stem (B, base, H/2, W/2), stage 1 (H/4), stage 2, ...]; a stage's
@@ -101,6 +142,7 @@ class ResNet(nn.Module):
         base_channels: int = 64,
         blocks: tuple[int, ...] | None = None,
         dilations: tuple[int, ...] | None = None,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if depth not in DEPTHS:
@@ -111,7 +153,7 @@ class ResNet(nn.Module):
         if len(dilations) != len(blocks):
             raise ValueError(f"dilations {dilations} must have one entry per stage ({len(blocks)})")
         block = Bottleneck if kind == "bottleneck" else BasicBlock
-        self.stem = conv_bn_relu(in_channels, base_channels, 7, stride=2)
+        self.stem = conv_bn_relu(in_channels, base_channels, 7, stride=2, norm=norm)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.stages = nn.ModuleList()
         self.out_channels = [base_channels]
@@ -122,9 +164,9 @@ class ResNet(nn.Module):
             first_dilation = (
                 max(1, dilation // 2) if dilation > 1 else 1
             )  # DeepLab: dilate from the 2nd block
-            layers = [block(c_in, width, stride, first_dilation)]
+            layers = [block(c_in, width, stride, first_dilation, norm)]
             c_in = width * block.expansion
-            layers += [block(c_in, width, 1, dilation) for _ in range(n - 1)]
+            layers += [block(c_in, width, 1, dilation, norm) for _ in range(n - 1)]
             self.stages.append(nn.Sequential(*layers))
             self.out_channels.append(c_in)
 

@@ -10,9 +10,11 @@ bottleneck blocks), giving skips at 1/2, 1/4 and 1/8 and a 1/16 feature map; tha
 12 pre-norm transformer layers of width 768 (12 heads, MLP 3072) encode it; the tokens are reshaped
 to the 1/16 grid, a 3x3 convolution maps them to 512 channels, and the cascaded up-sampler (CUP)
 applies four blocks of [bilinear x2, concatenation with the skip, two Conv3x3-BN-ReLU] with widths
-256, 128, 64, 16, the last without a skip, then a 3x3 segmentation head. Deliberate changes: BN
-instead of the original's group norm with weight standardisation, no ImageNet-21k pre-training (no
-download here: everything trains from scratch), and the position embedding is resized bilinearly
+256, 128, 64, 16, the last without a skip, then a 3x3 segmentation head. The R50 has the paper's
+group norm after weight-standardised convolutions (`norm="group"`, the default; `norm="batch"` for
+BN as earlier versions of this model had); the decoder has BN, as in the authors' code. Deliberate
+changes: no ImageNet-21k pre-training (nothing is downloaded here, and the R50-ViT-B/16 checkpoint
+is not mapped yet: TransUNet trains from scratch), and the position embedding is resized bilinearly
 for inputs other than the reference size. Width and depth are parameters for CPU runs.
 """
 
@@ -56,6 +58,7 @@ class TransUNet(nn.Module):
         mlp_dim: ViT MLP width (3072).
         decoder_scale: multiplies the CUP widths 256, 128, 64, 16 (1.0 in the paper).
         image_size: reference input side of the position embedding (256 here; 224 in the paper).
+        norm: the R50's normalisation, "group" (GN + weight standardisation, the paper's) or "batch".
 
     Shape:
         forward: (B, C_in, H, W) -> logits (B, K, H, W); H and W multiples of 16.
@@ -72,9 +75,10 @@ class TransUNet(nn.Module):
         mlp_dim: int = 3072,
         decoder_scale: float = 1.0,
         image_size: int = 256,
+        norm: str = "group",
     ) -> None:
         super().__init__()
-        self.cnn = ResNet(in_channels, depth=50, base_channels=base_channels, blocks=(3, 4, 9))
+        self.cnn = ResNet(in_channels, depth=50, base_channels=base_channels, blocks=(3, 4, 9), norm=norm)
         stem, s4, s8, s16 = self.cnn.out_channels  # widths at 1/2, 1/4, 1/8, 1/16
         self.patch_embed = nn.Conv2d(s16, hidden_size, 1)
         self.pos = PositionEmbedding2d(hidden_size, image_size // 16)
