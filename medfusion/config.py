@@ -195,6 +195,7 @@ class TransUNetParams(ModelSection):
     mlp_dim: int
     decoder_scale: float
     norm: str  # the R50's: group (GN + weight standardisation, the paper's) | batch
+    pretrained: str | None  # timm's R50 + ViT-B/16 hybrid state dict (medfusion/models/pretrained.py)
     drgo: bool
 
     TINY: typing.ClassVar[dict[str, Any]] = {

@@ -203,3 +203,105 @@ def test_the_pretrained_key_reaches_training_and_the_run_hash(tmp_path, syntheti
     missing = dataclasses.replace(entry, pretrained=str(tmp_path / "gone.pth"))
     with pytest.raises(PretrainedError, match=r"deeplabv3.pretrained: .*gone.pth does not exist"):
         missing.run_hash("d", {}, 0, 0)
+
+
+def timm_vit_r50_shapes(base: int, hidden: int, layers: int, mlp: int, grid: int = 14) -> dict[str, tuple]:
+    """timm's vit_base_r50_s16 hybrid names and shapes (ResNetV2 stages of 3, 4, 9 with GN, then ViT),
+    at widths `base` (64 in timm) and `hidden` (768)."""
+    b = "patch_embed.backbone."
+    shapes = {
+        f"{b}stem.conv.weight": (base, 3, 7, 7),
+        f"{b}stem.norm.weight": (base,),
+        f"{b}stem.norm.bias": (base,),
+    }
+    c_in = base
+    for stage, blocks in enumerate((3, 4, 9)):
+        width = base * 2**stage
+        for block in range(blocks):
+            p = f"{b}stages.{stage}.blocks.{block}."
+            if block == 0:
+                shapes[p + "downsample.conv.weight"] = (4 * width, c_in, 1, 1)
+                shapes[p + "downsample.norm.weight"] = shapes[p + "downsample.norm.bias"] = (4 * width,)
+            shapes[p + "conv1.weight"] = (width, c_in if block == 0 else 4 * width, 1, 1)
+            shapes[p + "conv2.weight"] = (width, width, 3, 3)
+            shapes[p + "conv3.weight"] = (4 * width, width, 1, 1)
+            for i, c in ((1, width), (2, width), (3, 4 * width)):
+                shapes[f"{p}norm{i}.weight"] = shapes[f"{p}norm{i}.bias"] = (c,)
+        c_in = 4 * width
+    shapes["patch_embed.proj.weight"], shapes["patch_embed.proj.bias"] = (hidden, c_in, 1, 1), (hidden,)
+    shapes["cls_token"], shapes["pos_embed"] = (1, 1, hidden), (1, 1 + grid * grid, hidden)
+    for k in range(layers):
+        p = f"blocks.{k}."
+        shapes.update({p + "norm1.weight": (hidden,), p + "norm1.bias": (hidden,), p + "norm2.weight": (hidden,),
+                       p + "norm2.bias": (hidden,), p + "attn.qkv.weight": (3 * hidden, hidden),
+                       p + "attn.qkv.bias": (3 * hidden,), p + "attn.proj.weight": (hidden, hidden),
+                       p + "attn.proj.bias": (hidden,), p + "mlp.fc1.weight": (mlp, hidden), p + "mlp.fc1.bias": (mlp,),
+                       p + "mlp.fc2.weight": (hidden, mlp), p + "mlp.fc2.bias": (hidden,)})  # fmt: skip
+    shapes.update(
+        {
+            "norm.weight": (hidden,),
+            "norm.bias": (hidden,),
+            "head.weight": (1000, hidden),
+            "head.bias": (1000,),
+        }
+    )
+    return shapes
+
+
+def _timm_block(x, s, p, heads):
+    """timm's ViT block, written out: x + proj(attention(norm1 x)), then x + fc2(gelu(fc1(norm2 x)))."""
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), s[p + "norm1.weight"], s[p + "norm1.bias"], eps=1e-5)
+    q, k, v = F.linear(h, s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"]).chunk(3, dim=-1)
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    attn = (split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5).softmax(-1)
+    out = (attn @ split(v)).transpose(1, 2).reshape(x.shape)
+    x = x + F.linear(out, s[p + "attn.proj.weight"], s[p + "attn.proj.bias"])
+    h = F.layer_norm(x, (d,), s[p + "norm2.weight"], s[p + "norm2.bias"], eps=1e-5)
+    h = F.linear(
+        F.gelu(F.linear(h, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"])),
+        s[p + "mlp.fc2.weight"],
+        s[p + "mlp.fc2.bias"],
+    )
+    return x + h
+
+
+def test_timm_r50_vit_hybrid_fills_transunets_encoder(tmp_path):
+    kwargs = dict(
+        base_channels=16,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=64,
+        decoder_scale=0.25,
+        image_size=64,
+    )
+    source = _state_dict(timm_vit_r50_shapes(16, 32, 2, 64))
+    torch.save(source, tmp_path / "hybrid.pth")
+    model = build_model("transunet", 3, 2, **kwargs).eval()
+    counts = load_pretrained(model, "transunet", tmp_path / "hybrid.pth")
+    assert counts["ignored"] == 3  # cls_token, head.weight, head.bias
+    ours = model.state_dict()
+    assert torch.equal(
+        ours["cnn.stages.2.8.body.3.weight"], source["patch_embed.backbone.stages.2.blocks.8.norm3.weight"]
+    )
+    assert torch.equal(
+        ours["cnn.stages.1.0.shortcut.0.weight"],
+        source["patch_embed.backbone.stages.1.blocks.0.downsample.conv.weight"],
+    )
+    assert torch.equal(ours["patch_embed.weight"], source["patch_embed.proj.weight"])
+    grid = source["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)  # the class entry dropped
+    assert torch.allclose(
+        ours["pos.weight"], F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False)
+    )
+    # the ViT computes what timm's blocks compute with these weights
+    x = torch.randn(2, 16, 32)
+    expected = x
+    for k in range(2):
+        expected = _timm_block(expected, source, f"blocks.{k}.", heads=4)
+    expected = F.layer_norm(expected, (32,), source["norm.weight"], source["norm.bias"], eps=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model.vit(x), expected, atol=1e-4)
+    batch = build_model("transunet", 3, 2, **{**kwargs, "norm": "batch"})
+    with pytest.raises(PretrainedError, match="set transunet.norm: group"):
+        load_pretrained(batch, "transunet", tmp_path / "hybrid.pth")

@@ -10,6 +10,7 @@ over, and every shape must agree; anything else is an error that names the keys.
 | --- | --- | --- |
 | deeplabv3 | ResNet-18/34/50/101 matching `deeplabv3.depth`, width 64 (`resnet50`) | `torchvision.models.resnet50(weights="IMAGENET1K_V1").state_dict()`, or https://download.pytorch.org/models/resnet50-0676ba61.pth |
 | segnet | VGG16 with batch norm, width 64 (`vgg16_bn`) | `torchvision.models.vgg16_bn(weights="IMAGENET1K_V1").state_dict()`, or https://download.pytorch.org/models/vgg16_bn-6c64b313.pth |
+| transunet | timm's R50 + ViT-B/16 hybrid (`vit_base_r50_s16_224.orig_in21k`, the ImageNet-21k weights TransUNet started from), `transunet.norm: group` | `timm.create_model("vit_base_r50_s16_224.orig_in21k", pretrained=True).state_dict()` |
 
 U-Net and Attention U-Net have no standard pretrained encoder of their shape (their encoders
 double 64 -> 1024 with two convolutions per level, not VGG's blocks), nor have CASNet and MedT.
@@ -21,7 +22,11 @@ Our choices where the paper is silent (recorded here and in the closing note of 
 - VGG's convolutions have biases and ours (followed by batch norm) do not: each bias b is folded
   into the following batch norm's running mean (mean - b), which gives the same output in
   evaluation and changes nothing in training (batch statistics subtract it anyway).
-- The classifier (`fc.*`, `classifier.*`) is not used.
+- The classifier (`fc.*`, `classifier.*`, `head.*`) is not used, nor is ViT's class token: TransUNet
+  has none. ViT's position table (a class-token entry and a 14 x 14 grid at 224) loses its class
+  entry and is resized bilinearly to our grid (16 x 16 at 256), as TransUNet's code does.
+- timm's hybrid pads its first convolution 'same' the TensorFlow way and standardises weights with
+  eps 1e-8; ours pads symmetrically with eps 1e-5 (TransUNet's code): the weights load unchanged.
 
 Memory: the file's state dict, once, beside the model.
 """
@@ -34,9 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-PRETRAINED_ARCHITECTURES = ("deeplabv3", "segnet")
+PRETRAINED_ARCHITECTURES = ("deeplabv3", "segnet", "transunet")
 
 
 class PretrainedError(ValueError):
@@ -117,12 +123,65 @@ def torchvision_vgg16_bn_name(name: str) -> str | None:
     return f"?{name}"
 
 
-def _mapper(architecture: str, model: nn.Module) -> tuple[Callable[[str], str | None], str]:
+_TIMM_UNIT = {"conv1": "body.0.0", "norm1": "body.0.1", "conv2": "body.1.0", "norm2": "body.1.1",
+              "conv3": "body.2", "norm3": "body.3", "downsample.conv": "shortcut.0", "downsample.norm": "shortcut.1"}  # fmt: skip
+_TIMM_BLOCK = {"norm1": "norm1", "attn.qkv.weight": "self_attn.in_proj_weight",
+               "attn.qkv.bias": "self_attn.in_proj_bias", "attn.proj": "self_attn.out_proj", "norm2": "norm2",
+               "mlp.fc1": "linear1", "mlp.fc2": "linear2"}  # fmt: skip
+
+
+def timm_vit_r50_name(name: str) -> str | None:
+    """timm's R50 + ViT-B/16 hybrid name -> ours (medfusion.models.transunet.TransUNet); None for
+    the class token and the classifier."""
+    if name in ("cls_token",) or name.startswith(("head.", "pre_logits.", "fc_norm.")):
+        return None
+    if name == "pos_embed":
+        return "pos.weight"
+    backbone = "patch_embed.backbone."
+    if name.startswith(backbone):
+        rest = name[len(backbone) :]
+        if m := re.fullmatch(r"stem\.(conv|norm)\.(\w+)", rest):
+            return f"cnn.stem.{0 if m[1] == 'conv' else 1}.{m[2]}"
+        if m := re.fullmatch(
+            r"stages\.(\d)\.blocks\.(\d+)\.(conv\d|norm\d|downsample\.conv|downsample\.norm)\.(\w+)", rest
+        ):
+            return f"cnn.stages.{m[1]}.{m[2]}.{_TIMM_UNIT[m[3]]}.{m[4]}"
+        return f"?{name}"
+    if m := re.fullmatch(r"patch_embed\.proj\.(\w+)", name):
+        return f"patch_embed.{m[1]}"
+    if m := re.fullmatch(r"norm\.(\w+)", name):
+        return f"vit.norm.{m[1]}"
+    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
+        for theirs, ours in _TIMM_BLOCK.items():
+            if m[2] == theirs or m[2].startswith(theirs + "."):
+                return f"vit.layers.layers.{m[1]}.{ours}{m[2][len(theirs) :]}"
+    return f"?{name}"
+
+
+def _position_table(tensor: Tensor, shape: torch.Size) -> Tensor:
+    """ViT's (1, 1 + n^2, D) table (class entry first) -> ours (1, D, g, g), resized bilinearly."""
+    if tensor.ndim != 3 or len(shape) != 4:
+        return tensor  # reported as mis-shaped
+    grid = tensor[:, 1:] if round((tensor.shape[1] - 1) ** 0.5) ** 2 == tensor.shape[1] - 1 else tensor
+    side = round(grid.shape[1] ** 0.5)
+    if side * side != grid.shape[1] or grid.shape[2] != shape[1]:
+        return tensor
+    table = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    return F.interpolate(table, size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
+
+
+def _mapper(architecture: str, model: nn.Module) -> tuple[Callable[[str], str | None], tuple[str, ...]]:
     if architecture == "deeplabv3":
         bottleneck = any(".body.3." in k for k in model.state_dict())
-        return (lambda n: torchvision_resnet_name(n, "backbone.", bottleneck)), "backbone."
+        return (lambda n: torchvision_resnet_name(n, "backbone.", bottleneck)), ("backbone.",)
     if architecture == "segnet":
-        return torchvision_vgg16_bn_name, "encoders."
+        return torchvision_vgg16_bn_name, ("encoders.",)
+    if architecture == "transunet":
+        if any(isinstance(m, nn.BatchNorm2d) for m in model.cnn.modules()):
+            raise PretrainedError(
+                "transunet.pretrained: the hybrid checkpoint has group norm; set transunet.norm: group"
+            )
+        return timm_vit_r50_name, ("cnn.", "patch_embed.", "pos.", "vit.")
     raise PretrainedError(
         f"{architecture}.pretrained: no standard pretrained encoder is known for {architecture}; "
         f"supported: {list(PRETRAINED_ARCHITECTURES)}"
@@ -155,6 +214,8 @@ def load_pretrained(model: nn.Module, architecture: str, path: str | Path) -> di
     unexpected = [n for n, t in targets.items() if t is not None and (t.startswith("?") or t not in ours)
                   and not (architecture == "segnet" and t.endswith(".0.bias"))]  # fmt: skip
     mapped = {k: v for k, v in mapped.items() if k in ours}
+    if "pos.weight" in mapped:
+        mapped["pos.weight"] = _position_table(mapped["pos.weight"], ours["pos.weight"].shape)
     # num_batches_tracked is a counter, not a weight: files older than torchvision 0.4 have none
     missing = [k for k in ours if k.startswith(encoder_prefix) and k not in mapped
                and not k.endswith("num_batches_tracked")]  # fmt: skip

@@ -13,8 +13,9 @@ applies four blocks of [bilinear x2, concatenation with the skip, two Conv3x3-BN
 256, 128, 64, 16, the last without a skip, then a 3x3 segmentation head. The R50 has the paper's
 group norm after weight-standardised convolutions (`norm="group"`, the default; `norm="batch"` for
 BN as earlier versions of this model had); the decoder has BN, as in the authors' code. Deliberate
-changes: no ImageNet-21k pre-training (nothing is downloaded here, and the R50-ViT-B/16 checkpoint
-is not mapped yet: TransUNet trains from scratch), and the position embedding is resized bilinearly
+changes: no ImageNet-21k pre-training by default (nothing is downloaded here; `transunet.pretrained`
+starts the encoder from timm's R50 + ViT-B/16 hybrid in a local file: medfusion/models/pretrained.py),
+and the position embedding is resized bilinearly
 for inputs other than the reference size. Width and depth are parameters for CPU runs.
 """
 
