@@ -115,6 +115,8 @@ def surface_distances(
     mm (scipy cKDTree): the same values as a Euclidean distance transform of that surface (medpy's
     and MONAI's way), with memory that grows with the surfaces' voxels, not with the box's (a
     distance transform of a whole liver at 512x512 x 600 slices holds ~20 bytes per voxel of its box).
+    Memory per surface voxel: its centre (24 bytes, used by the tree in place, not copied), the
+    tree's index (8 bytes) and its distance (8 bytes); a noisy prediction has many surface voxels.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
@@ -128,12 +130,33 @@ def surface_distances(
     from scipy.spatial import cKDTree
 
     box = _union_box(pred, target)
-    scale = np.asarray(sampling, dtype=np.float64)
-    p_points = np.argwhere(surface(pred[box])) * scale
-    t_points = np.argwhere(surface(target[box])) * scale
-    to_target = cKDTree(t_points).query(p_points, workers=1)[0]
-    to_pred = cKDTree(p_points).query(t_points, workers=1)[0]
-    return np.concatenate([to_target, to_pred])
+    p_points = _surface_points(pred[box], sampling)
+    t_points = _surface_points(target[box], sampling)
+    out = np.empty(len(p_points) + len(t_points))  # the result, filled in place
+    _nearest(cKDTree(t_points, copy_data=False), p_points, out[: len(p_points)])
+    _nearest(cKDTree(p_points, copy_data=False), t_points, out[len(p_points) :])
+    return out
+
+
+_QUERY_CHUNK = 1 << 20  # points per k-d tree query: its (distance, index) temporaries stay ~16 MB
+
+
+def _surface_points(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """(n, ndim) float64 centres in mm of the surface voxels of `mask`, built one axis at a time
+    (24 bytes per surface voxel, plus one axis's int64 indices while it is filled)."""
+    where = list(np.nonzero(surface(mask)))
+    points = np.empty((len(where[0]), mask.ndim))
+    for axis, scale in enumerate(sampling):
+        points[:, axis] = where[axis] * scale
+        where[axis] = None  # free this axis's indices before the next
+    return points
+
+
+def _nearest(tree, points: np.ndarray, out: np.ndarray) -> None:
+    """`out[i]` = distance from points[i] to the nearest point of `tree`, queried in chunks."""
+    for start in range(0, len(points), _QUERY_CHUNK):
+        stop = start + _QUERY_CHUNK
+        out[start:stop] = tree.query(points[start:stop], workers=1)[0]
 
 
 def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
