@@ -187,26 +187,14 @@ def compare_models(
         order of `models`. Empty (with the columns) when fewer than two models were run.
     """
     means = case_means(per_case[per_case["metric"].isin(metrics)], postprocess)
-    reference = models[0] if models else None
-    rows = []
-    for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
-        wide = group.pivot(index="case_id", columns="model", values="value")  # (cases, models)
-        if reference not in wide:
-            continue
-        patients = group.groupby("case_id")["group"].first().reindex(wide.index) if "group" in group else None
-        family = []
-        for other in [m for m in models[1:] if m in wide]:
-            result = paired_comparison(wide[reference].to_numpy(), wide[other].to_numpy())
-            if patients is not None:
-                result.update(
-                    cluster_comparison(
-                        wide[reference].to_numpy(), wide[other].to_numpy(), patients.to_numpy()
-                    )
-                )
-            family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
-                           "model": other, **result})  # fmt: skip
-        rows += _holm_family(family)
-    out = pd.DataFrame(rows, columns=COLUMNS)
+
+    def by_patient(group: pd.DataFrame, wide: pd.DataFrame):
+        if "group" not in group:
+            return None
+        patients = group.groupby("case_id")["group"].first().reindex(wide.index).to_numpy()
+        return lambda a, b: cluster_comparison(a, b, patients)
+
+    out = pd.DataFrame(_families(means, "case_id", models, by_patient), columns=COLUMNS)
     out["n_cases"] = out["n_cases"].astype(int)
     return _in_model_order(out, models, metrics)
 
@@ -225,22 +213,33 @@ def compare_runs(
     with its t-based 95% CI. Returns columns `RUN_COLUMNS` (n_runs = pairs used).
     """
     means = run_means(per_case[per_case["metric"].isin(metrics)], postprocess)
-    reference = models[0] if models else None
-    rows = []
-    for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
-        wide = group.pivot(index="run", columns="model", values="value")  # (runs, models)
-        if reference not in wide:
-            continue
-        family = []
-        for other in [m for m in models[1:] if m in wide]:
-            result = paired_comparison(wide[reference].to_numpy(), wide[other].to_numpy())
-            result["n_runs"] = result.pop("n_cases")
-            family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
-                           "model": other, **result})  # fmt: skip
-        rows += _holm_family(family)
+    rows = _families(means, "run", models)
+    for row in rows:
+        row["n_runs"] = row.pop("n_cases")
     out = pd.DataFrame(rows, columns=RUN_COLUMNS)
     out["n_runs"] = out["n_runs"].astype(int)
     return _in_model_order(out, models, metrics)
+
+
+def _families(means: pd.DataFrame, index: str, models: Sequence[str], extra=None) -> list[dict]:
+    """The reference models[0] against each other entry, per dataset x class x metric (a Holm
+    family), paired over `index` (case_id or run); `extra(group, wide)` may return a function of the
+    two paired vectors whose dict is added to each comparison."""
+    reference = models[0] if models else None
+    rows = []
+    for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
+        wide = group.pivot(index=index, columns="model", values="value")  # (cases or runs, models)
+        if reference not in wide:
+            continue
+        more = extra(group, wide) if extra else None
+        family = []
+        for other in [m for m in models[1:] if m in wide]:
+            a, b = wide[reference].to_numpy(), wide[other].to_numpy()
+            result = paired_comparison(a, b) | (more(a, b) if more else {})
+            family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
+                           "model": other, **result})  # fmt: skip
+        rows += _holm_family(family)
+    return rows
 
 
 def _holm_family(family: list[dict]) -> list[dict]:
