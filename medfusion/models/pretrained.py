@@ -100,27 +100,30 @@ def torchvision_resnet_name(name: str, prefix: str, bottleneck: bool) -> str | N
     return f"?{name}"  # not a ResNet name: reported as unexpected
 
 
+def _vgg16_bn_layers() -> dict[int, str]:
+    """torchvision vgg16_bn `features` index -> our SegNet module: per convolution Conv (-> .0), BN
+    (-> .1), ReLU; a max-pool closes each block (SegNet's VGG16_BLOCKS)."""
+    from medfusion.models.segnet import VGG16_BLOCKS
+
+    layers, index = {}, 0
+    for block, n in enumerate(VGG16_BLOCKS):
+        for conv in range(n):
+            layers[index], layers[index + 1] = f"encoders.{block}.{conv}.0", f"encoders.{block}.{conv}.1"
+            index += 3
+        index += 1  # the max-pool
+    return layers
+
+
+_VGG16_BN_LAYERS = _vgg16_bn_layers()
+
+
 def torchvision_vgg16_bn_name(name: str) -> str | None:
-    """torchvision vgg16_bn name -> ours (SegNet's encoders); None for the classifier. VGG's
-    `features` run conv (3k), BN (3k + 1), ReLU per convolution with a max-pool closing each block."""
+    """torchvision vgg16_bn name -> ours (SegNet's encoders); None for the classifier."""
     if name.startswith("classifier."):
         return None
     m = re.fullmatch(r"features\.(\d+)\.(\w+)", name)
-    if not m:
-        return f"?{name}"
-    index, block, conv = int(m[1]), 0, 0
-    position = 0  # walk the layer list: 3 entries per conv, 1 per pool
-    for block_index, n in enumerate((2, 2, 3, 3, 3)):
-        for conv_index in range(n):
-            if position <= index < position + 3:
-                block, conv = block_index, conv_index
-                layer = index - position
-                if layer == 2:
-                    return f"?{name}"  # ReLU has no parameters
-                return f"encoders.{block}.{conv}.{layer}.{m[2]}"
-            position += 3
-        position += 1  # the max-pool
-    return f"?{name}"
+    layer = _VGG16_BN_LAYERS.get(int(m[1])) if m else None
+    return f"?{name}" if layer is None else f"{layer}.{m[2]}"
 
 
 _TIMM_UNIT = {"conv1": "body.0.0", "norm1": "body.0.1", "conv2": "body.1.0", "norm2": "body.1.1",
