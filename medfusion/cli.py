@@ -1,4 +1,4 @@
-"""The `medfusion` command: quickstart, fetch, models, predict, plan, check."""
+"""The `medfusion` command: quickstart, reproduce, fetch, models, predict, plan, check."""
 
 from __future__ import annotations
 
@@ -104,6 +104,64 @@ def _print_quickstart_results(root: Path, name: str, minutes: float) -> None:
         f"MLflow:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}   then open http://127.0.0.1:5000"
     )
     typer.echo("params.yaml is unchanged (paper protocol): `dvc repro` runs the full protocol.")
+
+
+@app.command()
+def reproduce(
+    profile: str = typer.Option(..., help="a profile of profiles/ (e.g. cpu-budget) or a .yaml path"),
+    data_root: Path = typer.Option(None, help="where the datasets are (default: the profile's data_root)"),
+    name: str = typer.Option("", help="experiment name (default: <profile>-<time>)"),
+    set_param: list[str] = typer.Option([], "--set", "-S", help="extra params override, after the profile's"),
+) -> None:
+    """Run the whole DVC pipeline under a committed profile of params overrides (profiles/), on real
+    data, and keep the report's outputs under the profile's folder (reports/<profile>/) with RUN.md:
+    the command, the machine, the wall time and the commit.
+
+    As the quickstart: a `dvc exp run --temp`, applied to the workspace when it has finished, with
+    params.yaml put back; interrupted, the workspace is left as it was.
+    """
+    from medfusion.hardware import machine_summary
+    from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
+    from medfusion.reproduce import ProfileError, keep_outputs, load_profile, run_record
+
+    root = _repo_root()
+    try:
+        chosen = load_profile(root, profile, data_root)
+    except ProfileError as err:
+        raise typer.BadParameter(str(err), param_hint="--profile") from None
+    if chosen["missing"]:
+        raise typer.BadParameter(
+            f"the data of profile {profile!r} is not there: {'; '.join(chosen['missing'])}; "
+            "give the folder that holds the datasets with --data-root",
+            param_hint="--data-root",
+        )
+    stem = chosen["path"].stem
+    name = name or time.strftime(f"{stem}-%Y%m%d-%H%M%S")
+    overrides = chosen["overrides"] + list(set_param)
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
+    saved = (root / "params.yaml").read_bytes()
+    env = _pipeline_env(root)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    typer.echo(f"$ {shlex.join(cmd)}")
+    start = time.perf_counter()
+    try:
+        code = run_guarded(cmd, root, env)
+    except Interrupted as err:
+        typer.echo(f"\nreproduce stopped by {err}; the workspace is as it was before it started.", err=True)
+        raise typer.Exit(128 + err.signum) from None
+    if code:
+        raise typer.Exit(code)
+    apply_experiment(name, root, env, saved)
+    minutes = (time.perf_counter() - start) / 60
+    shown = shlex.join(
+        ["medfusion", "reproduce", "--profile", profile, *[a for o in set_param for a in ("-S", o)]]
+    )
+    record = run_record(chosen, shown, machine_summary(), minutes, commit, time.strftime("%Y-%m-%d %H:%M %Z"))
+    copied = keep_outputs(root, chosen["out_dir"], record)
+    typer.echo(f"\n{stem} finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
+    typer.echo(f"Kept in {chosen['out_dir'].relative_to(root)}/: {', '.join(copied)}, RUN.md")
 
 
 @app.command()
@@ -228,6 +286,7 @@ def plan(
         [], "--set", "-S", help="params override as for dvc exp run, e.g. train.epochs=2"
     ),
     params_file: Path = typer.Option(Path("params.yaml"), help="the params file to cost"),
+    profile: str = typer.Option("", help="cost this profile of profiles/ (its overrides before -S)"),
     processed: Path = typer.Option(
         Path("data/processed"), help="where preprocessed datasets are (their sizes)"
     ),
@@ -244,11 +303,17 @@ def plan(
 
     from medfusion.config import ConfigError
     from medfusion.plan import PlanError, load_plan_params, make_plan, plan_markdown
+    from medfusion.reproduce import ProfileError
 
     try:
-        params = load_plan_params(params_file, list(set_param))
+        overrides = list(set_param)
+        if profile:
+            from medfusion.reproduce import load_profile
+
+            overrides = load_profile(_repo_root(), profile)["overrides"] + overrides
+        params = load_plan_params(params_file, overrides)
         result = make_plan(params, processed, steps=steps, max_batch=batch)
-    except (PlanError, ConfigError) as err:
+    except (PlanError, ConfigError, ProfileError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(result, indent=2) if as_json else plan_markdown(result))

@@ -1,0 +1,133 @@
+"""`medfusion reproduce --profile NAME`: the whole DVC pipeline under a committed profile of params
+overrides (profiles/NAME.yaml), on real data, with its outputs kept under the profile's own folder.
+
+A profile is a YAML file with
+    params:    {dotted.key: value}, given to `dvc exp run -S key=value` (YAML flow style);
+    data_root: where the datasets are (relative to the repository root or absolute); `${data_root}`
+               in a value is replaced by it, and `--data-root` overrides it;
+    out_dir:   where the report's outputs are copied when the experiment has finished.
+
+The experiment runs as the quickstart's does (`dvc exp run --temp`, then applied to the workspace,
+params.yaml put back; interrupted, the workspace is left as it was: medfusion.quickstart). Then
+reports/{tables,figures,claims.md,metrics.json,summary.csv,stats*.csv,efficiency.*} are copied into
+`out_dir` (one rename: an interrupted copy leaves the previous folder whole), beside RUN.md, which
+records the command, the overrides, the machine (CPU model and ISA), the wall time and the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfusion.common import atomic_write
+from medfusion.config import read_yaml
+from medfusion.data.io import atomic_dir
+
+PROFILE_DIR = "profiles"
+# What the report, stats and efficiency stages write under reports/ (dvc.yaml), copied to out_dir.
+REPORT_OUTPUTS = (
+    "tables", "figures", "claims.md", "metrics.json", "summary.csv", "stats.csv", "stats_runs.csv",
+    "efficiency.md", "efficiency.csv",
+)  # fmt: skip
+_PLACEHOLDER = re.compile(r"\$\{data_root\}")
+
+
+class ProfileError(ValueError):
+    """A profile that does not exist or cannot be run as written."""
+
+
+def profile_path(root: Path, name: str) -> Path:
+    """profiles/<name>.yaml under `root`, or `name` itself where it is a path to a YAML file."""
+    given = Path(name)
+    if given.suffix in (".yaml", ".yml") and given.is_file():
+        return given
+    path = root / PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / PROFILE_DIR).glob("*.yaml"))
+        raise ProfileError(f"profile {name!r}: no {path}; the profiles are {known} (or give a .yaml path)")
+    return path
+
+
+def _flow(value: Any) -> str:
+    """A value as `dvc exp run -S key=value` takes it (YAML flow style)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_flow(v) for v in value) + "]"
+    if isinstance(value, str):  # quoted (JSON is YAML) where YAML would read it back as something else
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same and "," not in value else json.dumps(value)
+    return str(value)
+
+
+def load_profile(root: Path, name: str, data_root: Path | None = None) -> dict:
+    """The profile `name` as {"path", "overrides" (["key=value", ...]), "data_root", "out_dir", "missing"
+    (data sources named in the profile that are not folders)}.
+
+    Raises:
+        ProfileError: no such profile, or no `params` mapping in it.
+    """
+    path = profile_path(root, name)
+    raw = read_yaml(path) or {}
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise ProfileError(f"{path}: expected a `params:` mapping of dotted keys to values")
+    base = Path(data_root) if data_root is not None else Path(raw.get("data_root", "data"))
+    base = (base if base.is_absolute() else root / base).resolve()
+    overrides, missing = [], []
+    for key, value in params.items():
+        text = _flow(value)
+        if _PLACEHOLDER.search(text):
+            text = _PLACEHOLDER.sub(str(base), text)
+            if key.startswith("data.sources.") and not Path(text).exists():
+                missing.append(f"{key} = {text}")
+        overrides.append(f"{key}={text}")
+    out_dir = root / raw.get("out_dir", f"reports/{path.stem}")
+    return {"path": path, "overrides": overrides, "data_root": base, "out_dir": out_dir, "missing": missing}
+
+
+def keep_outputs(root: Path, out_dir: Path, run_record: str) -> list[str]:
+    """Copy the report's outputs from root/reports into `out_dir` (replaced whole, by one rename) with
+    RUN.md = `run_record`. -> the names copied."""
+    copied = []
+    with atomic_dir(out_dir) as tmp:
+        for name in REPORT_OUTPUTS:
+            source = root / "reports" / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / name)
+            elif source.is_file():
+                shutil.copy2(source, tmp / name)
+            else:
+                continue
+            copied.append(name)
+        atomic_write(tmp / "RUN.md", run_record)
+    return copied
+
+
+def run_record(profile: dict, command: str, machine: str, minutes: float, commit: str, when: str) -> str:
+    """RUN.md: how the outputs beside it were made."""
+    lines = [
+        f"# `{profile['path'].stem}`: how these outputs were made",
+        "",
+        f"- Command: `{command}` (profile `{profile['path'].name}`), in one `dvc exp run --temp`.",
+        f"- Machine: {machine}.",
+        f"- Wall time: {minutes:.1f} min for the whole pipeline (fetch to report), finished {when}.",
+        f"- Code: git commit `{commit}`.",
+        f"- Data: {profile['data_root']}.",
+        "",
+        "Overrides of params.yaml (everything else is the paper protocol of params.yaml):",
+        "",
+        *[f"    -S {o}" for o in profile["overrides"]],
+        "",
+    ]
+    return "\n".join(lines)
