@@ -16,7 +16,6 @@ records the command, the overrides, the machine (CPU model and ISA), the wall ti
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -35,6 +34,7 @@ REPORT_OUTPUTS = (
     "efficiency.md", "efficiency.csv",
 )  # fmt: skip
 _PLACEHOLDER = re.compile(r"\$\{data_root\}")
+_PLAIN = re.compile(r"[A-Za-z0-9_./:+-]+")  # a string Hydra and YAML both read as itself unquoted
 
 
 class ProfileError(ValueError):
@@ -61,12 +61,14 @@ def _flow(value: Any) -> str:
         return "null"
     if isinstance(value, list | tuple):
         return "[" + ",".join(_flow(v) for v in value) + "]"
-    if isinstance(value, str):  # quoted (JSON is YAML) where YAML would read it back as something else
+    if isinstance(value, str):  # DVC reads -S values with Hydra's override grammar, then as YAML
         try:
             same = yaml.safe_load(value) == value
         except yaml.YAMLError:
             same = False
-        return value if same and "," not in value else json.dumps(value)
+        if same and _PLAIN.fullmatch(value):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'" if "'" in value else f"'{value}'"
     return str(value)
 
 
