@@ -88,12 +88,11 @@ def load_profile(root: Path, name: str, data_root: Path | None = None) -> dict:
     base = (base if base.is_absolute() else root / base).resolve()
     overrides, missing = [], []
     for key, value in params.items():
-        text = _flow(value)
-        if _PLACEHOLDER.search(text):
-            text = _PLACEHOLDER.sub(str(base), text)
-            if key.startswith("data.sources.") and not Path(text).exists():
-                missing.append(f"{key} = {text}")
-        overrides.append(f"{key}={text}")
+        if isinstance(value, str) and _PLACEHOLDER.search(value):
+            value = _PLACEHOLDER.sub(str(base), value)
+            if key.startswith("data.sources.") and not Path(value).exists():
+                missing.append(f"{key} = {value}")
+        overrides.append(f"{key}={_flow(value)}")
     out_dir = root / raw.get("out_dir", f"reports/{path.stem}")
     return {"path": path, "overrides": overrides, "data_root": base, "out_dir": out_dir, "missing": missing}
 
