@@ -31,8 +31,8 @@ import torch
 from medfusion.common import first_line, run_name
 from medfusion.data.dataset import SegDataset, StoredRows
 from medfusion.data.io import DataError, read_json
-from medfusion.data.preprocess import read_label
-from medfusion.data.registry import scored_regions
+from medfusion.data.preprocess import case_refs, read_label
+from medfusion.data.registry import dataset_spec, scored_regions
 from medfusion.hardware import Precision
 from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
 from medfusion.models import build_model
@@ -266,6 +266,7 @@ class Targets:
         self.processed_dir, self.meta, self.resolution = Path(processed_dir), meta, resolution
         self.raw_dir = Path(raw_dir if raw_dir is not None else meta.get("raw_dir", ""))
         self.masks = StoredRows(self.processed_dir / "masks.npy")  # read, not mapped: memory is one case
+        self._second_files: dict[str, Path | None] | None = None  # the second observer's raw files, on demand
         if resolution == "original":
             missing = [c for c, info in meta["cases"].items() if "label" not in info]
             if missing:
@@ -311,6 +312,10 @@ class Targets:
                 "original reads it from the raw copy (fetch the dataset again, or give --raw-dir), or score "
                 "at -S eval.resolution=processed"
             )
+        return self._read(path, case_id)
+
+    def _read(self, path: Path, case_id: str) -> np.ndarray:
+        info = self.meta["cases"][case_id]
         label = read_label(path, self.meta["kind"], self.meta["dataset"], self.meta["class_names"])
         if list(label.shape) != list(info["shape"]):
             raise DataError(
@@ -318,6 +323,32 @@ class Targets:
                 f"shape {tuple(info['shape'])}; data/raw changed after preprocessing: rerun the preprocess stage"
             )
         return label
+
+    def has_second_observer(self) -> bool:
+        """Whether every case has a second observer's labels (CHASE_DB1: observer2.npy, one row per mask)."""
+        path = self.processed_dir / "observer2.npy"
+        return path.is_file() and StoredRows(path).shape[0] == self.masks.shape[0] > 0
+
+    def second_observer(self, case_id: str, rows: list[int]) -> np.ndarray:
+        """The second observer's labels of `case_id` at the resolution scored: the raw file beside the
+        first observer's (the dataset's layout, `preprocess.case_refs`), or observer2.npy's rows."""
+        if self.resolution == "processed":
+            second = np.asarray(StoredRows(self.processed_dir / "observer2.npy")[rows])
+            if self.meta["image_size"] == "native":
+                h, w = self.meta["cases"][case_id]["shape"][:2]
+                return second[0, :h, :w]
+            return second if self.meta["kind"] == "volume" else second[0]
+        if self._second_files is None:
+            spec = dataset_spec(self.meta["dataset"])
+            self._second_files = {r.case_id: r.observer2 for r in case_refs(spec, self.raw_dir)}
+        path = self._second_files.get(case_id)
+        if path is None or not Path(path).is_file():
+            raise DataError(
+                f"{self.raw_dir}: no second observer's labels for case {case_id!r} (expected beside "
+                f"{self.meta['cases'][case_id]['label']}); fetch the dataset again or score at "
+                "-S eval.resolution=processed"
+            )
+        return self._read(Path(path), case_id)
 
 
 def _metric_rows(
@@ -547,6 +578,37 @@ def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores
         post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
         pictures.add(case_id, rows, post)
         del ensemble, target, post  # this case's arrays, gone before the next case is read
+
+
+def score_second_observer(
+    processed_dir: Path, split: dict, resolution: str = "original", raw_dir: Path | None = None
+) -> pd.DataFrame | None:
+    """The human reference row (METHOD.md section 3): each test case's second-observer labels scored
+    against the first observer's (the models' ground truth) with the models' metrics, regions and
+    resolution. None where the dataset has no second observer (every dataset but CHASE_DB1).
+
+    Returns:
+        Long rows as `evaluate_model`'s per_case: run "second_observer", postprocess "none", the
+        case's resolution and group. Memory: one case's two label maps.
+    """
+    processed_dir = Path(processed_dir)
+    meta = read_json(processed_dir / "meta.json")
+    targets = Targets(processed_dir, meta, resolution, raw_dir)
+    if not targets.has_second_observer():
+        return None
+    test_set = SegDataset(processed_dir, split["test"])
+    regions, rows = case_regions(meta), []
+    for case_id, positions in case_positions(test_set).items():
+        sample_rows = [test_set.indices[i] for i in positions]
+        first, second = targets.target(case_id, sample_rows), targets.second_observer(case_id, sample_rows)
+        rows += _metric_rows(
+            {case_id: second}, {case_id: first}, regions, {case_id: targets.spacing(case_id)}
+        )
+    rows, _ = _split_counts(rows)
+    patients = {s["case_id"]: s["group"] for s in test_set.samples}
+    frame = pd.DataFrame(rows).assign(run="second_observer", postprocess="none", resolution=resolution)
+    frame["group"] = frame["case_id"].map(patients)
+    return frame
 
 
 def _selection_record(selection) -> dict:

@@ -320,11 +320,14 @@ def comparison_table(
     models: Sequence[str],
     stats: pd.DataFrame,
     global_summary: pd.DataFrame | None = None,
+    observers: pd.DataFrame | None = None,
 ) -> tuple[str, pd.DataFrame]:
     """Table 1 or 2: per dataset and class, CASNet (`models[0]`) first, then the other entries of
     `models` (the ablation entries excluded by the caller), each as mean ± std over runs and as its
     fold ensemble, with the Holm-corrected p-values of CASNet against it on per-case Dice. Volume
-    datasets get a 'Dice global' column (`summarize_global`: pooled over the test volumes)."""
+    datasets get a 'Dice global' column (`summarize_global`: pooled over the test volumes). Where
+    `observers` (evaluation's observer.csv rows) has the dataset, a last row per class: the second
+    observer scored against the first, mean ± std over the test images (the human reference)."""
     global_summary = summarize_global(None) if global_summary is None else global_summary
     datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
     reference = models[0] if models else "-"
@@ -340,6 +343,7 @@ def comparison_table(
         lines += [
             f"p = CASNet (`{reference}`) vs the model on per-case Dice averaged over runs, paired t-test and "
             "Wilcoxon signed-rank, Holm-corrected over every entry compared with CASNet (see statistics.md).",
+            *_observer_note(observers, dataset),
             "",
             f"| model | class | estimate | Dice |{' Dice global |' if with_global else ''} IoU | Precision "
             f"| Recall | HD95 ({unit}) | ASSD ({unit}) | Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
@@ -365,10 +369,45 @@ def comparison_table(
                     r["p_dice_wilcoxon_holm"] = float(test["p_wilcoxon_holm"]) if on_runs else np.nan
                     records.append(r)
                     lines.append(_model_md(r, label, with_global))
+            human = _observer_record(observers, dataset, cls, unit)
+            if human is not None:
+                records.append({"table": table, **human})
+                lines.append(_model_md(human, "over test images (human reference)", with_global))
         lines.append("")
     frame = pd.DataFrame(records, columns=_COMPARISON_COLUMNS)
     frame.attrs["how"] = "\n".join(line for line in lines if not line.startswith("|"))
     return "\n".join(lines).rstrip() + "\n", frame
+
+
+def _observer_note(observers: pd.DataFrame | None, dataset: str) -> list[str]:
+    if observers is None or observers.empty or not (observers["dataset"] == dataset).any():
+        return []
+    return [
+        "`second_observer`: the second human observer's labels scored against the first observer's (the "
+        "ground truth of every model) with the same metrics and resolution, mean ± std over the test "
+        "images: the human reference."
+    ]
+
+
+def _observer_record(observers: pd.DataFrame | None, dataset: str, cls: str, unit: str) -> dict | None:
+    """The second observer's row of one (dataset, class): mean ± std (ddof=1) over the test images of
+    its per-image metrics against the first observer; None where there is no second observer."""
+    if observers is None or observers.empty:
+        return None
+    rows = observers[(observers["dataset"] == dataset) & (observers["class"] == cls)]
+    if rows.empty:
+        return None
+    r: dict = {"dataset": dataset, "class": cls, "model": "second_observer", "estimate": "human"}
+    for metric in (*TABLE_METRICS, *DISTANCE_METRICS):
+        values = rows.loc[rows["metric"] == metric, "value"]
+        r[f"{metric}_mean"], r[f"{metric}_std"] = float(values.mean()), float(values.std())
+        if metric in DISTANCE_METRICS:
+            r[f"{metric}_undefined"] = int(values.isna().sum())
+    r.update(runs=1, cases=int(rows["case_id"].nunique()), distance_unit=unit)
+    nan = float("nan")
+    r.update(dice_raw_mean=nan, dice_raw_std=nan, dice_global_mean=nan, dice_global_std=nan)
+    r.update(p_dice_t_holm=nan, p_dice_wilcoxon_holm=nan)
+    return r
 
 
 _COMPARISON_COLUMNS = [
@@ -592,6 +631,7 @@ def build_tables(
     stats: pd.DataFrame,
     global_dice: pd.DataFrame | None = None,
     runs: pd.DataFrame | None = None,
+    observers: pd.DataFrame | None = None,
 ) -> dict[str, tuple[str, pd.DataFrame]]:
     """The paper's Tables 1-4 and the statistics table, as (markdown, CSV frame) each.
 
@@ -607,6 +647,8 @@ def build_tables(
         global_dice: the pooled Dice of every evaluation (`global_dice_frame` rows); volume datasets
             show it as 'Dice global'.
         runs: `medfusion.stats.compare_runs(per_case, models)`, shown in the statistics table.
+        observers: the second observer's per-case rows (evaluation's observer.csv), the human
+            reference row of Tables 1-2.
 
     Returns:
         {"table1", "table2", "table3", "table4", "statistics"}: (markdown text, frame); write the
@@ -619,7 +661,10 @@ def build_tables(
     compared = [m for m in models if m not in variants]
     casnet = [reference, *variants] if reference else []
     pooled = summarize_global(global_dice)
-    out = {t: comparison_table(t, summary, raw, infos, compared, stats, pooled) for t in ("table1", "table2")}
+    out = {
+        t: comparison_table(t, summary, raw, infos, compared, stats, pooled, observers)
+        for t in ("table1", "table2")
+    }
     for t in ("table3", "table4"):
         out[t] = ablation_section_table(t, summary, infos, casnet, ablations, stats, pooled)
     out["statistics"] = statistics_table(stats, infos, runs)

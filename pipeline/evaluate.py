@@ -4,7 +4,8 @@ Writes data/eval/<dataset>/<model>/: per_case.csv (the long table: dataset, mode
 class, metric, value, postprocess, resolution, group: the patient), summary.csv, eval.json (distance unit, resolution
 (eval.resolution: original, the default, or processed), the post-processing chosen on validation
 per run, the scored regions and global Dice) and examples.npz (a few fixed test cases for the
-report's qualitative figure). The report stage puts the test metrics and these files into the
+report's qualitative figure); observer.csv where the dataset has a second observer (CHASE_DB1: its
+labels scored against the first observer's, the human reference row of Table 2). The report stage puts the test metrics and these files into the
 model's MLflow runs (one store connection for all entries; MLflow costs each process seconds).
 """
 
@@ -16,7 +17,7 @@ import typer
 from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_dir, read_json, write_json
-from medfusion.evaluation import evaluate_model
+from medfusion.evaluation import evaluate_model, score_second_observer
 from medfusion.hardware import resolve_precision
 from medfusion.report import summarize_runs
 
@@ -58,8 +59,13 @@ def main(
             "group",
         ]
     ]
+    columns = list(per_case.columns)
+    observer = score_second_observer(processed_dir, read_json(split), params.eval.resolution, raw_dir)
     summary = summarize_runs(per_case)
     with atomic_dir(out_dir) as tmp:  # an interrupted stage leaves no mix of old and new files
+        if observer is not None:
+            observer = observer.assign(dataset=dataset, model="second_observer")[columns]
+            observer.to_csv(tmp / "observer.csv", index=False)
         per_case.to_csv(tmp / "per_case.csv", index=False)
         summary.to_csv(tmp / "summary.csv", index=False)
         write_json(tmp / "eval.json", {"dataset": dataset, "model": model, **info})

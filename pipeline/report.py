@@ -130,7 +130,9 @@ def main(
     pooled = pd.concat(pooled, ignore_index=True)
     tests = pd.read_csv(stats)
     over_runs = pd.read_csv(stats_runs) if stats_runs is not None else None
-    tables = build_tables(per_case, infos, models, params.ablations, tests, pooled, over_runs)
+    observed = [eval_dir / d / models[0] / "observer.csv" for d in params.datasets]
+    observers = pd.concat([pd.read_csv(f) for f in observed if f.exists()] or [pd.DataFrame()])
+    tables = build_tables(per_case, infos, models, params.ablations, tests, pooled, over_runs, observers)
     for name, (markdown, frame) in tables.items():
         atomic_write_text(out_dir / "tables" / f"{name}.md", markdown)
         atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))

@@ -417,3 +417,31 @@ def test_worker_count_does_not_change_the_output(tmp_path):
     two = preprocess_dataset("synthetic", tmp_path / "raw", tmp_path / "b", 32, workers=2)
     assert one["sha256"] == two["sha256"]
     assert read_json(tmp_path / "a" / "cases.json") == read_json(tmp_path / "b" / "cases.json")
+
+
+@pytest.mark.skipif(not CHASE.is_dir(), reason=f"{CHASE} not present (real-data test)")
+def test_real_chase_db1_second_observer_scored_against_the_first_at_999x960(tmp_path):
+    """The human reference row: each test image's 2nd-observer labels against the 1st's, at the
+    original 999x960, equal to the Dice counted here from the PNGs themselves."""
+    import cv2
+
+    from medfusion.evaluation import score_second_observer
+
+    fetch_dataset("chase_db1", tmp_path / "raw", CHASE, SYNTH)
+    preprocess_dataset("chase_db1", tmp_path / "raw", tmp_path / "proc", 32)
+    _, split = split_of(tmp_path / "proc", "chase_db1")
+    frame = score_second_observer(tmp_path / "proc", split, "original", tmp_path / "raw")
+    assert set(frame["run"]) == {"second_observer"} and set(frame["resolution"]) == {"original"}
+    dice = frame[frame["metric"] == "dice"].set_index("case_id")["value"]
+    assert list(dice.index) == split["test"]
+    for case_id in ["Image_11L", "Image_14R"]:
+        a = cv2.imread(str(CHASE / f"{case_id}_1stHO.png"), cv2.IMREAD_GRAYSCALE) > 127
+        b = cv2.imread(str(CHASE / f"{case_id}_2ndHO.png"), cv2.IMREAD_GRAYSCALE) > 127
+        assert a.shape == (960, 999)
+        assert dice[case_id] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert 0.6 < dice.mean() < 0.95
+    processed = score_second_observer(tmp_path / "proc", split, "processed")
+    assert set(processed["resolution"]) == {"processed"} and len(processed) == len(frame)
+    kvasir_like = tmp_path / "proc" / "observer2.npy"
+    kvasir_like.unlink()  # a dataset without a second observer has no human row
+    assert score_second_observer(tmp_path / "proc", split, "original", tmp_path / "raw") is None

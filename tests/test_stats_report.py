@@ -434,3 +434,30 @@ def test_claims_list_every_claim_beside_ours(tmp_path, per_case):
     assert "Dice (%) on `synthetic`" in md and "no comparison with the paper is meaningful" in md
     without = claims_markdown(per_case, compare_models(per_case, MODELS), INFOS, None, None)
     assert "| not measured |" in without and "not measured (no GPU benchmark)" in without
+
+
+def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case):
+    """Second observer on lits17's liver: per-image Dice 0.6, 0.8 (mean 0.7 ± 0.1414 over images)."""
+    rows = [
+        {"dataset": "lits17", "model": "second_observer", "run": "second_observer", "case_id": c, "class": "liver",
+         "metric": m, "value": v, "postprocess": "none", "resolution": "original", "group": c}
+        for c, dice in (("v0", 0.6), ("v1", 0.8))
+        for m, v in (("dice", dice), ("iou", dice / (2 - dice)), ("precision", 0.7), ("recall", 0.7),
+                     ("hd95", 3.0 if c == "v0" else np.nan), ("assd", 1.0))
+    ]  # fmt: skip
+    observers = pd.DataFrame(rows)
+    out = build_tables(
+        per_case, INFOS, MODELS, ABLATIONS, compare_models(per_case, MODELS), None, None, observers
+    )
+    md2, csv2 = out["table2"]
+    human = csv2[csv2["model"] == "second_observer"]
+    assert len(human) == 1 and human.iloc[0]["class"] == "liver" and human.iloc[0]["estimate"] == "human"
+    assert human.iloc[0]["dice_mean"] == pytest.approx(0.7)
+    assert human.iloc[0]["dice_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert human.iloc[0]["hd95_undefined"] == 1 and human.iloc[0]["cases"] == 2
+    assert "| second_observer | liver | over test images (human reference) | 70.00 ± 14.14 |" in md2
+    assert "the human reference" in md2.split("(`lits17`)")[1]
+    assert "second_observer" not in out["table1"][0]  # kvasir_seg has no second observer
+    # the liver rows of the models come first; the human row closes the class
+    liver = csv2[csv2["class"] == "liver"]
+    assert liver.iloc[-1]["model"] == "second_observer"
