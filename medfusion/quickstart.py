@@ -92,6 +92,7 @@ class WorkspaceSnapshot:
     files: dict[str, bytes | None]  # None: the file did not exist
     index_tree: str | None  # `git write-tree`; None where the index could not be written as a tree
     head: str  # the branch HEAD points at (refs/heads/main), or a commit where detached
+    commit: str = ""  # the commit HEAD resolved to
 
     @classmethod
     def take(cls, root: Path) -> WorkspaceSnapshot:
@@ -101,9 +102,20 @@ class WorkspaceSnapshot:
             files[name] = path.read_bytes() if path.exists() else None
         tree = _git(root, "write-tree", check=False) or None
         head = _git(root, "symbolic-ref", "-q", "HEAD", check=False) or _git(root, "rev-parse", "HEAD")
-        return cls(root, files, tree, head)
+        return cls(root, files, tree, head, _git(root, "rev-parse", "HEAD", check=False))
 
     def restore(self) -> None:
+        """Put back what DVC could have left changed. Where the branch has moved on since the
+        snapshot (the user committed while the experiment ran), the index and the files are theirs:
+        only a detached HEAD is put back on the branch."""
+        if self.head.startswith("refs/"):
+            moved = _git(self.root, "rev-parse", "-q", "--verify", self.head, check=False) not in (
+                "",
+                self.commit,
+            )
+            if moved and self.commit:
+                _git(self.root, "symbolic-ref", "HEAD", self.head, check=False)
+                return
         for name, content in self.files.items():
             path = self.root / name
             if content is None:
