@@ -1,4 +1,5 @@
-"""The `medfusion` command: quickstart, reproduce, fetch, models, predict, plan, check."""
+"""The `medfusion` command: quickstart, reproduce, sensitivity, fetch, models, predict, plan,
+check."""
 
 from __future__ import annotations
 
@@ -162,6 +163,65 @@ def reproduce(
     copied = keep_outputs(root, chosen["out_dir"], record)
     typer.echo(f"\n{stem} finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
     typer.echo(f"Kept in {chosen['out_dir'].relative_to(root)}/: {', '.join(copied)}, RUN.md")
+
+
+sensitivity_app = typer.Typer(
+    no_args_is_help=True,
+    help="Hyperparameter sensitivity from a grid of DVC experiments (profiles/<grid>.yaml).",
+)
+app.add_typer(sensitivity_app, name="sensitivity")
+
+
+@sensitivity_app.command("queue")
+def sensitivity_queue(
+    grid: str = typer.Option("sensitivity", help="a grid file of profiles/ (or a .yaml path)"),
+    data_root: Path = typer.Option(None, help="where the datasets are (default: the base profile's)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, queue nothing"),
+) -> None:
+    """Queue the grid's experiments (`dvc exp run --queue`, one key varied at a time); run them with
+    `dvc queue start`, then `medfusion sensitivity report`."""
+    from medfusion.reproduce import ProfileError
+    from medfusion.sensitivity import load_grid, queue_commands
+
+    root = _repo_root()
+    try:
+        chosen = load_grid(root, grid, data_root)
+    except ProfileError as err:
+        raise typer.BadParameter(str(err), param_hint="--grid") from None
+    env = _pipeline_env(root)
+    for cmd in queue_commands(chosen):
+        typer.echo(f"$ {shlex.join(cmd)}")
+        if not dry_run:
+            subprocess.run(cmd, cwd=root, env=env, check=True)
+    typer.echo(
+        f"{len(chosen['experiments'])} experiments; `dvc queue start -j 1`, then `medfusion sensitivity report --grid {grid}`"
+    )
+
+
+@sensitivity_app.command("report")
+def sensitivity_report(
+    grid: str = typer.Option("sensitivity", help="a grid file of profiles/ (or a .yaml path)"),
+    metric: str = typer.Option("dice", help="a metric of reports/summary.csv (dice, iou, hd95, ...)"),
+    out_dir: Path = typer.Option(Path("reports/sensitivity"), help="where the table, CSV and figure go"),
+) -> None:
+    """The sensitivity table (Markdown + CSV) and figure of the grid's finished experiments."""
+    from medfusion.common import atomic_write
+    from medfusion.reproduce import ProfileError
+    from medfusion.sensitivity import load_grid, sensitivity_figure, sensitivity_frame, sensitivity_markdown
+
+    root = _repo_root()
+    try:
+        chosen = load_grid(root, grid)
+    except ProfileError as err:
+        raise typer.BadParameter(str(err), param_hint="--grid") from None
+    frame, missing = sensitivity_frame(root, chosen, metric)
+    out_dir = out_dir if out_dir.is_absolute() else root / out_dir
+    atomic_write(out_dir / "sensitivity.md", sensitivity_markdown(frame, chosen, missing, metric))
+    atomic_write(out_dir / "sensitivity.csv", frame.to_csv(index=False))
+    if not frame.empty:
+        sensitivity_figure(frame, out_dir / "sensitivity.png", metric)
+    found = len(chosen["experiments"]) - len(missing)
+    typer.echo(f"{found} of {len(chosen['experiments'])} experiments finished -> {out_dir}/sensitivity.md")
 
 
 @app.command()

@@ -10,7 +10,20 @@ from medfusion.training.tracking import resolve_tracking_uri
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["quickstart"], ["reproduce"], ["fetch"], ["models"], ["predict"], ["check"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["quickstart"],
+        ["reproduce"],
+        ["sensitivity", "queue"],
+        ["sensitivity", "report"],
+        ["fetch"],
+        ["models"],
+        ["predict"],
+        ["check"],
+    ],
+)
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

@@ -147,3 +147,27 @@ def test_the_guard_restores_the_workspace_whatever_stopped_it(tmp_path, signum):
     while _processes_in(repo) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_in(repo) == []  # the deaf "stage" was killed with its group
+
+
+def test_a_commit_made_while_the_experiment_ran_is_left_alone(tmp_path):
+    """The snapshot puts back what DVC dirtied, unless the branch moved on since it was taken: then
+    the index and files are the user's (a commit made during a two-hour `medfusion reproduce`)."""
+    from medfusion.quickstart import WorkspaceSnapshot
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    (tmp_path / "params.yaml").write_text("epochs: 100\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "params.yaml"], ["commit", "-qm", "first"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True)
+    snapshot = WorkspaceSnapshot.take(tmp_path)
+    (tmp_path / "params.yaml").write_text("epochs: 1\n")  # what DVC briefly writes
+    snapshot.restore()
+    assert (tmp_path / "params.yaml").read_text() == "epochs: 100\n"
+
+    snapshot = WorkspaceSnapshot.take(tmp_path)
+    (tmp_path / "new.py").write_text("x = 1\n")
+    for args in (["add", "new.py"], ["commit", "-qm", "the user's work"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True)
+    snapshot.restore()
+    assert _git(tmp_path, env, "status", "--short") == ""  # the index still holds the user's commit
+    assert _git(tmp_path, env, "log", "--format=%s", "-1").strip() == "the user's work"
