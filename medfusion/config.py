@@ -34,6 +34,14 @@ class SyntheticParams:
     seed: int
 
 
+PAPER_DATASETS = (
+    "kvasir_seg",
+    "promise12",
+    "chase_db1",
+    "lits17",
+)  # the paper's four, as data.custom.paper_dataset names them
+
+
 @dataclass(frozen=True)
 class CustomDataParams:
     """The user's own dataset (`datasets: [custom]`, files under data.sources.custom)."""
@@ -45,6 +53,9 @@ class CustomDataParams:
         str | None
     )  # regex with one group: the patient id in a file stem; null = one file, one patient
     title: str
+    paper_dataset: str | None = (
+        None  # the paper dataset this data stands in for (claims.md puts it beside that number)
+    )
 
 
 @dataclass(frozen=True)
@@ -564,6 +575,8 @@ def _check_data(p: Params, fail: Fail) -> None:
                 c.group_pattern,
                 "a regex with exactly one (group): the patient id",
             )
+    if c.paper_dataset is not None and c.paper_dataset not in PAPER_DATASETS:
+        fail("data.custom.paper_dataset", c.paper_dataset, f"null or one of {list(PAPER_DATASETS)}")
     if "custom" in p.datasets and not d.sources.get("custom"):
         fail(
             "data.sources.custom",

@@ -123,6 +123,8 @@ def main(
     for d in params.datasets:
         info = read_json(eval_dir / d / models[0] / "eval.json")
         infos[d] = {**info, "title": params.spec(d).title, "note": params.spec(d).note}
+        if d == "custom" and params.data.custom.paper_dataset:  # claims.md: beside that paper number
+            infos[d]["stands_for"] = params.data.custom.paper_dataset
         for m in models:
             pooled.append(
                 global_dice_frame(d, m, read_json(eval_dir / d / m / "eval.json").get("global_dice", {}))

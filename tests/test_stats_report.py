@@ -436,6 +436,26 @@ def test_claims_list_every_claim_beside_ours(tmp_path, per_case):
     assert "| not measured |" in without and "not measured (no GPU benchmark)" in without
 
 
+def test_a_custom_dataset_standing_in_for_a_paper_dataset_is_listed_beside_its_number(per_case):
+    liver = per_case[per_case["dataset"] == "kvasir_seg"].assign(dataset="custom")
+    table = pd.concat([per_case[per_case["dataset"] == "kvasir_seg"], liver])
+    title = "Liver CT 2-D slices: a stand-in for LiTS17"
+    infos = {
+        "kvasir_seg": INFOS["kvasir_seg"],
+        "custom": {**INFOS["kvasir_seg"], "title": title, "stands_for": "lits17"},
+    }
+    md = claims_markdown(table, compare_models(table, MODELS), infos)
+    assert "| LiTS17 Dice (%) | 91.56 | not run |" in md  # the paper's own dataset was not run
+    row = next(line for line in md.splitlines() if line.startswith("| LiTS17 Dice (%) via `custom`"))
+    assert (
+        "polyp: 70.00 ± 1.41" in row
+        and f"no: a stand-in ({title.replace('|', '/')}), not LiTS17 itself" in row
+    )
+    assert "Dice (%) on `custom`" not in md  # listed once, beside the number it stands in for
+    plain = claims_markdown(table, compare_models(table, MODELS), {**infos, "custom": INFOS["kvasir_seg"]})
+    assert "Dice (%) on `custom`" in plain and "via `custom`" not in plain
+
+
 def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case):
     """Second observer on lits17's liver: per-image Dice 0.6, 0.8 (mean 0.7 ± 0.1414 over images)."""
     rows = [
