@@ -113,6 +113,7 @@ def reproduce(
     data_root: Path = typer.Option(None, help="where the datasets are (default: the profile's data_root)"),
     name: str = typer.Option("", help="experiment name (default: <profile>-<time>)"),
     set_param: list[str] = typer.Option([], "--set", "-S", help="extra params override, after the profile's"),
+    out_dir: Path = typer.Option(None, help="where the outputs are kept (default: the profile's out_dir)"),
 ) -> None:
     """Run the whole DVC pipeline under a committed profile of params overrides (profiles/), on real
     data, and keep the report's outputs under the profile's folder (reports/<profile>/) with RUN.md:
@@ -158,11 +159,13 @@ def reproduce(
     minutes = (time.perf_counter() - start) / 60
     shown = shlex.join(
         ["medfusion", "reproduce", "--profile", profile, *[a for o in set_param for a in ("-S", o)]]
+        + (["--out-dir", str(out_dir)] if out_dir is not None else [])
     )
     record = run_record(chosen, shown, machine_summary(), minutes, commit, time.strftime("%Y-%m-%d %H:%M %Z"))
-    copied = keep_outputs(root, chosen["out_dir"], record)
+    kept = chosen["out_dir"] if out_dir is None else (out_dir if out_dir.is_absolute() else root / out_dir)
+    copied = keep_outputs(root, kept, record)
     typer.echo(f"\n{stem} finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
-    typer.echo(f"Kept in {chosen['out_dir'].relative_to(root)}/: {', '.join(copied)}, RUN.md")
+    typer.echo(f"Kept in {kept}/: {', '.join(copied)}, RUN.md")
 
 
 sensitivity_app = typer.Typer(

@@ -542,8 +542,9 @@ def _choose_on_validation(
         patch = checkpoint.get("patch_size")  # native images: the run's sliding-window side
         for case_id, probs in iter_case_probs(model, val_set, batch_size, precision, patch):
             target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
-            selector.add(probs, target)
-            pooled.add(probs, target)
+            score = selector.score(probs, target)  # computed once, for the run and for the ensemble
+            selector.add_score(score)
+            pooled.add_score(score)
             del probs, target  # not held while the stream assembles the next case
         chosen[name] = _selection_record(selector.result())
         loaded[name] = (model, patch)

@@ -164,21 +164,44 @@ class Selector:
         """One case: `pred` its probabilities (K, [D,] h, w) at any in-plane size (made into labels at
         the target's shape), or for a binary task a mask / label map of the target's shape; `target`
         its label map (H, W) or (D, H, W) at the resolution scored."""
+        self.add_score(self.score(pred, target))
+
+    def score(self, pred: np.ndarray, target: np.ndarray):
+        """One case's Dice under every candidate, what `add` sums: to add it to several selectors
+        (a run's and the pooled one of the ensemble) without computing it twice."""
         if self.num_classes == 2:
-            self._add_binary(_binary_mask(pred, target), target == 1)
+            return self._score_binary(_binary_mask(pred, target), target == 1)
+        return self._score_thresholds(pred, target)
+
+    def add_score(self, score) -> None:
+        """Add one case's `score` (from `score` of a selector with the same candidates)."""
+        if self.num_classes == 2:
+            before, dice = score
+            self.before += before
+            self.sums += dice
         else:
-            self._add_thresholds(pred, target)
+            self.sums += score
         self.cases += 1
 
-    def _add_binary(self, mask: np.ndarray, target: np.ndarray) -> None:
-        self.before += overlap_metrics(mask, target)["dice"]
+    def _score_binary(self, mask: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        """Dice of (min_size, fill) candidates from per-component counts: the mask is labelled once;
+        each size keeps the components at least that large, so its Dice without filling is a sum
+        over components, and holes are filled only when the kept set differs from the last size's."""
         labels, sizes = _components(mask)  # labelled once per case, not once per size
+        tp = np.bincount(labels[target], minlength=len(sizes)).astype(np.float64)  # per component
+        actual = float(np.count_nonzero(target))
+        dice, last, filled = np.zeros((len(self.min_sizes), 2)), None, 0.0
         for i, min_size in enumerate(self.min_sizes):
-            kept = _keep_large(labels, sizes, min_size)
-            for fill in (False, True):
-                self.sums[i, int(fill)] += overlap_metrics(fill_holes(kept) if fill else kept, target)["dice"]
+            keep = sizes >= min_size
+            keep[0] = False  # background
+            dice[i, 0] = dice_from_counts(tp[keep].sum(), sizes[keep].sum(), actual)
+            kept = int(np.count_nonzero(keep))  # sizes ascend: the kept sets are nested
+            if kept != last:
+                filled, last = overlap_metrics(fill_holes(keep[labels]), target)["dice"], kept
+            dice[i, 1] = filled
+        return overlap_metrics(mask, target)["dice"], dice
 
-    def _add_thresholds(self, probs: np.ndarray, target: np.ndarray) -> None:
+    def _score_thresholds(self, probs: np.ndarray, target: np.ndarray) -> np.ndarray:
         if probs.shape[0] != self.num_classes:
             raise ValueError(f"probabilities of {probs.shape[0]} classes for a {self.num_classes}-class task")
         k, n = self.num_classes - 1, len(self.candidates)
@@ -194,7 +217,7 @@ class Selector:
                     pred = here & (p[c] > p[0] if thr is None else p[c] >= thr)
                     predicted[c - 1, j] += np.count_nonzero(pred)
                     tp[c - 1, j] += np.count_nonzero(pred & truth)
-        self.sums += dice_from_counts(tp, predicted, actual)
+        return dice_from_counts(tp, predicted, actual)
 
     def result(self) -> Selection:
         """The choice (METHOD.md's rule, ties to the smallest change) and the mean Dice before/after."""
