@@ -258,13 +258,20 @@ def _section_head(
     ]
 
 
-def _datasets_of(table: str, present: Sequence[str]) -> list[str]:
-    """The datasets of `present` that go in table1/3 or table2/4, in the tables' order."""
-    group = TABLE2_DATASETS if table in ("table2", "table4") else TABLE1_DATASETS
-    known = [d for d in group if d in present]
-    if group is TABLE1_DATASETS:  # a dataset named in neither list goes with Table 1
-        known += sorted(d for d in present if d not in TABLE1_DATASETS + TABLE2_DATASETS)
-    return known
+def _datasets_of(table: str, present: Sequence[str], infos: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The datasets of `present` that go in table1/3 or table2/4, in the tables' order; a custom
+    dataset that stands in for a paper dataset (eval info `stands_for`) goes in that one's table."""
+    infos = infos or {}
+    stands = {d: infos.get(d, {}).get("stands_for") for d in present}
+    second = [d for d in present if d in TABLE2_DATASETS or stands[d] in TABLE2_DATASETS]
+    if table in ("table2", "table4"):
+        return sorted(
+            second, key=lambda d: TABLE2_DATASETS.index(d) if d in TABLE2_DATASETS else len(TABLE2_DATASETS)
+        )
+    first = [d for d in TABLE1_DATASETS if d in present and d not in second]
+    return first + sorted(
+        d for d in present if d not in TABLE1_DATASETS + TABLE2_DATASETS and d not in second
+    )
 
 
 def _cell(summary: pd.DataFrame, metric: str, estimate: str = "runs") -> pd.Series | None:
@@ -329,7 +336,7 @@ def comparison_table(
     `observers` (evaluation's observer.csv rows) has the dataset, a last row per class: the second
     observer scored against the first, mean ± std over the test images (the human reference)."""
     global_summary = summarize_global(None) if global_summary is None else global_summary
-    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
+    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])), infos)
     reference = models[0] if models else "-"
     lines = [f"# {TABLE_TITLES[table]}", ""]
     records = []
@@ -434,7 +441,7 @@ def ablation_section_table(
     """Table 3 or 4: full CASNet (`entries[0]`) and each ablation entry, per dataset and class: the
     paper's four overlap metrics and HD95 (mean ± std over runs), Δ Dice = variant - full model on
     per-case Dice averaged over runs with its 95% CI, and Holm-corrected paired t-test and Wilcoxon p."""
-    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])))
+    datasets = _datasets_of(table, list(dict.fromkeys(summary["dataset"])), infos)
     global_summary = summarize_global(None) if global_summary is None else global_summary
     lines = [f"# {TABLE_TITLES[table]}", ""]
     lines += [

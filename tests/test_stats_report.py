@@ -452,8 +452,12 @@ def test_a_custom_dataset_standing_in_for_a_paper_dataset_is_listed_beside_its_n
         and f"no: a stand-in ({title.replace('|', '/')}), not LiTS17 itself" in row
     )
     assert "Dice (%) on `custom`" not in md  # listed once, beside the number it stands in for
+    assert "partly: the same test on a stand-in for `lits17`" in md
     plain = claims_markdown(table, compare_models(table, MODELS), {**infos, "custom": INFOS["kvasir_seg"]})
     assert "Dice (%) on `custom`" in plain and "via `custom`" not in plain
+    tables = build_tables(table, infos, MODELS, ABLATIONS, compare_models(table, MODELS))
+    assert "(`custom`)" in tables["table2"][0] and "(`custom`)" not in tables["table1"][0]  # beside LiTS17
+    assert "(`custom`)" in tables["table4"][0] and "(`kvasir_seg`)" in tables["table1"][0]
 
 
 def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case):
