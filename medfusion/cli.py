@@ -78,6 +78,9 @@ def quickstart(
     overrides = quickstart_overrides(None if all_models else DEFAULT_MODELS) + list(set_param)
     cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
     saved = (root / "params.yaml").read_bytes()
+    since = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     env = _pipeline_env(root)
     typer.echo(f"$ {shlex.join(cmd)}")
     start = time.perf_counter()
@@ -88,7 +91,7 @@ def quickstart(
         raise typer.Exit(128 + err.signum) from None
     if code:
         raise typer.Exit(code)
-    apply_experiment(name, root, env, saved)
+    apply_experiment(name, root, env, saved, since)
     _print_quickstart_results(root, name, (time.perf_counter() - start) / 60)
 
 
@@ -124,7 +127,7 @@ def reproduce(
     """
     from medfusion.hardware import machine_summary
     from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
-    from medfusion.reproduce import ProfileError, keep_outputs, load_profile, run_record
+    from medfusion.reproduce import ProfileError, experiment_refs, keep_outputs, load_profile, run_record
 
     root = _repo_root()
     try:
@@ -155,7 +158,7 @@ def reproduce(
         raise typer.Exit(128 + err.signum) from None
     if code:
         raise typer.Exit(code)
-    apply_experiment(name, root, env, saved)
+    apply_experiment(name, root, env, saved, commit)
     minutes = (time.perf_counter() - start) / 60
     shown = shlex.join(
         ["medfusion", "reproduce", "--profile", profile, *[a for o in set_param for a in ("-S", o)]]
@@ -163,7 +166,7 @@ def reproduce(
     )
     record = run_record(chosen, shown, machine_summary(), minutes, commit, time.strftime("%Y-%m-%d %H:%M %Z"))
     kept = chosen["out_dir"] if out_dir is None else (out_dir if out_dir.is_absolute() else root / out_dir)
-    copied = keep_outputs(root, kept, record)
+    copied = keep_outputs(root, kept, record, experiment_refs(root).get(name))
     typer.echo(f"\n{stem} finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
     typer.echo(f"Kept in {kept}/: {', '.join(copied)}, RUN.md")
 

@@ -211,9 +211,23 @@ def run_guarded(cmd: list[str], root: Path, env: dict[str, str]) -> int:
             raise
 
 
-def apply_experiment(name: str, root: Path, env: dict[str, str], params_text: bytes) -> None:
+def apply_experiment(
+    name: str, root: Path, env: dict[str, str], params_text: bytes, since: str | None = None
+) -> bool:
     """Bring the finished experiment's outputs into the workspace and put params.yaml back, with the
-    interrupting signals held until both are done."""
+    interrupting signals held until both are done. -> whether it was applied.
+
+    `dvc exp apply` writes the experiment's whole tree, so files committed since the experiment
+    started (`since`, the commit it ran from) would go back to their old versions: those are taken
+    from HEAD again. Where tracked files other than params.yaml, dvc.lock and reports/ have
+    uncommitted changes, nothing is applied
+    (they would be overwritten): the experiment stays (`dvc exp apply NAME` when ready)."""
+    dirty = [f for f in _git(root, "diff", "--name-only", "HEAD", check=False).splitlines()
+             if f and not f.startswith("reports/") and f not in ("dvc.lock", "params.yaml")]  # fmt: skip
+    if dirty:
+        print(f"not applied to the workspace, which has uncommitted changes ({', '.join(dirty[:5])}): "
+              f"`dvc exp apply {name}` when ready")  # fmt: skip
+        return False
     with signals_held():
         subprocess.run(
             ["dvc", "exp", "apply", name], cwd=root, env=env, check=True, start_new_session=True,
@@ -222,3 +236,19 @@ def apply_experiment(name: str, root: Path, env: dict[str, str], params_text: by
         atomic_write(
             root / "params.yaml", params_text
         )  # the paper protocol stays the default for `dvc repro`
+        restore_committed_since(root, since)
+    return True
+
+
+def restore_committed_since(root: Path, since: str | None) -> list[str]:
+    """Take from HEAD every file that changed between commit `since` and HEAD (the user's commits
+    made while an experiment ran from `since`). -> those paths."""
+    if not since:
+        return []
+    moved = [f for f in _git(root, "diff", "--name-only", since, "HEAD", check=False).splitlines() if f]
+    present = [f for f in moved if _git(root, "cat-file", "-t", f"HEAD:{f}", check=False) == "blob"]
+    if present:
+        _git(root, "checkout", "HEAD", "--", *present)
+    for gone in set(moved) - set(present):  # deleted since: deleted again
+        (root / gone).unlink(missing_ok=True)
+    return moved

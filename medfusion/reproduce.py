@@ -16,8 +16,12 @@ records the command, the overrides, the machine (CPU model and ISA), the wall ti
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
+import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ REPORT_OUTPUTS = (
     "efficiency.md", "efficiency.csv",
 )  # fmt: skip
 _PLACEHOLDER = re.compile(r"\$\{data_root\}")
+_REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(?P<name>[^/]+)")  # how DVC keeps an experiment
 _PLAIN = re.compile(r"[A-Za-z0-9_./:+-]+")  # a string Hydra and YAML both read as itself unquoted
 
 
@@ -97,9 +102,36 @@ def load_profile(root: Path, name: str, data_root: Path | None = None) -> dict:
     return {"path": path, "overrides": overrides, "data_root": base, "out_dir": out_dir, "missing": missing}
 
 
-def keep_outputs(root: Path, out_dir: Path, run_record: str) -> list[str]:
-    """Copy the report's outputs from root/reports into `out_dir` (replaced whole, by one rename) with
-    RUN.md = `run_record`. -> the names copied."""
+def experiment_refs(root: Path) -> dict[str, str]:
+    """{experiment name: commit} of every DVC experiment of the repository (refs/exps/, newest per name)."""
+    out = subprocess.run(
+        ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)", "refs/exps"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        ref, commit = line.split()
+        m = _REF.fullmatch(ref)
+        if m and m["name"] not in found:
+            found[m["name"]] = commit
+    return found
+
+
+def keep_outputs(root: Path, out_dir: Path, run_record: str, commit: str | None = None) -> list[str]:
+    """Copy the report's outputs into `out_dir` (replaced whole, by one rename) with RUN.md =
+    `run_record`: from the experiment's `commit` (its git-tracked reports/, whatever the workspace
+    holds), or from root/reports. -> the names copied."""
+    if commit is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            archive = subprocess.run(
+                ["git", "archive", "--format=tar", commit, "reports"],
+                cwd=root,
+                capture_output=True,
+                check=True,
+            ).stdout
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(scratch, filter="data")
+            return keep_outputs(Path(scratch), out_dir, run_record)
     copied = []
     with atomic_dir(out_dir) as tmp:
         for name in REPORT_OUTPUTS:

@@ -27,10 +27,9 @@ import pandas as pd
 import yaml
 
 from medfusion.config import read_yaml
-from medfusion.reproduce import ProfileError, _flow, load_profile, profile_path
+from medfusion.reproduce import ProfileError, _flow, experiment_refs, load_profile, profile_path
 
 COLUMNS = ["key", "value", "base", "experiment", "dataset", "model", "class", "metric", "mean", "std", "runs"]
-_REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(?P<name>[^/]+)")
 
 
 def _slug(value: Any) -> str:
@@ -108,21 +107,6 @@ def queue_commands(grid: dict) -> list[list[str]]:
         ["dvc", "exp", "run", "--queue", "-n", e["name"], *[a for o in e["overrides"] for a in ("-S", o)]]
         for e in grid["experiments"]
     ]
-
-
-def experiment_refs(root: Path) -> dict[str, str]:
-    """{experiment name: commit} of every DVC experiment of the repository (refs/exps/, newest per name)."""
-    out = subprocess.run(
-        ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)", "refs/exps"],
-        cwd=root, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    found: dict[str, str] = {}
-    for line in out.splitlines():
-        ref, commit = line.split()
-        m = _REF.fullmatch(ref)
-        if m and m["name"] not in found:
-            found[m["name"]] = commit
-    return found
 
 
 def _show(root: Path, commit: str, path: str) -> str | None:

@@ -116,7 +116,12 @@ def _with(path: str, value, delete: bool = False) -> dict:
         ("cv.seeds", [], False, "cv.seeds = []"),
         ("model.atrous_rates", [1, "two"], False, "model.atrous_rates[1]: expected int"),
         ("data.sources.kvasir", None, False, "data.sources.kvasir"),
-        ("data.custom.paper_dataset", "lits", False, "data.custom.paper_dataset = 'lits'; expected null or one of"),
+        (
+            "data.custom.paper_dataset",
+            "lits",
+            False,
+            "data.custom.paper_dataset = 'lits'; expected null or one of",
+        ),
     ],
 )
 def test_bad_params_name_the_key(path, value, delete, message):

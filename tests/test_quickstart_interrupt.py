@@ -171,3 +171,31 @@ def test_a_commit_made_while_the_experiment_ran_is_left_alone(tmp_path):
     snapshot.restore()
     assert _git(tmp_path, env, "status", "--short") == ""  # the index still holds the user's commit
     assert _git(tmp_path, env, "log", "--format=%s", "-1").strip() == "the user's work"
+
+
+def test_files_committed_while_the_experiment_ran_are_taken_from_head_after_apply(tmp_path):
+    """`dvc exp apply` writes the experiment's whole tree: files committed since it started (here
+    code.py changed, old.py deleted) would go back to the launch commit's versions."""
+    from medfusion.quickstart import restore_committed_since
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    (tmp_path / "code.py").write_text("v = 1\n")
+    (tmp_path / "old.py").write_text("x = 0\n")
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("commit", "-qm", "launch")
+    launch = _git(tmp_path, env, "rev-parse", "HEAD").strip()
+    (tmp_path / "code.py").write_text("v = 2\n")
+    git("rm", "-q", "old.py")
+    git("commit", "-qam", "the user's work during the run")
+    (tmp_path / "code.py").write_text("v = 1\n")  # what the apply writes back
+    (tmp_path / "old.py").write_text("x = 0\n")
+    assert sorted(restore_committed_since(tmp_path, launch)) == ["code.py", "old.py"]
+    assert (tmp_path / "code.py").read_text() == "v = 2\n" and not (tmp_path / "old.py").exists()
+    assert _git(tmp_path, env, "status", "--short") == ""
+    assert restore_committed_since(tmp_path, None) == []

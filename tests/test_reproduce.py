@@ -70,3 +70,24 @@ def test_kept_outputs_replace_the_folder_whole_with_their_record(tmp_path):
         and "`abc123`" in text
         and "-S train.epochs=6" in text
     )
+
+
+def test_outputs_are_kept_from_the_experiment_commit_whatever_the_workspace_holds(tmp_path):
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}  # fmt: skip
+    (tmp_path / "reports" / "tables").mkdir(parents=True)
+    (tmp_path / "reports" / "tables" / "table1.md").write_text("# from the experiment\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "exp"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    (tmp_path / "reports" / "tables" / "table1.md").write_text("# the workspace's own\n")
+    profile = {"path": REPO / "profiles" / "cpu-budget.yaml", "overrides": [], "data_root": tmp_path}
+    out = tmp_path / "kept"
+    assert keep_outputs(tmp_path, out, run_record(profile, "c", "m", 1.0, commit, "now"), commit) == [
+        "tables"
+    ]
+    assert (out / "tables" / "table1.md").read_text() == "# from the experiment\n"
