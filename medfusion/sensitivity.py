@@ -98,7 +98,18 @@ def load_grid(root: Path, name: str, data_root: Path | None = None) -> dict:
                         "overrides": _merged([*overrides, f"{key}={_flow(value)}"]),
                     }
                 )
-    return {"name": stem, "path": path, "overrides": overrides, "base": base, "experiments": experiments}
+    fixed = {
+        "profile": raw.get("base_profile"),
+        "params": [f"{k}={_flow(v)}" for k, v in (raw.get("params") or {}).items()],
+    }
+    return {
+        "name": stem,
+        "path": path,
+        "overrides": overrides,
+        "base": base,
+        "experiments": experiments,
+        "fixed": fixed,
+    }
 
 
 def queue_commands(grid: dict) -> list[list[str]]:
@@ -136,6 +147,7 @@ def sensitivity_frame(root: Path, grid: dict, metric: str = "dice") -> tuple[pd.
                              "dataset": r["dataset"], "model": r["model"], "class": r["class"], "metric": metric,
                              "mean": float(r["mean"]), "std": float(r["std"]), "runs": int(r["runs"])})  # fmt: skip
     frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["value"] = pd.Series([r["value"] for r in rows], dtype=object)  # 16 stays 16 beside 0.001
     if not frame.empty:
         frame = frame.sort_values(
             ["key", "dataset", "model", "class", "value"], kind="stable", ignore_index=True
@@ -153,8 +165,9 @@ def sensitivity_markdown(frame: pd.DataFrame, grid: dict, missing: list[str], me
         "over the test cases, post-processed, as in the experiment's reports/summary.csv. Settings chosen "
         "before any test number was seen; nothing is selected on the test split from this table.",
         "",
-        "Fixed overrides: "
-        + " ".join(f"`{o}`" for o in grid["overrides"] if not o.startswith("data.sources.")),
+        f"Every experiment: the `{grid['fixed']['profile']}` profile (profiles/{grid['fixed']['profile']}.yaml), then "
+        + " ".join(f"`{o}`" for o in grid["fixed"]["params"])
+        + f" ({grid['path'].name}).",
         "",
     ]
     if missing:
