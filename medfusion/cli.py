@@ -50,6 +50,28 @@ def _pipeline_env(root: Path) -> dict[str, str]:
     return env
 
 
+def _run_experiment(root: Path, cmd: list[str], name: str, what: str) -> str:
+    """Run the `dvc exp run --temp` command `cmd` guarded (interrupted: the workspace as it was), then
+    apply experiment `name` to the workspace with params.yaml put back. -> the commit it ran from."""
+    from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
+
+    saved = (root / "params.yaml").read_bytes()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    env = _pipeline_env(root)
+    typer.echo(f"$ {shlex.join(cmd)}")
+    try:
+        code = run_guarded(cmd, root, env)
+    except Interrupted as err:
+        typer.echo(f"\n{what} stopped by {err}; the workspace is as it was before it started.", err=True)
+        raise typer.Exit(128 + err.signum) from None
+    if code:
+        raise typer.Exit(code)
+    apply_experiment(name, root, env, saved, commit)
+    return commit
+
+
 @app.command()
 def quickstart(
     name: str = typer.Option("", help="experiment name (default: quickstart-<time>)"),
@@ -67,31 +89,15 @@ def quickstart(
     """
     from medfusion.quickstart import (
         DEFAULT_MODELS,
-        Interrupted,
-        apply_experiment,
         quickstart_overrides,
-        run_guarded,
     )
 
     root = _repo_root()
     name = name or time.strftime("quickstart-%Y%m%d-%H%M%S")
     overrides = quickstart_overrides(None if all_models else DEFAULT_MODELS) + list(set_param)
     cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
-    saved = (root / "params.yaml").read_bytes()
-    since = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-    ).stdout.strip()
-    env = _pipeline_env(root)
-    typer.echo(f"$ {shlex.join(cmd)}")
     start = time.perf_counter()
-    try:
-        code = run_guarded(cmd, root, env)
-    except Interrupted as err:
-        typer.echo(f"\nquickstart stopped by {err}; the workspace is as it was before it started.", err=True)
-        raise typer.Exit(128 + err.signum) from None
-    if code:
-        raise typer.Exit(code)
-    apply_experiment(name, root, env, saved, since)
+    _run_experiment(root, cmd, name, "quickstart")
     _print_quickstart_results(root, name, (time.perf_counter() - start) / 60)
 
 
@@ -126,7 +132,6 @@ def reproduce(
     params.yaml put back; interrupted, the workspace is left as it was.
     """
     from medfusion.hardware import machine_summary
-    from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
     from medfusion.reproduce import ProfileError, experiment_refs, keep_outputs, load_profile, run_record
 
     root = _repo_root()
@@ -144,21 +149,8 @@ def reproduce(
     name = name or time.strftime(f"{stem}-%Y%m%d-%H%M%S")
     overrides = chosen["overrides"] + list(set_param)
     cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
-    saved = (root / "params.yaml").read_bytes()
-    env = _pipeline_env(root)
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-    ).stdout.strip()
-    typer.echo(f"$ {shlex.join(cmd)}")
     start = time.perf_counter()
-    try:
-        code = run_guarded(cmd, root, env)
-    except Interrupted as err:
-        typer.echo(f"\nreproduce stopped by {err}; the workspace is as it was before it started.", err=True)
-        raise typer.Exit(128 + err.signum) from None
-    if code:
-        raise typer.Exit(code)
-    apply_experiment(name, root, env, saved, commit)
+    commit = _run_experiment(root, cmd, name, "reproduce")
     minutes = (time.perf_counter() - start) / 60
     shown = shlex.join(
         ["medfusion", "reproduce", "--profile", profile, *[a for o in set_param for a in ("-S", o)]]
