@@ -219,6 +219,9 @@ def sensitivity_figure(frame: pd.DataFrame, path: Path, metric: str = "dice") ->
         values = [float(v) for v in part["value"]]
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
+            ax.minorticks_off()
+        ticks = sorted(set(values))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the grid's own values, not the axis' round ones
         ax.set_xlabel(key)
         ax.set_ylabel(f"{metric} ({'%' if scale == 100 else 'unit'})")
         ax.grid(alpha=0.3)
