@@ -53,9 +53,9 @@ class CustomDataParams:
         str | None
     )  # regex with one group: the patient id in a file stem; null = one file, one patient
     title: str
-    paper_dataset: str | None = (
-        None  # the paper dataset this data stands in for (claims.md puts it beside that number)
-    )
+    # the paper dataset this data stands in for (claims.md puts it beside that number); optional: a
+    # params file without it reads as null
+    paper_dataset: str | None = dataclasses.field(default=None, metadata={"optional": True})
 
 
 @dataclass(frozen=True)
@@ -489,10 +489,11 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         raise ConfigError(
             f"{source}: unknown key(s) {[prefix + k for k in unknown]}; allowed in {where}: {names}"
         )
-    missing = [n for n in names if n not in raw]
+    optional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("optional")}  # may be left out
+    missing = [n for n in names if n not in raw and n not in optional]
     if missing:
         raise ConfigError(f"{source}: missing key(s) {[prefix + k for k in missing]} in {where}")
-    return cls(**{n: _coerce(hints[n], raw[n], prefix + n, source) for n in names})
+    return cls(**{n: _coerce(hints[n], raw[n], prefix + n, source) for n in names if n in raw})
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:

@@ -163,3 +163,13 @@ def test_params_yaml_is_read_as_dvc_reads_it(tmp_path):
     raw["train"]["compile"] = True
     with pytest.raises(ConfigError, match="train.compile"):
         params_from_dict(raw)
+
+
+def test_a_custom_section_without_paper_dataset_reads_as_null():
+    """paper_dataset came after custom sections were written: leaving it out is not an error."""
+    raw = raw_params()
+    del raw["data"]["custom"]["paper_dataset"]
+    assert params_from_dict(raw).data.custom.paper_dataset is None
+    del raw["data"]["custom"]["title"]  # every other key is still required
+    with pytest.raises(ConfigError, match=r"missing key\(s\) \['data.custom.title'\]"):
+        params_from_dict(raw)
