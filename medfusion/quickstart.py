@@ -27,6 +27,7 @@ from pathlib import Path
 
 from medfusion.common import atomic_write
 from medfusion.config import model_sections
+from medfusion.reproduce import override_value
 
 STOP_GRACE_S = 60.0  # how long DVC may take to stop after SIGINT before it is killed
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -53,19 +54,10 @@ PROTOCOL_OVERRIDES = [
 ]
 
 
-def _yaml_value(value: object) -> str:
-    """A value as `dvc exp run -S key=value` writes it (YAML flow style)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
-    return str(value)
-
-
 def tiny_overrides() -> list[str]:
     """`section.key=value` for every model section's TINY widths."""
     return [
-        f"{section}.{key}={_yaml_value(value)}"
+        f"{section}.{key}={override_value(value)}"
         for section, cls in model_sections().items()
         for key, value in cls.TINY.items()
     ]
@@ -74,7 +66,7 @@ def tiny_overrides() -> list[str]:
 def quickstart_overrides(models: dict[str, list[str]] | None = None) -> list[str]:
     """The quickstart's `-S` overrides: the small protocol, tiny widths, and `models` (None: all of
     params.yaml's entries)."""
-    chosen = [f"models.{group}={_yaml_value(names)}" for group, names in (models or {}).items()]
+    chosen = [f"models.{group}={override_value(names)}" for group, names in (models or {}).items()]
     return PROTOCOL_OVERRIDES + tiny_overrides() + chosen
 
 

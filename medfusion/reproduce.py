@@ -58,14 +58,16 @@ def profile_path(root: Path, name: str) -> Path:
     return path
 
 
-def _flow(value: Any) -> str:
-    """A value as `dvc exp run -S key=value` takes it (YAML flow style)."""
+def override_value(value: Any) -> str:
+    """A value as `dvc exp run -S key=value` takes it (YAML flow style; strings quoted where Hydra's
+    override grammar or YAML would read them as something else). The quickstart's, a profile's and a
+    grid's overrides all go through it."""
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, list | tuple):
-        return "[" + ",".join(_flow(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if isinstance(value, str):  # DVC reads -S values with Hydra's override grammar, then as YAML
         try:
             same = yaml.safe_load(value) == value
@@ -97,7 +99,7 @@ def load_profile(root: Path, name: str, data_root: Path | None = None) -> dict:
             value = _PLACEHOLDER.sub(str(base), value)
             if key.startswith("data.sources.") and not Path(value).exists():
                 missing.append(f"{key} = {value}")
-        overrides.append(f"{key}={_flow(value)}")
+        overrides.append(f"{key}={override_value(value)}")
     out_dir = root / raw.get("out_dir", f"reports/{path.stem}")
     return {"path": path, "overrides": overrides, "data_root": base, "out_dir": out_dir, "missing": missing}
 

@@ -27,13 +27,13 @@ import pandas as pd
 import yaml
 
 from medfusion.config import read_yaml
-from medfusion.reproduce import ProfileError, _flow, experiment_refs, load_profile, profile_path
+from medfusion.reproduce import ProfileError, experiment_refs, load_profile, override_value, profile_path
 
 COLUMNS = ["key", "value", "base", "experiment", "dataset", "model", "class", "metric", "mean", "std", "runs"]
 
 
 def _slug(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", _flow(value)).strip("_")
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", override_value(value)).strip("_")
 
 
 def _merged(overrides: list[str]) -> list[str]:
@@ -70,7 +70,9 @@ def load_grid(root: Path, name: str, data_root: Path | None = None) -> dict:
     overrides = (
         load_profile(root, raw["base_profile"], data_root)["overrides"] if raw.get("base_profile") else []
     )
-    overrides = _merged([*overrides, *(f"{k}={_flow(v)}" for k, v in (raw.get("params") or {}).items())])
+    overrides = _merged(
+        [*overrides, *(f"{k}={override_value(v)}" for k, v in (raw.get("params") or {}).items())]
+    )
     from medfusion.plan import apply_overrides
 
     params = apply_overrides(read_yaml(root / "params.yaml"), overrides)
@@ -95,12 +97,12 @@ def load_grid(root: Path, name: str, data_root: Path | None = None) -> dict:
                         "name": f"{stem}-{_slug(key).replace('.', '_')}-{_slug(value)}",
                         "key": key,
                         "value": value,
-                        "overrides": _merged([*overrides, f"{key}={_flow(value)}"]),
+                        "overrides": _merged([*overrides, f"{key}={override_value(value)}"]),
                     }
                 )
     fixed = {
         "profile": raw.get("base_profile"),
-        "params": [f"{k}={_flow(v)}" for k, v in (raw.get("params") or {}).items()],
+        "params": [f"{k}={override_value(v)}" for k, v in (raw.get("params") or {}).items()],
     }
     return {
         "name": stem,
@@ -183,7 +185,7 @@ def sensitivity_markdown(frame: pd.DataFrame, grid: dict, missing: list[str], me
     for r in frame.to_dict("records"):
         mark = " *" if r["base"] else ""
         lines.append(
-            f"| {r['key']} | {_flow(r['value'])}{mark} | {r['dataset']} | {r['model']} | {r['class']} | "
+            f"| {r['key']} | {override_value(r['value'])}{mark} | {r['dataset']} | {r['model']} | {r['class']} | "
             f"{scale * r['mean']:.2f} | {scale * r['std']:.2f} | {r['runs']} | {r['experiment']} |"
         )
     return "\n".join(lines) + "\n"
