@@ -267,6 +267,7 @@ class Targets:
         self.raw_dir = Path(raw_dir if raw_dir is not None else meta.get("raw_dir", ""))
         self.masks = StoredRows(self.processed_dir / "masks.npy")  # read, not mapped: memory is one case
         self._second_files: dict[str, Path | None] | None = None  # the second observer's raw files, on demand
+        self._second_rows: StoredRows | None = None  # observer2.npy, opened once on demand
         if resolution == "original":
             missing = [c for c, info in meta["cases"].items() if "label" not in info]
             if missing:
@@ -327,13 +328,19 @@ class Targets:
     def has_second_observer(self) -> bool:
         """Whether every case has a second observer's labels (CHASE_DB1: observer2.npy, one row per mask)."""
         path = self.processed_dir / "observer2.npy"
-        return path.is_file() and StoredRows(path).shape[0] == self.masks.shape[0] > 0
+        if path.is_file() and self._second_rows is None:
+            self._second_rows = StoredRows(path)
+        return self._second_rows is not None and self._second_rows.shape[0] == self.masks.shape[0] > 0
 
     def second_observer(self, case_id: str, rows: list[int]) -> np.ndarray:
         """The second observer's labels of `case_id` at the resolution scored: the raw file beside the
         first observer's (the dataset's layout, `preprocess.case_refs`), or observer2.npy's rows."""
         if self.resolution == "processed":
-            second = np.asarray(StoredRows(self.processed_dir / "observer2.npy")[rows])
+            if not self.has_second_observer():
+                raise DataError(
+                    f"{self.processed_dir / 'observer2.npy'}: no second observer's labels for every case"
+                )
+            second = np.asarray(self._second_rows[rows])
             if self.meta["image_size"] == "native":
                 h, w = self.meta["cases"][case_id]["shape"][:2]
                 return second[0, :h, :w]
