@@ -289,7 +289,7 @@ def models(
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(
-        ..., help="2-D images (PNG/JPG/TIF) or NIfTI volumes (.nii, .nii.gz)"
+        ..., help="2-D images (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM) or NIfTI volumes (.nii, .nii.gz)"
     ),
     run: Path = typer.Option(
         ..., help="a run folder data/runs/DATASET/MODEL (its fold*/model.pt are averaged) or one model.pt"

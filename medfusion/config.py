@@ -56,6 +56,9 @@ class CustomDataParams:
     # the paper dataset this data stands in for (claims.md puts it beside that number); optional: a
     # params file without it reads as null
     paper_dataset: str | None = dataclasses.field(default=None, metadata={"optional": True})
+    # grey masks (lossy exports: 0/255 plus a few values between) binarised at > threshold; null: a
+    # mask that holds neither class indices nor {0, 255} is refused. Optional, as paper_dataset
+    mask_threshold: int | None = dataclasses.field(default=None, metadata={"optional": True})
 
 
 @dataclass(frozen=True)
@@ -578,6 +581,15 @@ def _check_data(p: Params, fail: Fail) -> None:
             )
     if c.paper_dataset is not None and c.paper_dataset not in PAPER_DATASETS:
         fail("data.custom.paper_dataset", c.paper_dataset, f"null or one of {list(PAPER_DATASETS)}")
+    if c.mask_threshold is not None:
+        if isinstance(c.mask_threshold, bool) or not 0 <= c.mask_threshold <= 254:
+            fail("data.custom.mask_threshold", c.mask_threshold, "null or an integer grey value 0..254")
+        if c.kind != "image" or len(c.class_names) != 2:
+            fail(
+                "data.custom.mask_threshold",
+                c.mask_threshold,
+                "null: a threshold binarises 2-D masks of a 2-class dataset (kind image, two class_names)",
+            )
     if "custom" in p.datasets and not d.sources.get("custom"):
         fail(
             "data.sources.custom",

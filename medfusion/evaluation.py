@@ -317,7 +317,13 @@ class Targets:
 
     def _read(self, path: Path, case_id: str) -> np.ndarray:
         info = self.meta["cases"][case_id]
-        label = read_label(path, self.meta["kind"], self.meta["dataset"], self.meta["class_names"])
+        label = read_label(
+            path,
+            self.meta["kind"],
+            self.meta["dataset"],
+            self.meta["class_names"],
+            self.meta.get("mask_threshold"),
+        )
         if list(label.shape) != list(info["shape"]):
             raise DataError(
                 f"{path}: ground truth of shape {label.shape}, but case {case_id!r} was preprocessed from "

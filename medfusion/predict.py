@@ -33,7 +33,16 @@ import torch
 from tqdm import tqdm
 
 from medfusion.data.dataset import zscore
-from medfusion.data.io import DataError, read_image, read_json, read_nifti, write_nifti, write_png
+from medfusion.data.fetch import NIFTI_SUFFIXES
+from medfusion.data.io import (
+    IMAGE_SUFFIXES,
+    DataError,
+    read_image,
+    read_json,
+    read_nifti,
+    write_nifti,
+    write_png,
+)
 from medfusion.data.preprocess import (
     CT_WINDOW,
     PreprocessSettings,
@@ -47,8 +56,6 @@ from medfusion.hardware import Precision
 from medfusion.resample import labels_at
 from medfusion.training.loop import infer_probs, out_of_memory_explained
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # overlay colours of classes 1, 2, ... (RGB); background is left as is
 CLASS_COLOURS = np.array(
     [[255, 0, 0], [0, 255, 0], [0, 128, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.float32
@@ -251,7 +258,7 @@ def read_input(path: Path, prep: Preprocessing) -> RawCase:
     trained_on = f"{prep.modality} {'2-D images' if prep.kind == 'image' else 'volumes'}"
     if is_nifti and prep.kind == "image":
         raise DataError(
-            f"{path}: a NIfTI volume, but the model was trained on {trained_on}; give PNG/JPG/TIF"
+            f"{path}: a NIfTI volume, but the model was trained on {trained_on}; give a 2-D image file"
         )
     if not is_nifti and prep.kind == "volume":
         raise DataError(f"{path}: a 2-D image, but the model was trained on {trained_on}; give NIfTI")

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medfusion.config import SyntheticParams
-from medfusion.data.io import atomic_dir, write_json
+from medfusion.data.io import IMAGE_SUFFIXES, atomic_dir, write_json
 from medfusion.data.registry import CUSTOM_LAYOUT, DatasetSpec, dataset_spec
 from medfusion.data.synthetic import write_synthetic_images, write_synthetic_volumes
 
@@ -49,7 +49,6 @@ def _pairs_flat(root: Path, image_glob: str, label_for: Callable[[Path], Path]) 
     return files
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 

@@ -1,7 +1,11 @@
 """Reading and writing images, masks and volumes: the one module that knows file formats.
 
-2-D: PNG/JPEG/TIFF through Pillow. 3-D: NIfTI through nibabel, MetaImage (.mhd + .raw) with a small
-reader of our own (PROMISE12's format). Every reader raises `DataError` naming the file.
+2-D (`IMAGE_SUFFIXES`): PNG, JPEG, TIFF, BMP, GIF and PPM/PGM/PBM through Pillow, with EXIF orientation
+applied; TIFFs that Pillow cannot read or reads wrongly go through tifffile (`_tiff_by_tifffile`:
+more than one sample under a MinIsBlack/MinIsWhite photometric, more than 8 bits per sample).
+Multi-frame files (multi-page TIFF, animated GIF) are refused: one file is one 2-D image. 3-D: NIfTI
+through nibabel, MetaImage (.mhd + .raw) with a small reader of our own (PROMISE12's format). Every
+reader raises `DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from medfusion.common import atomic_write
 
@@ -24,34 +28,137 @@ class DataError(ValueError):
     """A problem with an input file, naming the file and what was expected."""
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class _Refused(Exception):
+    """A readable file that is not one 2-D image (the message says why); becomes a DataError."""
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """More than 8 bits (or floats) to uint8, scaled by the image's maximum (0 stays 0); 1-bit to 0/255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    arr = arr.astype(np.float32)
+    hi = float(arr.max(initial=0.0)) or 1.0
+    return np.rint(np.clip(arr, 0, None) / hi * 255).astype(np.uint8)
+
+
+def _tiff_by_tifffile(path: Path):
+    """The TIFF's first page when tifffile must read it instead of Pillow, else None.
+
+    Raises `_Refused` for a multi-page TIFF."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        pages = len(tif.pages)
+        if pages > 1:
+            raise _Refused(f"a multi-page TIFF ({pages} pages); expected one 2-D image per file")
+        page = tif.pages[0]
+        samples, photometric = int(page.samplesperpixel), int(page.photometric)
+        grey = photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+        if not ((samples > 1 and grey) or int(page.bitspersample) > 8):
+            return None
+        try:
+            arr = page.asarray()
+        except ValueError as err:  # a compression tifffile cannot decode without imagecodecs
+            raise _Refused(
+                f"tifffile cannot decode it ({err}); `pip install imagecodecs` adds the codecs"
+            ) from err
+        if int(page.planarconfig) == int(tifffile.PLANARCONFIG.SEPARATE) and arr.ndim == 3:
+            arr = np.moveaxis(arr, 0, -1)  # (samples, H, W) -> (H, W, samples)
+        if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            arr = np.iinfo(arr.dtype).max - arr if arr.dtype.kind in "ui" else arr.max() - arr
+        return arr
+
+
+def _array_image(arr: np.ndarray) -> Image.Image:
+    """A tifffile array as the Pillow image it stands for: 1 sample grey, 2 grey + alpha, 3 RGB, 4 RGBA."""
+    arr = _to_uint8(arr)
+    if arr.ndim == 2:
+        return Image.fromarray(arr, "L")
+    samples = arr.shape[2]
+    if samples not in (1, 2, 3, 4):
+        raise _Refused(f"{samples} samples per pixel; expected 1 (grey), 3 (RGB), or either with alpha")
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[samples]
+    return Image.fromarray(np.ascontiguousarray(arr if samples > 1 else arr[..., 0]), mode)
+
+
+def _open_2d(path: Path, what: str):
+    """Open `path` as one 2-D image (EXIF orientation applied): a Pillow image, or a (H, W) array of
+    16-bit values (grey TIFF/PNG with more than 8 bits, before scaling). `what` names it in errors."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            arr = _tiff_by_tifffile(path)
+            if arr is not None:
+                if arr.ndim == 2 and arr.dtype.kind in "ui":
+                    return arr  # one 16-bit channel: the caller scales an image, checks a mask's values
+                return _array_image(arr)
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise _Refused(f"{frames} frames (a multi-page or animated file); expected one 2-D image")
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(img)
+        if img.mode == "F":
+            return _array_image(np.asarray(img))
+        return img
+    except _Refused as err:
+        raise DataError(f"{path}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from err
+
+
 def read_image(path: Path, gray: bool = False) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB, or (H, W) uint8 when `gray`. 16-bit grayscale is scaled to 8 bits."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                hi = float(arr.max()) or 1.0
-                arr = np.rint(arr / hi * 255).astype(np.uint8)
-                return arr if gray else np.repeat(arr[..., None], 3, axis=2)
-            return np.asarray(img.convert("L" if gray else "RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from err
+    """Read an image as (H, W, 3) uint8 RGB, or (H, W) uint8 when `gray` (Pillow's luma for colour).
+
+    Alpha is dropped; a palette image is expanded to its colours; more than 8 bits per sample are
+    scaled to 8 by the image's maximum. Formats and refusals: see the module's docstring."""
+    img = _open_2d(path, "image")
+    if isinstance(img, np.ndarray):
+        arr = _to_uint8(img)
+        return arr if gray else np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("L" if gray else "RGB"))
 
 
-def read_label_image(path: Path) -> np.ndarray:
-    """Read a 2-D label image as (H, W) uint8 grey values (no thresholding: see preprocess.read_label_2d)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode == "P":  # palette masks store the class index
-                return np.asarray(img).astype(np.uint8)
-            if img.mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(img)
-                if arr.max(initial=0) > 255:
-                    raise DataError(f"{path}: 16-bit label values up to {arr.max()}; expected class indices")
-                return arr.astype(np.uint8)
-            return np.asarray(img.convert("L"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read mask ({err})") from err
+def _palette_values(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """A palette mask's values: its indices (the classes) when the palette has colours; the grey levels
+    when every entry it uses is grey (R = G = B), as GIF stores any grey image. -> (values, indices?)"""
+    indices = np.asarray(img).astype(np.uint8)
+    entries = np.asarray(img.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+    used = np.unique(indices)
+    if used.size and used.max() < len(entries):
+        rgb = entries[used]
+        if (rgb == rgb[:, :1]).all():  # a grey image stored as a palette
+            return entries[:, 0][indices], False
+    return indices, True
+
+
+def read_label_image(path: Path, with_palette: bool = False):
+    """Read a 2-D label image as (H, W) uint8 grey values (no thresholding: see preprocess.read_label_2d).
+
+    A palette mask gives its indices (a palette of greys only: its grey levels, see `_palette_values`);
+    16-bit masks must hold values below 256; a colour mask its luma.
+    `with_palette`: -> (values, whether they are palette indices)."""
+    img = _open_2d(path, "mask")
+    palette = False
+    if isinstance(img, np.ndarray):
+        if img.max(initial=0) > 255:
+            raise DataError(f"{path}: 16-bit label values up to {img.max()}; expected class indices")
+        values = img.astype(np.uint8)
+    elif img.mode == "P":  # palette masks store the class index
+        values, palette = _palette_values(img)
+    else:
+        values = np.asarray(img.convert("L"))
+    return (values, palette) if with_palette else values
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -177,17 +177,35 @@ def _custom_group(image: Path, stem: str, pattern: str | None) -> str:
     return m.group(1)
 
 
-def read_label_2d(path: Path, num_classes: int) -> np.ndarray:
-    """A 2-D label image as (H, W) uint8 class indices, validated.
+def read_label_2d(path: Path, num_classes: int, mask_threshold: int | None = None) -> np.ndarray:
+    """A 2-D label image as (H, W) uint8 class indices, validated (`label_2d` without its grey fraction)."""
+    return label_2d(path, num_classes, mask_threshold)[0]
 
-    JPEG masks (Kvasir-SEG, lossy): grey > 127 is foreground; refused when over 5% of the pixels are
-    mid-grey (32..223), which no binary mask has. Lossless masks: class indices 0..K-1, or exactly
-    {0, 255} / {0, 1} subsets for a binary task.
+
+def label_2d(path: Path, num_classes: int, mask_threshold: int | None = None) -> tuple[np.ndarray, float]:
+    """A 2-D label image as (H, W) uint8 class indices, validated, and the fraction of its pixels that
+    were grey (neither 0 nor 255; 0.0 unless `mask_threshold` is set).
+
+    `mask_threshold` T (2 classes; data.custom.mask_threshold): grey > T is foreground, whatever the
+    format, except palette masks (their indices are the classes) and masks that hold only 0 and 1
+    (class indices already). Otherwise, JPEG masks (Kvasir-SEG, lossy): grey > 127 is foreground;
+    refused when over 5% of the pixels are mid-grey (32..223), which no binary mask has. Lossless
+    masks: class indices 0..K-1, or exactly {0, 255} / {0, 1} subsets for a binary task.
 
     Raises:
-        DataError: unreadable, or values that are not labels of this dataset.
+        DataError: unreadable, or values that are not labels of this dataset (naming the values and,
+            for a binary task, data.custom.mask_threshold).
     """
-    grey = read_label_image(path)
+    grey, palette = read_label_image(path, with_palette=True)
+    if mask_threshold is not None and num_classes == 2 and not palette:
+        if grey.max(initial=0) <= 1:
+            return grey.astype(np.uint8), 0.0
+        grey_fraction = float(np.count_nonzero((grey != 0) & (grey != 255))) / max(grey.size, 1)
+        return (grey > mask_threshold).astype(np.uint8), grey_fraction
+    return _label_2d_strict(path, grey, num_classes), 0.0
+
+
+def _label_2d_strict(path: Path, grey: np.ndarray, num_classes: int) -> np.ndarray:
     if path.suffix.lower() in (".jpg", ".jpeg"):
         mid = float(((grey > 32) & (grey < 223)).mean())
         if num_classes != 2 or mid > JPEG_MASK_MAX_GREY:
@@ -203,7 +221,13 @@ def read_label_2d(path: Path, num_classes: int) -> np.ndarray:
     if values.max(initial=0) < num_classes:
         return grey.astype(np.uint8)
     expected = "{0, 255} or {0, 1}" if num_classes == 2 else f"class indices 0..{num_classes - 1}"
-    raise DataError(f"{path}: mask values {values[:10].tolist()}; expected {expected} (a non-binary mask?)")
+    shown = values[:10].tolist() + (["..."] if values.size > 10 else [])
+    way_out = (
+        "; grey values from a lossy export? data.custom.mask_threshold (e.g. 127) binarises masks at > it"
+        if num_classes == 2
+        else ""
+    )
+    raise DataError(f"{path}: mask values {shown}; expected {expected} (a non-binary mask?){way_out}")
 
 
 def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -231,11 +255,18 @@ def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | l
     return label.astype(np.uint8, copy=False)
 
 
-def read_label(path: Path, kind: str, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
+def read_label(
+    path: Path,
+    kind: str,
+    dataset: str,
+    class_names: tuple[str, ...] | list[str],
+    mask_threshold: int | None = None,
+) -> np.ndarray:
     """One case's ground truth as preprocessing reads it, at its original size: (H, W) for a 2-D image
-    (`read_label_2d`), (D, H, W) for a volume (`read_volume_label`). Evaluation scores against it."""
+    (`read_label_2d`, with meta.json's `mask_threshold`), (D, H, W) for a volume (`read_volume_label`).
+    Evaluation scores against it."""
     if kind == "image":
-        return read_label_2d(Path(path), len(class_names))
+        return read_label_2d(Path(path), len(class_names), mask_threshold)
     return read_volume_label(Path(path), dataset, class_names)
 
 
@@ -244,17 +275,18 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     if spec.kind == "image":
         gray = spec.modality == "gray"
         image = read_image(ref.image, gray=gray)
-        label = read_label_2d(ref.label, spec.num_classes)
+        label, grey_fraction = label_2d(ref.label, spec.num_classes, spec.mask_threshold)
         if image.shape[:2] != label.shape:
             raise DataError(
                 f"{ref.label}: mask size {label.shape} differs from image {ref.image.name} {image.shape[:2]}"
             )
         observer2 = None
         if ref.observer2 is not None:
-            observer2 = read_label_2d(ref.observer2, spec.num_classes)
+            observer2 = read_label_2d(ref.observer2, spec.num_classes, spec.mask_threshold)
             if observer2.shape != label.shape:
                 raise DataError(f"{ref.observer2}: size {observer2.shape} differs from {ref.label.name}")
-        return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2)
+        extra = {} if spec.mask_threshold is None else {"mask_grey_fraction": grey_fraction}
+        return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2, extra=extra)
     affine = None
     if ref.image.suffix == ".mhd":
         volume, spacing = read_metaimage(ref.image)
@@ -397,6 +429,7 @@ def _work(args: tuple[CaseRef, DatasetSpec, PreprocessSettings]) -> tuple:
         "spacing": None if case.spacing is None else list(case.spacing),
         "affine": case.affine,
         "group": case.group,
+        **case.extra,
     }
     return ref.case_id, images, masks, second, info
 
@@ -521,8 +554,21 @@ def _meta(
             "clahe_clip": settings.clahe_clip if spec.modality in ("gray", "ct", "mri") else None,
         },
         "spacing_unit": "mm" if spec.kind == "volume" else None,
+        **_mask_threshold_meta(spec, per_case),
         "cases": per_case,
     }
+
+
+def _mask_threshold_meta(spec: DatasetSpec, per_case: dict) -> dict:
+    """meta.json's record of data.custom.mask_threshold: the threshold and the fraction of all mask
+    pixels that were grey (neither 0 nor 255) before binarising; each case keeps its own fraction."""
+    if spec.mask_threshold is None:
+        return {}
+    pixels = grey = 0.0
+    for info in per_case.values():
+        n = float(np.prod(info["shape"]))
+        pixels, grey = pixels + n, grey + n * info.get("mask_grey_fraction", 0.0)
+    return {"mask_threshold": spec.mask_threshold, "mask_grey_fraction": grey / pixels if pixels else 0.0}
 
 
 class _Serial:

@@ -35,6 +35,8 @@ class DatasetSpec:
         cases: the number of labelled cases of the official release (None where it varies): a local
             folder with another count is used but reported.
         note: what a reader of the results must know (printed under the dataset's table).
+        mask_threshold: 2-D grey masks are binarised at > this value (`custom`'s data.custom.mask_threshold);
+            None: masks must hold class indices or {0, 255} (JPEG masks: see preprocess.read_label_2d).
         regions: what is scored, as (name, labels) pairs: a region is the union of its labels in both
             the prediction and the ground truth. Empty (the default): each foreground class alone.
             LiTS is scored as the field scores it: liver = labels 1 and 2 (the whole liver, tumour
@@ -57,6 +59,7 @@ class DatasetSpec:
     cases: int | None = None
     note: str = ""
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    mask_threshold: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -205,7 +208,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 CUSTOM_LAYOUT = (
-    "images/ + masks/ (or labels/) with matching file stems: 2-D PNG/JPG/TIF images and masks "
+    "images/ + masks/ (or labels/) with matching file stems: 2-D PNG/JPEG/TIFF/BMP/GIF/PPM/PGM images and masks "
     "(data.custom.kind: image), or NIfTI image/label volumes (kind: volume)"
 )
 
@@ -217,7 +220,8 @@ def custom_spec(custom: dict) -> DatasetSpec:
     """The spec of the user's own dataset from params.yaml's `data.custom` (validated by medfusion.config).
 
     Keys: kind (image | volume), modality (rgb | gray for 2-D; ct | mri for volumes; gray also for
-    2-D slices of CT or MRI already windowed), class_names (index 0 is background), title.
+    2-D slices of CT or MRI already windowed), class_names (index 0 is background), title,
+    mask_threshold (optional: grey 2-D masks binarised at > it).
     """
     modality, channels = CUSTOM_MODALITIES[custom["modality"]]
     return DatasetSpec(
@@ -232,6 +236,7 @@ def custom_spec(custom: dict) -> DatasetSpec:
         access="your own data: set data.sources.custom to its folder",
         test_rule="fraction",
         layout=CUSTOM_LAYOUT,
+        mask_threshold=custom.get("mask_threshold"),
     )
 
 

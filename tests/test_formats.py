@@ -1,0 +1,213 @@
+"""Every common 2-D format read to the right pixels, and grey masks with data.custom.mask_threshold.
+
+Each test writes its own files (Pillow, tifffile) and checks the pixels `read_image` /
+`read_label_image` return against the array that was written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import tiny_raw_params
+from PIL import Image
+
+from medfusion.config import ConfigError, params_from_dict
+from medfusion.data.fetch import custom_pairs, fetch_dataset
+from medfusion.data.io import DataError, read_image, read_json, read_label_image
+from medfusion.data.preprocess import preprocess_dataset, read_label, read_label_2d
+
+PARAMS = params_from_dict(tiny_raw_params())
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+GREY = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Pillow's RGB -> L (ITU-R 601-2, rounded)."""
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".ppm", ".tif"])
+def test_lossless_rgb_formats_read_exactly(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(RGB).save(path)
+    assert np.array_equal(read_image(path), RGB)
+    assert np.array_equal(read_image(path, gray=True), luma(RGB))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pgm", ".tif", ".gif"])
+def test_lossless_grey_formats_read_exactly(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(GREY).save(path)
+    assert np.array_equal(read_image(path, gray=True), GREY)
+    assert np.array_equal(read_image(path), np.repeat(GREY[..., None], 3, axis=2))
+
+
+def test_pbm_and_lzw_tiff(tmp_path):
+    bits = GREY > 127
+    Image.fromarray(bits).save(tmp_path / "b.pbm")
+    assert np.array_equal(read_label_image(tmp_path / "b.pbm"), bits.astype(np.uint8) * 255)
+    Image.fromarray(RGB).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    assert np.array_equal(read_image(tmp_path / "lzw.tif"), RGB)
+
+
+def test_three_sample_minisblack_tiff_is_read_as_rgb(tmp_path):
+    """Three 8-bit samples under photometric MinIsBlack: Pillow cannot identify it, OpenCV returns one
+    channel; it is read through tifffile as the RGB it holds."""
+    path = tmp_path / "frame.tif"
+    tifffile.imwrite(path, RGB, photometric="minisblack", planarconfig="contig")
+    with tifffile.TiffFile(path) as tif:  # the file is what the case is about
+        assert (
+            tif.pages[0].samplesperpixel == 3 and tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+        )
+    with pytest.raises(OSError):
+        Image.open(path)
+    assert np.array_equal(read_image(path), RGB)
+    assert np.array_equal(read_image(path, gray=True), luma(RGB))
+
+
+def test_sixteen_bit_tiffs_are_scaled_by_their_maximum(tmp_path):
+    rgb16 = RGB.astype(np.uint16) * 200
+    tifffile.imwrite(tmp_path / "c.tif", rgb16, photometric="rgb")
+    expected = np.rint(rgb16 / rgb16.max() * 255).astype(np.uint8)
+    assert np.array_equal(read_image(tmp_path / "c.tif"), expected)
+    grey16 = GREY.astype(np.uint16) * 100
+    tifffile.imwrite(tmp_path / "g.tif", grey16)
+    assert np.array_equal(
+        read_image(tmp_path / "g.tif", gray=True), np.rint(grey16 / grey16.max() * 255).astype(np.uint8)
+    )
+    tifffile.imwrite(tmp_path / "m.tif", np.where(GREY > 127, 2, 0).astype(np.uint16))
+    assert np.array_equal(read_label_image(tmp_path / "m.tif"), np.where(GREY > 127, 2, 0))
+    tifffile.imwrite(tmp_path / "bad.tif", np.full((4, 4), 1000, np.uint16))
+    with pytest.raises(DataError, match=r"bad.tif: 16-bit label values up to 1000"):
+        read_label_image(tmp_path / "bad.tif")
+
+
+def test_alpha_is_dropped_and_palettes_expand(tmp_path):
+    rgba = np.dstack([RGB, np.full(RGB.shape[:2], 7, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    assert np.array_equal(read_image(tmp_path / "a.png"), RGB)
+    tifffile.imwrite(
+        tmp_path / "a.tif", rgba, photometric="minisblack", planarconfig="contig", extrasamples=[0, 0, 2]
+    )
+    assert np.array_equal(read_image(tmp_path / "a.tif"), RGB)
+    palette_img = Image.fromarray(RGB).quantize(16)
+    palette_img.save(tmp_path / "p.png")
+    assert np.array_equal(read_image(tmp_path / "p.png"), np.asarray(palette_img.convert("RGB")))
+
+
+def test_palette_masks_keep_their_indices(tmp_path):
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:8, 3:9], labels[10:15, 10:20] = 1, 2
+    for suffix in (".png", ".gif"):
+        img = Image.fromarray(labels, "P")
+        img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+        img.save(tmp_path / f"m{suffix}")
+        assert np.array_equal(read_label_image(tmp_path / f"m{suffix}"), labels)
+        # a threshold binarises grey masks, never palette indices
+        assert np.array_equal(read_label_2d(tmp_path / f"m{suffix}", 3), labels)
+    # a grey GIF is a palette of greys: read as its grey levels, not the palette's indices
+    grey = np.array([0, 127, 255], np.uint8)[labels]
+    Image.fromarray(grey).save(tmp_path / "grey.gif")
+    assert Image.open(tmp_path / "grey.gif").mode == "P"
+    assert np.array_equal(read_label_image(tmp_path / "grey.gif"), grey)
+    assert np.array_equal(read_label_2d(tmp_path / "grey.gif", 2, mask_threshold=100), labels > 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    img.save(tmp_path / "o.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "o.png"), np.rot90(RGB, k=-1))
+
+
+def test_multi_frame_files_are_refused_by_name(tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([GREY, GREY, GREY]), photometric="minisblack")
+    with pytest.raises(DataError, match=r"stack.tif: a multi-page TIFF \(3 pages\); expected one 2-D image"):
+        read_image(tmp_path / "stack.tif")
+    frames = [Image.fromarray(GREY), Image.fromarray(255 - GREY)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"anim.gif: 2 frames"):
+        read_image(tmp_path / "anim.gif")
+    (tmp_path / "junk.ppm").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk.ppm: cannot read image"):
+        read_image(tmp_path / "junk.ppm")
+
+
+def test_custom_folder_accepts_every_format(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for k, (image_suffix, mask_suffix) in enumerate([(".ppm", ".pgm"), (".tif", ".gif"), (".bmp", ".pbm")]):
+        Image.fromarray(RGB).save(tmp_path / "images" / f"c{k}{image_suffix}")
+        Image.fromarray(GREY > 127).save(tmp_path / "masks" / f"c{k}{mask_suffix}")
+    pairs = custom_pairs(tmp_path, "image")
+    assert [(i.suffix, m.suffix) for i, m in pairs] == [(".ppm", ".pgm"), (".tif", ".gif"), (".bmp", ".pbm")]
+
+
+# ------------------------------------------------------------------ grey masks and mask_threshold
+
+
+def _stray_grey(mask: np.ndarray) -> np.ndarray:
+    """A 0/255 mask as a lossy tool exports it: a few pixels at values between 8 and 30."""
+    out = mask.copy()
+    out[0, :6] = [8, 12, 30, 17, 9, 25]
+    return out
+
+
+def test_stray_grey_values_are_refused_with_the_way_out(tmp_path):
+    mask = np.where(GREY > 127, 255, 0).astype(np.uint8)
+    stray = _stray_grey(mask)
+    Image.fromarray(stray).save(tmp_path / "m.png")
+    with pytest.raises(DataError) as err:
+        read_label_2d(tmp_path / "m.png", 2)
+    assert "m.png: mask values [0, 8, 9, 12, 17, 25, 30, 255]" in str(err.value)
+    assert "data.custom.mask_threshold" in str(err.value)
+    labels = read_label_2d(tmp_path / "m.png", 2, mask_threshold=127)
+    assert np.array_equal(labels, (stray > 127).astype(np.uint8))
+    assert np.array_equal(read_label(tmp_path / "m.png", "image", "custom", ["bg", "fg"], 127), labels)
+    # masks of class indices are not thresholded away
+    Image.fromarray(labels).save(tmp_path / "i.png")
+    assert np.array_equal(read_label_2d(tmp_path / "i.png", 2, mask_threshold=127), labels)
+
+
+def test_mask_threshold_is_recorded_in_meta(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:20] = 255
+    for k in range(3):
+        Image.fromarray(RGB).save(src / "images" / f"c{k}.tif")
+        Image.fromarray(_stray_grey(mask) if k else mask).save(src / "masks" / f"c{k}.png")
+    custom = {**dataclasses.asdict(PARAMS.data.custom), "mask_threshold": 127}
+    fetch_dataset("custom", tmp_path / "raw", src, PARAMS.data.synthetic, custom)
+    meta = preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc", 16, custom)
+    assert meta["mask_threshold"] == 127
+    assert [meta["cases"][c]["mask_grey_fraction"] for c in ("c0", "c1", "c2")] == [0.0, 6 / 600, 6 / 600]
+    assert meta["mask_grey_fraction"] == pytest.approx(12 / 1800)
+    assert read_json(tmp_path / "proc" / "meta.json")["mask_threshold"] == 127
+    without = {**custom, "mask_threshold": None}
+    with pytest.raises(DataError, match=r"c1.png: mask values .*data.custom.mask_threshold"):
+        preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc2", 16, without)
+
+
+def test_mask_threshold_is_validated():
+    for value, why in (
+        (300, " = 300; expected null or an integer grey value 0..254"),
+        (True, ": expected int, got bool"),
+    ):
+        raw = tiny_raw_params()
+        raw["data"]["custom"]["mask_threshold"] = value
+        with pytest.raises(ConfigError, match=rf"data.custom.mask_threshold{why}"):
+            params_from_dict(raw)
+    raw = tiny_raw_params()
+    raw["data"]["custom"].update(mask_threshold=127, class_names=["bg", "a", "b"])
+    with pytest.raises(ConfigError, match="a threshold binarises 2-D masks of a 2-class dataset"):
+        params_from_dict(raw)
+    raw = tiny_raw_params()
+    raw["data"]["custom"]["mask_threshold"] = 127
+    assert params_from_dict(raw).data.custom.mask_threshold == 127
