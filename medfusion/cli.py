@@ -339,6 +339,63 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    run: Path = typer.Option(
+        ...,
+        help="a run folder data/runs/DATASET/MODEL (every fold*/model.pt and their ensemble) or one model.pt",
+    ),
+    images: Path = typer.Option(..., help="folder of images (2-D files, or NIfTI volumes)"),
+    masks: Path = typer.Option(..., help="folder of their masks, matched by file stem"),
+    out: Path = typer.Option(..., help="output folder for per_case.csv, summary.csv and summary.md"),
+    mask_threshold: int | None = typer.Option(
+        None,
+        min=0,
+        max=254,
+        help="binarise grey masks at > T (2-class models); default: masks must be labels",
+    ),
+    fov: Path | None = typer.Option(
+        None, help="folder of field-of-view masks (same stems): score inside them"
+    ),
+    eval_json: Path | None = typer.Option(
+        None,
+        help="the run's eval.json, for the post-processing chosen on validation (default: "
+        "data/eval/DATASET/MODEL/eval.json beside data/runs, when there)",
+    ),
+    processed_meta: Path | None = typer.Option(
+        None, help="meta.json of the processed training data, overriding the checkpoint's record"
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
+) -> None:
+    """Score a trained run on a folder of images and masks, without retraining (e.g. another centre's data).
+
+    Each fold x seed run and their fold ensemble, at each image's original size, with the pipeline's
+    metrics (and, where the run's eval.json is found, its post-processing chosen on validation).
+    Writes per_case.csv (one row per case, class and metric, as the pipeline's) and a summary.
+    """
+    from medfusion.common import TrainingError
+    from medfusion.data.io import DataError
+    from medfusion.folder_eval import evaluate_folder, folder_cases
+    from medfusion.hardware import resolve_precision
+    from medfusion.predict import PredictError, load_ensemble
+
+    try:
+        precision = resolve_precision(device)
+        ensemble = load_ensemble(run, precision, processed_meta)
+        if mask_threshold is not None and ensemble.num_classes != 2:
+            raise PredictError(
+                f"--mask-threshold binarises masks, but {run} has {ensemble.num_classes} classes"
+            )
+        cases = folder_cases(images, masks, ensemble.preprocessing.kind, fov)
+        evaluate_folder(ensemble, cases, out, mask_threshold, eval_json, batch_size)
+    except (PredictError, TrainingError, DataError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"{len(cases)} cases scored -> {out}/per_case.csv, summary.csv, summary.md")
+
+
+@app.command()
 def plan(
     set_param: list[str] = typer.Option(
         [], "--set", "-S", help="params override as for dvc exp run, e.g. train.epochs=2"

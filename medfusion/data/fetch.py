@@ -83,20 +83,32 @@ def custom_pairs(root: Path, kind: str) -> list[tuple[Path, Path]]:
     if not image_dir.is_dir() or mask_dir is None:
         raise FetchError(f"{root}: expected images/ and masks/ (or labels/) folders; layout: {CUSTOM_LAYOUT}")
     wanted = NIFTI_SUFFIXES if kind == "volume" else IMAGE_SUFFIXES
-    masks = {file_stem(m): m for m in _visible(mask_dir.iterdir())}
-    pairs = []
-    for image in _visible(image_dir.iterdir()):
-        if not image.name.lower().endswith(wanted):
-            raise FetchError(
-                f"{image}: not a {'NIfTI volume' if kind == 'volume' else '2-D image'} ({', '.join(wanted)}), "
-                f"as data.custom.kind = {kind} expects"
-            )
-        mask = masks.get(file_stem(image))
-        if mask is None:
-            raise FetchError(f"{image}: no mask with stem {file_stem(image)!r} in {mask_dir}")
-        pairs.append((image, mask))
-    if not pairs:
+    if not any(_visible(image_dir.iterdir())):
         raise FetchError(f"{image_dir}: no images found; layout: {CUSTOM_LAYOUT}")
+    return stem_pairs(image_dir, mask_dir, wanted, f"data.custom.kind = {kind}")
+
+
+def stem_pairs(
+    image_dir: Path, other_dir: Path, wanted: tuple[str, ...], expects: str, what: str = "mask"
+) -> list[tuple[Path, Path]]:
+    """(image, its `what`) pairs: every file of `image_dir` (of the suffixes `wanted`) with the file of
+    `other_dir` that has its stem ('c1.tif' <-> 'c1.png'). `expects` says who asks for `wanted`.
+
+    Raises:
+        FetchError: an image of another type, an image without its `what`, or no images.
+    """
+    others = {file_stem(m): m for m in _visible(Path(other_dir).iterdir())}
+    pairs = []
+    for image in _visible(Path(image_dir).iterdir()):
+        if not image.name.lower().endswith(wanted):
+            kind = "NIfTI volume" if wanted == NIFTI_SUFFIXES else "2-D image"
+            raise FetchError(f"{image}: not a {kind} ({', '.join(wanted)}), as {expects} expects")
+        other = others.get(file_stem(image))
+        if other is None:
+            raise FetchError(f"{image}: no {what} with stem {file_stem(image)!r} in {other_dir}")
+        pairs.append((image, other))
+    if not pairs:
+        raise FetchError(f"{image_dir}: no images found")
     return pairs
 
 
