@@ -286,10 +286,23 @@ def models(
     typer.echo(efficiency_markdown(rows))
 
 
+def _folds_option(folds: str) -> list[int] | None:
+    """--folds '0,2' -> [0, 2]; '' -> None (every fold)."""
+    if not folds:
+        return None
+    try:
+        return sorted({int(f) for f in folds.split(",")})
+    except ValueError:
+        raise typer.BadParameter(
+            f"{folds!r}; expected fold numbers such as 0,2", param_hint="--folds"
+        ) from None
+
+
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(
-        ..., help="2-D images (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM) or NIfTI volumes (.nii, .nii.gz)"
+        ...,
+        help="2-D images (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM), NIfTI volumes (.nii, .nii.gz), or folders of them",
     ),
     run: Path = typer.Option(
         ..., help="a run folder data/runs/DATASET/MODEL (its fold*/model.pt are averaged) or one model.pt"
@@ -301,6 +314,21 @@ def predict(
         "(default: that record, else data/processed/DATASET/meta.json beside data/runs)",
     ),
     overlay: bool = typer.Option(False, "--overlay", help="also write <stem>_overlay*.png (RGB)"),
+    save_probabilities: bool = typer.Option(
+        False,
+        "--save-probabilities",
+        help="also write <stem>_probs.npy: float16 (K, [D,] H, W) at the input's size",
+    ),
+    folds: str = typer.Option("", help="only the runs of these folds, e.g. 0,2 (default: every fold)"),
+    tta: str = typer.Option("none", help="none, or flip: average over the left-right, up-down and double flips"),
+    postprocess: bool = typer.Option(
+        True,
+        "--postprocess/--no-postprocess",
+        help="apply the post-processing the run's evaluation chose on validation (eval.json), when there",
+    ),
+    eval_json: Path | None = typer.Option(
+        None, help="the run's eval.json (default: data/eval/DATASET/MODEL/eval.json beside data/runs)"
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
 ) -> None:
@@ -308,17 +336,30 @@ def predict(
 
     Inputs are preprocessed as the training data was (resize, CLAHE, CT window or MRI N4 + percentiles,
     z-score). Masks hold class indices 0..K-1 (uint8; not scaled for viewing, see --overlay), at the
-    input's size; NIfTI masks keep the input's shape and affine. A bad input is reported and skipped;
-    the exit code is then 1.
+    input's size, post-processed as the evaluation chose on validation (its "post" rows); NIfTI masks
+    keep the input's shape and affine. A bad input is reported and skipped; the exit code is then 1.
     """
     from medfusion.common import TrainingError
+    from medfusion.data.io import DataError
     from medfusion.hardware import resolve_precision
-    from medfusion.predict import PredictError, load_ensemble, predict_files
+    from medfusion.predict import (
+        Outputs,
+        PredictError,
+        chosen_postprocess,
+        ensemble_postprocess,
+        expand_inputs,
+        load_ensemble,
+        predict_files,
+    )
 
     try:
         precision = resolve_precision(device)  # auto: the same choice as training and evaluation
-        ensemble = load_ensemble(run, precision, processed_meta)
-    except (PredictError, TrainingError) as err:
+        ensemble = load_ensemble(run, precision, processed_meta, _folds_option(folds), tta)
+        chosen = (
+            ensemble_postprocess(ensemble, chosen_postprocess(ensemble, eval_json)) if postprocess else None
+        )
+        paths = expand_inputs(inputs)
+    except (PredictError, TrainingError, DataError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
     prep = ensemble.preprocessing
@@ -330,9 +371,16 @@ def predict(
             else f"{prep.image_size}x{prep.image_size}"
         )
         + f", {ensemble.num_classes} classes; preprocessing from {prep.source}"
+        + ("; TTA: flips" if tta == "flip" else "")
+        + (
+            f"; post-processing chosen on validation: {chosen}"
+            if chosen
+            else "; raw argmax (no post-processing)"
+        )
     )
-    failed = predict_files(ensemble, inputs, out, overlay, batch_size)
-    typer.echo(f"{len(inputs) - len(failed)} of {len(inputs)} inputs predicted -> {out}")
+    outputs = Outputs(overlay, save_probabilities, chosen)
+    failed = predict_files(ensemble, paths, out, outputs, batch_size)
+    typer.echo(f"{len(paths) - len(failed)} of {len(paths)} inputs predicted -> {out}")
     if failed:
         typer.echo(f"failed: {', '.join(str(p) for p in failed)}", err=True)
         raise typer.Exit(1)
@@ -364,6 +412,8 @@ def evaluate(
     processed_meta: Path | None = typer.Option(
         None, help="meta.json of the processed training data, overriding the checkpoint's record"
     ),
+    folds: str = typer.Option("", help="only the runs of these folds, e.g. 0,2 (default: every fold)"),
+    tta: str = typer.Option("none", help="none, or flip: average over the left-right, up-down and double flips"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
 ) -> None:
@@ -381,7 +431,7 @@ def evaluate(
 
     try:
         precision = resolve_precision(device)
-        ensemble = load_ensemble(run, precision, processed_meta)
+        ensemble = load_ensemble(run, precision, processed_meta, _folds_option(folds), tta)
         if mask_threshold is not None and ensemble.num_classes != 2:
             raise PredictError(
                 f"--mask-threshold binarises masks, but {run} has {ensemble.num_classes} classes"

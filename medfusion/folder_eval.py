@@ -45,7 +45,14 @@ from medfusion.data.registry import DATASETS, scored_regions
 from medfusion.metrics import COUNTS, pooled_dice, region_metrics
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
-from medfusion.predict import Ensemble, ensemble_probs, model_inputs, read_input
+from medfusion.predict import (
+    Ensemble,
+    chosen_postprocess,
+    ensemble_postprocess,
+    ensemble_probs,
+    model_inputs,
+    read_input,
+)
 from medfusion.resample import labels_at
 from medfusion.training.loop import out_of_memory_explained
 
@@ -104,26 +111,6 @@ def run_regions(ensemble: Ensemble) -> dict[str, list[int]]:
     return scored_regions(names, None)
 
 
-def chosen_postprocess(ensemble: Ensemble, eval_json: Path | None) -> dict[str, PostProcess]:
-    """{run or 'ensemble': post-processing chosen on validation} from the run's eval.json; {} if none."""
-    if eval_json is None:
-        fold_dir = ensemble.paths[0].resolve().parent
-        model_dir = fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
-        candidate = (
-            model_dir.parent.parent.parent / "eval" / model_dir.parent.name / model_dir.name / "eval.json"
-        )
-        if not candidate.is_file():
-            return {}
-        eval_json = candidate
-    records = read_json(Path(eval_json)).get("postprocess", {})
-    return {
-        run: PostProcess(
-            r["min_size"], r["fill_holes"], None if r["thresholds"] is None else tuple(r["thresholds"])
-        )
-        for run, r in records.items()
-    }
-
-
 def run_names(ensemble: Ensemble) -> list[str]:
     """Each checkpoint's run name: its folder (fold0_seed0, ...), or the file's stem for a lone model.pt."""
     names = [p.parent.name if p.name == "model.pt" else p.stem for p in ensemble.paths]
@@ -140,7 +127,11 @@ def case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int) -> list[
             with out_of_memory_explained(
                 "evaluation", batch, model, ensemble.precision.device, "--batch-size", None, "--device"
             ):
-                chunks.append(ensemble_probs([model], batch, ensemble.precision, ensemble.patch_size).numpy())
+                chunks.append(
+                    ensemble_probs(
+                        [model], batch, ensemble.precision, ensemble.patch_size, ensemble.tta
+                    ).numpy()
+                )
         per_model.append(np.concatenate(chunks).transpose(1, 0, 2, 3))
     return per_model
 
@@ -226,7 +217,10 @@ def evaluate_folder(
     """Score `ensemble` on `cases` and write per_case.csv, summary.csv and summary.md into `out_dir`
     (module docstring). -> (per_case without the voxel counts, summary)."""
     regions = run_regions(ensemble)
-    post = chosen_postprocess(ensemble, eval_json)
+    recorded = chosen_postprocess(ensemble, eval_json)
+    post = {run: recorded[run] for run in run_names(ensemble) if run in recorded}
+    if len(ensemble.paths) > 1 and ensemble_postprocess(ensemble, recorded) is not None:
+        post["ensemble"] = ensemble_postprocess(ensemble, recorded)
     rows = []
     for case in tqdm(cases, desc="evaluate", unit="case"):
         rows += score_case(ensemble, case, regions, post, mask_threshold, batch_size)
@@ -257,6 +251,7 @@ def summary_markdown(ensemble, summary: pd.DataFrame, n_cases: int, roi: str, ma
         f"{'pixels' if kind == 'image' else 'mm'}; "
         + ("inside the field of view only; " if roi == "fov" else "over the whole image; ")
         + (f"masks binarised at > {mask_threshold}; " if mask_threshold is not None else "")
+        + ("flip TTA; " if ensemble.tta == "flip" else "")
         + (
             "post: the post-processing chosen on validation (eval.json)."
             if post

@@ -18,8 +18,15 @@ Outputs in the output folder, per input <stem>:
     <stem>_overlay.png    with --overlay, 2-D: the input with the classes in colour.
     <stem>_overlay_slice<k>.png   with --overlay, volumes: axial slice k, the one with the largest
                           predicted foreground (the middle one when nothing is found).
+    <stem>_probs.npy      with --save-probabilities: float16 softmax probabilities (K, H, W), or
+                          (K, D, H, W) for a volume, at the input's size (the ensemble's, after TTA).
 Masks are made at the input's size: the probabilities are resized back (`medfusion.resample`, the
-function evaluation scores with), then the argmax taken.
+function evaluation scores with), then the argmax taken, and then the post-processing the run's
+evaluation chose on validation (`eval.json`: the ensemble's settings for a run folder, the run's own
+for one checkpoint) so that the masks are those the tables' "post" rows scored (`--no-postprocess`:
+the raw argmax). Inputs may be files or folders (every image or NIfTI file in them, sorted);
+`--folds 0,2` keeps the runs of those folds; `--tta flip` averages each model's probabilities over
+the image and its left-right, up-down and double flips (flipped back).
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ from medfusion.data.preprocess import (
 from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint
 from medfusion.hardware import Precision
-from medfusion.resample import labels_at
+from medfusion.postprocess import PostProcess
+from medfusion.postprocess import apply as apply_postprocess
+from medfusion.resample import labels_at, slices_at
 from medfusion.training.loop import infer_probs, out_of_memory_explained
 
 # overlay colours of classes 1, 2, ... (RGB); background is left as is
@@ -107,10 +116,12 @@ class Ensemble:
     preprocessing: Preprocessing
     precision: Precision
     patch_size: int | None = None  # native images: the sliding window's side
+    tta: str = "none"  # none | flip: test-time augmentation of every model (`ensemble_probs`)
 
 
-def find_checkpoints(run: Path) -> list[Path]:
-    """`run` itself (a model.pt), run/model.pt (one fold's folder) or every run/fold*/model.pt."""
+def find_checkpoints(run: Path, folds: list[int] | None = None) -> list[Path]:
+    """`run` itself (a model.pt), run/model.pt (one fold's folder) or every run/fold*/model.pt
+    (those of `folds` only, when given)."""
     run = Path(run)
     if run.is_file():
         return [run]
@@ -124,7 +135,19 @@ def find_checkpoints(run: Path) -> list[Path]:
             f"--run {run}: no checkpoints; expected fold*/model.pt (a trained data/runs/<dataset>/<model>) "
             "or the path of a model.pt"
         )
+    if folds is not None:
+        kept = [p for p in found if _fold_of(p.parent.name) in set(folds)]
+        if not kept:
+            have = sorted({_fold_of(p.parent.name) for p in found} - {None})
+            raise PredictError(f"--folds {folds}: {run} has runs of folds {have} only")
+        return kept
     return found
+
+
+def _fold_of(name: str) -> int | None:
+    """fold0_seed1 -> 0; None for other names."""
+    head = name.split("_")[0]
+    return int(head[4:]) if head.startswith("fold") and head[4:].isdigit() else None
 
 
 def preprocessing_from_meta(meta_path: Path, checkpoint: dict) -> Preprocessing:
@@ -195,9 +218,17 @@ def resolve_preprocessing(
     )
 
 
-def load_ensemble(run: Path, precision: Precision, processed_meta: Path | None = None) -> Ensemble:
+def load_ensemble(
+    run: Path,
+    precision: Precision,
+    processed_meta: Path | None = None,
+    folds: list[int] | None = None,
+    tta: str = "none",
+) -> Ensemble:
     """Load every checkpoint of `run` (see `find_checkpoints`) and the preprocessing they expect."""
-    paths = find_checkpoints(run)
+    if tta not in TTA_MODES:
+        raise PredictError(f"--tta {tta!r}; expected one of {list(TTA_MODES)}")
+    paths = find_checkpoints(run, folds)
     models, checkpoints = [], []
     for path in paths:
         try:
@@ -227,7 +258,52 @@ def load_ensemble(run: Path, precision: Precision, processed_meta: Path | None =
         prep,
         precision,
         first.get("patch_size"),
+        tta,
     )
+
+
+TTA_MODES = ("none", "flip")
+
+
+def model_dir_of(ensemble: Ensemble) -> Path:
+    """data/runs/<dataset>/<model> of the ensemble's checkpoints (the folder above fold*/)."""
+    fold_dir = ensemble.paths[0].resolve().parent
+    return fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+
+
+def chosen_postprocess(ensemble: Ensemble, eval_json: Path | None = None) -> dict[str, PostProcess]:
+    """{run or 'ensemble': the post-processing chosen on validation} from the run's eval.json
+    (`eval_json`, else data/eval/<dataset>/<model>/eval.json beside data/runs/<dataset>/<model>);
+    {} where there is none."""
+    if eval_json is None:
+        model_dir = model_dir_of(ensemble)
+        eval_json = (
+            model_dir.parent.parent.parent / "eval" / model_dir.parent.name / model_dir.name / "eval.json"
+        )
+        if not eval_json.is_file():
+            return {}
+    try:
+        records = read_json(Path(eval_json))["postprocess"]
+        return {
+            run: PostProcess(
+                r["min_size"], r["fill_holes"], None if r["thresholds"] is None else tuple(r["thresholds"])
+            )
+            for run, r in records.items()
+        }
+    except (KeyError, TypeError, DataError) as err:
+        raise PredictError(
+            f"{eval_json}: not an evaluation's eval.json with its post-processing ({err})"
+        ) from None
+
+
+def ensemble_postprocess(ensemble: Ensemble, chosen: dict[str, PostProcess]) -> PostProcess | None:
+    """The settings that apply to the ensemble's prediction: the fold ensemble's for several
+    checkpoints, the run's own for one; None where the evaluation recorded none for it."""
+    if len(ensemble.paths) > 1:
+        every = {p.parent.name for p in find_checkpoints(model_dir_of(ensemble))}
+        # the recorded ensemble is that of every run: a --folds subset has no recorded choice
+        return chosen.get("ensemble") if {p.parent.name for p in ensemble.paths} == every else None
+    return chosen.get(ensemble.paths[0].parent.name)
 
 
 def _size(value) -> int | str:
@@ -308,14 +384,26 @@ def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
 
 
 def ensemble_probs(
-    models: list[torch.nn.Module], images: torch.Tensor, precision: Precision, patch: int | None = None
+    models: list[torch.nn.Module],
+    images: torch.Tensor,
+    precision: Precision,
+    patch: int | None = None,
+    tta: str = "none",
 ) -> torch.Tensor:
     """Mean softmax probabilities (B, K, S, S) of `models` on `images` (B, C, S, S); by sliding
-    window of `patch` for native images (`training.loop.infer_probs`, as evaluation predicts)."""
-    total = infer_probs(models[0], images, precision, patch)
-    for model in models[1:]:
-        total += infer_probs(model, images, precision, patch)
-    return total / len(models)
+    window of `patch` for native images (`training.loop.infer_probs`, as evaluation predicts).
+    `tta` "flip": each model also sees the images flipped left-right, up-down and both (the group of
+    the two mirrorings, so the result is equivariant to either flip), its outputs flipped back, and
+    the four are averaged (before the mean over models)."""
+    flips = [None, (3,), (2,), (2, 3)] if tta == "flip" else [None]
+    total = None
+    for model in models:
+        for dims in flips:
+            x = images if dims is None else torch.flip(images, dims)
+            p = infer_probs(model, x, precision, patch)
+            p = p if dims is None else torch.flip(p, dims)
+            total = p if total is None else total + p
+    return total / (len(models) * len(flips))
 
 
 def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -329,7 +417,9 @@ def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int =
             "prediction", batch, ensemble.models[0], device, "--batch-size", None, "--device"
         ):
             probs.append(
-                ensemble_probs(ensemble.models, batch, ensemble.precision, ensemble.patch_size).numpy()
+                ensemble_probs(
+                    ensemble.models, batch, ensemble.precision, ensemble.patch_size, ensemble.tta
+                ).numpy()
             )
     return np.concatenate(probs).transpose(1, 0, 2, 3)
 
@@ -349,10 +439,34 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return np.rint(out).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What `predict_file` writes besides the mask, and the post-processing applied to it (None: argmax)."""
+
+    overlay: bool = False
+    probabilities: bool = False
+    postprocess: PostProcess | None = None
+
+
+def _mask_of(probs: np.ndarray, shape: tuple[int, ...], postprocess: PostProcess | None) -> np.ndarray:
+    """Labels at `shape`: the argmax after the resize, then the chosen post-processing (as evaluation)."""
+    return labels_at(probs, shape) if postprocess is None else apply_postprocess(postprocess, probs, shape)
+
+
+def _save_probabilities(path: Path, probs: np.ndarray, shape: tuple[int, ...]) -> None:
+    """(K, [D,] H, W) float16 probabilities at the input's `shape`, written whole (temp file + rename)."""
+    out = np.empty((probs.shape[0], *shape), np.float16)
+    for k, p in enumerate(slices_at(probs, shape)):
+        out[(slice(None), k) if len(shape) == 3 else slice(None)] = p
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+
+
 def predict_file(
-    ensemble: Ensemble, path: Path, out_dir: Path, with_overlay: bool = False, batch_size: int = 16
+    ensemble: Ensemble, path: Path, out_dir: Path, outputs: Outputs = Outputs(), batch_size: int = 16
 ) -> list[Path]:
-    """Predict one input and write its mask (and overlay) into `out_dir`; returns the files written."""
+    """Predict one input and write its mask (and what `outputs` asks) into `out_dir`; -> the files."""
     prep = ensemble.preprocessing
     case = read_input(path, prep)
     probs = predict_case_probs(ensemble, model_inputs(case, prep), batch_size)  # (K, n, S, S)
@@ -362,17 +476,24 @@ def predict_file(
         h, w = case.image.shape[:2]
         if prep.native:  # predicted at its own size: only the padding goes
             probs = probs[..., :h, :w]
-        mask = labels_at(probs[:, 0], (h, w))  # as evaluation scores: probabilities resized
+        probs = probs[:, 0]
+        mask = _mask_of(probs, (h, w), outputs.postprocess)  # as evaluation scores: probabilities resized
         written.append(out_dir / f"{stem}_mask.png")
         write_png(written[-1], mask)
-        if with_overlay:
+        if outputs.overlay:
             written.append(out_dir / f"{stem}_overlay.png")
             write_png(written[-1], overlay(case.image, mask))
+        if outputs.probabilities:
+            written.append(out_dir / f"{stem}_probs.npy")
+            _save_probabilities(written[-1], probs, (h, w))
         return written
-    mask = labels_at(probs, case.label.shape)  # (D, H, W), every slice resized in-plane
+    mask = _mask_of(probs, case.label.shape, outputs.postprocess)  # (D, H, W), each slice resized in-plane
+    if outputs.probabilities:
+        written.append(out_dir / f"{stem}_probs.npy")
+        _save_probabilities(written[-1], probs, case.label.shape)
     written.append(out_dir / f"{stem}_mask.nii.gz")
     write_nifti(written[-1], mask, case.spacing, case.affine)
-    if with_overlay:
+    if outputs.overlay:
         area = (mask > 0).sum(axis=(1, 2))
         k = int(area.argmax()) if area.any() else len(mask) // 2
         window = prep.settings().ct_window
@@ -382,8 +503,30 @@ def predict_file(
     return written
 
 
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; a folder gives its image and NIfTI files (sorted, hidden ones left out).
+
+    Raises:
+        DataError: a folder with no such file in it."""
+    paths = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+            )  # fmt: skip
+            if not found:
+                raise DataError(
+                    f"{path}: a folder with no image or NIfTI file ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)})"
+                )
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
 def predict_files(
-    ensemble: Ensemble, paths: list[Path], out_dir: Path, with_overlay: bool = False, batch_size: int = 16
+    ensemble: Ensemble, paths: list[Path], out_dir: Path, outputs: Outputs = Outputs(), batch_size: int = 16
 ) -> dict[Path, str]:
     """Predict every input, with a progress bar; a bad input is reported (stderr) and skipped.
 
@@ -401,7 +544,7 @@ def predict_files(
             if stem in owner:
                 raise DataError(f"{path}: its outputs ({stem}_mask.*) would overwrite those of {owner[stem]}")
             owner[stem] = path
-            predict_file(ensemble, path, out_dir, with_overlay, batch_size)
+            predict_file(ensemble, path, out_dir, outputs, batch_size)
         except (DataError, OSError, RuntimeError) as err:  # RuntimeError: e.g. out of GPU memory
             message = str(err) if str(path) in str(err) else f"{path}: {err}"
             failed[path] = message

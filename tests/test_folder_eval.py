@@ -48,7 +48,7 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
 def _folder(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
     """images/ in three formats (PNG, 3-sample MinIsBlack TIFF, PPM), masks/ with stray greys."""
     images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
+    images.mkdir(parents=True)
     masks.mkdir()
     truth = {}
     rng = np.random.default_rng(3)
@@ -166,3 +166,75 @@ def test_bad_folders_are_named(rgb_run, tmp_path):
     result = _evaluate(three, images, masks, tmp_path / "out", "--mask-threshold", "127")
     assert result.exit_code == 1 and "--mask-threshold binarises masks" in result.output
     assert not (tmp_path / "out").exists()  # nothing written before the inputs were checked
+
+
+# ------------------------------------------------------- medfusion predict gives what the tables report
+
+
+def _predict(run: Path, out: Path, *args: str):
+    result = runner.invoke(app, ["predict", "--run", str(run), "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_predict_applies_the_post_processing_chosen_on_validation(rgb_run, tmp_path):
+    images, _, _ = _folder(tmp_path)
+    raw = _predict(rgb_run, tmp_path / "raw", str(images), "--save-probabilities")
+    assert "raw argmax" in raw.output and "3 of 3 inputs" in raw.output  # a folder gives its files
+    probs = np.load(tmp_path / "raw" / "a_probs.npy")
+    assert probs.shape == (2, *SIZES["a"]) and probs.dtype == np.float16
+    mask = np.asarray(Image.open(tmp_path / "raw" / "a_mask.png"))
+    assert (probs.argmax(0) == mask).mean() > 0.999  # float16 ties aside, the mask is their argmax
+    eval_dir = tmp_path / "data" / "eval" / "synthetic" / "unet"
+    eval_dir.mkdir(parents=True)
+    big = {"min_size": 200, "fill_holes": True, "thresholds": None}
+    none = {"min_size": 0, "fill_holes": False, "thresholds": None}
+    record = {"postprocess": {"fold0_seed0": none, "fold1_seed0": none, "ensemble": big}}
+    (eval_dir / "eval.json").write_text(json.dumps(record))
+    post = _predict(rgb_run, tmp_path / "post", str(images))
+    assert "min_size=200, fill_holes=True" in post.output
+    from medfusion.postprocess import PostProcess, apply
+
+    for stem in SIZES:
+        expected = apply(
+            PostProcess(200, True), np.load(tmp_path / "raw" / f"{stem}_probs.npy").astype(np.float32)
+        )
+        got = np.asarray(Image.open(tmp_path / "post" / f"{stem}_mask.png"))
+        assert (got == expected).mean() > 0.999
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "post" / "a_mask.png")), mask)
+    # the evaluation's "post" rows are these masks' scores
+    _, masks, truth = _folder(tmp_path / "again")
+    out = tmp_path / "scores"
+    assert _evaluate(rgb_run, images, masks, out, "--mask-threshold", "127").exit_code == 0
+    per_case = pd.read_csv(out / "per_case.csv").query(
+        "run == 'ensemble' and postprocess == 'post' and metric == 'dice'"
+    )
+    got = np.asarray(Image.open(tmp_path / "post" / "a_mask.png")) == 1
+    assert per_case.query("case_id == 'a.png'")["value"].iloc[0] == pytest.approx(
+        dice(got, truth["a"]), abs=1e-3
+    )
+    assert "raw argmax" in _predict(rgb_run, tmp_path / "np", str(images), "--no-postprocess").output
+
+
+def test_predict_tta_is_flip_equivariant_and_folds_select_runs(rgb_run, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    image = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(image).save(src / "x.png")
+    Image.fromarray(image[:, ::-1].copy()).save(src / "xf.png")
+    for tta in ("none", "flip"):
+        out = tmp_path / tta
+        _predict(rgb_run, out, str(src / "x.png"), str(src / "xf.png"), "--tta", tta, "--save-probabilities")
+        p, pf = np.load(out / "x_probs.npy"), np.load(out / "xf_probs.npy")
+        equivariant = np.allclose(p[..., ::-1], pf, atol=2e-3)
+        # a CNN is not flip-equivariant; averaged over flips, its prediction is
+        assert equivariant == (tta == "flip")
+    _predict(rgb_run, tmp_path / "fold1", str(src / "x.png"), "--folds", "1", "--save-probabilities")
+    _predict(rgb_run / "fold1_seed0", tmp_path / "alone", str(src / "x.png"), "--save-probabilities")
+    assert np.array_equal(
+        np.load(tmp_path / "fold1" / "x_probs.npy"), np.load(tmp_path / "alone" / "x_probs.npy")
+    )
+    missing = runner.invoke(
+        app, ["predict", "--run", str(rgb_run), "--out", str(tmp_path / "m"), str(src), "--folds", "4"]
+    )
+    assert missing.exit_code == 1 and "has runs of folds [0, 1] only" in missing.output
