@@ -320,7 +320,9 @@ def predict(
         help="also write <stem>_probs.npy: float16 (K, [D,] H, W) at the input's size",
     ),
     folds: str = typer.Option("", help="only the runs of these folds, e.g. 0,2 (default: every fold)"),
-    tta: str = typer.Option("none", help="none, or flip: average over the left-right, up-down and double flips"),
+    tta: str = typer.Option(
+        "none", help="none, or flip: average over the left-right, up-down and double flips"
+    ),
     postprocess: bool = typer.Option(
         True,
         "--postprocess/--no-postprocess",
@@ -413,7 +415,9 @@ def evaluate(
         None, help="meta.json of the processed training data, overriding the checkpoint's record"
     ),
     folds: str = typer.Option("", help="only the runs of these folds, e.g. 0,2 (default: every fold)"),
-    tta: str = typer.Option("none", help="none, or flip: average over the left-right, up-down and double flips"),
+    tta: str = typer.Option(
+        "none", help="none, or flip: average over the left-right, up-down and double flips"
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
 ) -> None:

@@ -211,3 +211,103 @@ def test_mask_threshold_is_validated():
     raw = tiny_raw_params()
     raw["data"]["custom"]["mask_threshold"] = 127
     assert params_from_dict(raw).data.custom.mask_threshold == 127
+
+
+# ------------------------------------------------------------------ nnU-Net's raw layout
+
+
+def _nnunet(root, ending=".png", labels=None, n=3):
+    """DatasetNNN_Name/ with dataset.json, imagesTr/<case>_0000<ending>, labelsTr/<case><ending>."""
+    import json
+
+    raw = root / "Dataset042_Polyps"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    (raw / "imagesTs").mkdir()  # no labels: not read
+    desc = {
+        "channel_names": {"0": "R", "1": "G", "2": "B"} if ending != ".nii.gz" else {"0": "CT"},
+        "labels": labels or {"background": 0, "polyp": 1},
+        "numTraining": n,
+        "file_ending": ending,
+    }
+    (raw / "dataset.json").write_text(json.dumps(desc))
+    truth = {}
+    for k in range(n):
+        label = np.zeros((20, 30), np.uint8)
+        label[3 : 8 + k, 4:12] = 1
+        truth[f"case_{k:03d}"] = label
+        if ending == ".nii.gz":
+            from medfusion.data.io import write_nifti
+
+            write_nifti(
+                raw / "imagesTr" / f"case_{k:03d}_0000.nii.gz",
+                np.stack([GREY.astype(np.float32)] * 4),
+                (2.0, 1.0, 1.0),
+            )
+            write_nifti(raw / "labelsTr" / f"case_{k:03d}.nii.gz", np.stack([label] * 4), (2.0, 1.0, 1.0))
+        else:
+            Image.fromarray(RGB).save(raw / "imagesTr" / f"case_{k:03d}_0000{ending}")
+            Image.fromarray(label).save(raw / "labelsTr" / f"case_{k:03d}{ending}")
+    if ending != ".nii.gz":
+        Image.fromarray(RGB).save(raw / "imagesTs" / f"test_000_0000{ending}")
+    return raw, truth
+
+
+def _custom_params(**changes) -> dict:
+    return {**dataclasses.asdict(PARAMS.data.custom), "class_names": ["background", "polyp"], **changes}
+
+
+def test_nnunet_raw_layout_2d(tmp_path):
+    raw, truth = _nnunet(tmp_path / "src")
+    custom = _custom_params(group_pattern=r"^(case)_")  # one patient: the pattern sees the case id
+    fetch_dataset("custom", tmp_path / "raw", tmp_path / "src", PARAMS.data.synthetic, custom)
+    meta = preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc", 16, custom)
+    assert sorted(meta["cases"]) == sorted(truth) and meta["num_groups"] == 1
+    assert not (tmp_path / "raw" / "Dataset042_Polyps" / "imagesTs").exists()
+    for case, label in truth.items():
+        path = tmp_path / "raw" / meta["cases"][case]["label"]
+        assert np.array_equal(read_label(path, "image", "custom", ["background", "polyp"]), label)
+
+
+def test_nnunet_raw_layout_volumes(tmp_path):
+    _nnunet(tmp_path / "src", ending=".nii.gz")
+    custom = _custom_params(kind="volume", modality="ct")
+    fetch_dataset(
+        "custom", tmp_path / "raw", tmp_path / "src" / "Dataset042_Polyps", PARAMS.data.synthetic, custom
+    )
+    meta = preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc", 16, custom)
+    assert meta["num_cases"] == 3 and meta["num_samples"] == 12
+    assert meta["cases"]["case_001"]["spacing"] == [2.0, 1.0, 1.0]
+
+
+def test_nnunet_layout_refusals_name_the_file_and_the_fix(tmp_path):
+    import json
+
+    from medfusion.data.fetch import FetchError
+
+    raw, _ = _nnunet(tmp_path / "a", labels={"background": 0, "lesion": 1})
+    with pytest.raises(
+        FetchError, match=r"labels \['background', 'lesion'\]; .*set data.custom.class_names to"
+    ):
+        fetch_dataset("custom", tmp_path / "r1", tmp_path / "a", PARAMS.data.synthetic, _custom_params())
+    raw, _ = _nnunet(tmp_path / "b")
+    Image.fromarray(GREY).save(raw / "imagesTr" / "case_001_0001.png")
+    with pytest.raises(FetchError, match=r"case 'case_001' has channel files \['0000', '0001'\]"):
+        fetch_dataset("custom", tmp_path / "r2", tmp_path / "b", PARAMS.data.synthetic, _custom_params())
+    raw, _ = _nnunet(tmp_path / "c")
+    (raw / "labelsTr" / "case_002.png").unlink()
+    with pytest.raises(FetchError, match=r"case_002_0000.png: no label labelsTr/case_002.png"):
+        fetch_dataset("custom", tmp_path / "r3", tmp_path / "c", PARAMS.data.synthetic, _custom_params())
+    raw, _ = _nnunet(tmp_path / "d")
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "polyp": 1}}))
+    with pytest.raises(FetchError, match=r"dataset.json: not an nnU-Net dataset.json"):
+        fetch_dataset("custom", tmp_path / "r4", tmp_path / "d", PARAMS.data.synthetic, _custom_params())
+    raw, _ = _nnunet(tmp_path / "e")
+    with pytest.raises(FetchError, match=r"file_ending '.png', but data.custom.kind = volume expects"):
+        fetch_dataset(
+            "custom",
+            tmp_path / "r5",
+            tmp_path / "e",
+            PARAMS.data.synthetic,
+            _custom_params(kind="volume", modality="ct"),
+        )

@@ -9,6 +9,7 @@ the URL tried and the params key / CLI option that points it at a local copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -73,11 +74,14 @@ def mask_path(spec: DatasetSpec, root: Path, image: Path) -> Path:
 
 
 def custom_pairs(root: Path, kind: str) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs of a custom dataset: images/ + masks/ (or labels/) matched by file stem.
+    """(image, mask) pairs of a custom dataset: images/ + masks/ (or labels/) matched by file stem, or
+    nnU-Net's raw layout (`nnunet_pairs`). The case id is the mask's stem.
 
     Raises:
         FetchError: no such folders, an image without its mask, or a file of the wrong kind.
     """
+    if nnunet_root(root) is not None:
+        return nnunet_pairs(nnunet_root(root), kind)
     image_dir = root / "images"
     mask_dir = next((root / d for d in ("masks", "labels") if (root / d).is_dir()), None)
     if not image_dir.is_dir() or mask_dir is None:
@@ -86,6 +90,98 @@ def custom_pairs(root: Path, kind: str) -> list[tuple[Path, Path]]:
     if not any(_visible(image_dir.iterdir())):
         raise FetchError(f"{image_dir}: no images found; layout: {CUSTOM_LAYOUT}")
     return stem_pairs(image_dir, mask_dir, wanted, f"data.custom.kind = {kind}")
+
+
+NNUNET_LAYOUT = (
+    "nnU-Net raw: dataset.json + imagesTr/<case>_0000<file_ending> + labelsTr/<case><file_ending> "
+    "(imagesTs/ is not read: it has no labels)"
+)
+
+
+def nnunet_root(root: Path) -> Path | None:
+    """The nnU-Net raw dataset folder at `root` (dataset.json, imagesTr/, labelsTr/), or in its one
+    DatasetNNN_Name subfolder; None when `root` is not laid out so."""
+
+    def is_raw(p: Path) -> bool:
+        return (p / "dataset.json").is_file() and (p / "imagesTr").is_dir() and (p / "labelsTr").is_dir()
+
+    if is_raw(root):
+        return root
+    found = [p for p in sorted(Path(root).glob("Dataset[0-9][0-9][0-9]_*")) if is_raw(p)]
+    return found[0] if len(found) == 1 else None
+
+
+def nnunet_description(root: Path) -> dict:
+    """dataset.json of an nnU-Net raw dataset, checked: channel_names, labels (name -> one integer,
+    0..K-1, background 0) and file_ending. -> {"channels": [...], "labels": [names by value], "ending"}.
+
+    Raises:
+        FetchError: a missing or malformed key, naming it and the file.
+    """
+    path = root / "dataset.json"
+    try:
+        desc = json.loads(path.read_text())
+        channels = [desc["channel_names"][k] for k in sorted(desc["channel_names"], key=int)]
+        labels, ending = desc["labels"], str(desc["file_ending"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FetchError(
+            f"{path}: not an nnU-Net dataset.json (channel_names, labels, file_ending; {err!r})"
+        ) from None
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in labels.values()):
+        raise FetchError(
+            f"{path}: labels {labels}; expected one integer per class (region-based labels are not read)"
+        )
+    by_value = {v: k for k, v in labels.items()}
+    if sorted(by_value) != list(range(len(labels))) or by_value.get(0) != "background":
+        raise FetchError(f"{path}: labels {labels}; expected background = 0 and the classes numbered 1..K-1")
+    return {"channels": channels, "labels": [by_value[v] for v in range(len(labels))], "ending": ending}
+
+
+def nnunet_pairs(root: Path, kind: str, class_names: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """(imagesTr/<case>_0000<ending>, labelsTr/<case><ending>) of an nnU-Net raw dataset.
+
+    One image file per case: a 2-D RGB or grey file (nnU-Net's natural-image convention: channel_names
+    R, G, B with one file), or one volume (custom volumes take one modality). `class_names` (when
+    given) must be dataset.json's label names in value order.
+
+    Raises:
+        FetchError: dataset.json malformed or disagreeing with data.custom, a case with several channel
+            files, a missing channel 0000 or label, a file ending of the wrong kind.
+    """
+    desc = nnunet_description(root)
+    ending = desc["ending"]
+    wanted = NIFTI_SUFFIXES if kind == "volume" else IMAGE_SUFFIXES
+    if not ending.lower().endswith(wanted):
+        raise FetchError(
+            f"{root / 'dataset.json'}: file_ending {ending!r}, but data.custom.kind = {kind} expects {', '.join(wanted)}"
+        )
+    if class_names is not None and list(class_names) != desc["labels"]:
+        raise FetchError(
+            f"{root / 'dataset.json'}: labels {desc['labels']}; data.custom.class_names is {list(class_names)}: "
+            f"set data.custom.class_names to {desc['labels']}"
+        )
+    channels: dict[str, list[str]] = {}
+    for image in _visible((root / "imagesTr").iterdir()):
+        m = re.fullmatch(rf"(.+)_(\d{{4}}){re.escape(ending)}", image.name)
+        if m is None:
+            raise FetchError(f"{image}: not <case>_NNNN{ending}, as nnU-Net's imagesTr/ names files")
+        channels.setdefault(m.group(1), []).append(m.group(2))
+    pairs = []
+    for case, found in sorted(channels.items()):
+        if found != ["0000"]:
+            raise FetchError(
+                f"{root / 'imagesTr'}: case {case!r} has channel files {sorted(found)}; custom data takes one "
+                "image file per case (_0000: an RGB or grey 2-D image, or one volume)"
+            )
+        label = root / "labelsTr" / f"{case}{ending}"
+        if not label.is_file():
+            raise FetchError(
+                f"{root / 'imagesTr' / (case + '_0000' + ending)}: no label {label.relative_to(root)}"
+            )
+        pairs.append((root / "imagesTr" / f"{case}_0000{ending}", label))
+    if not pairs:
+        raise FetchError(f"{root / 'imagesTr'}: no images found; layout: {NNUNET_LAYOUT}")
+    return pairs
 
 
 def stem_pairs(
@@ -166,6 +262,10 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
             files += [volume, label]
     elif spec.name in ("msd_prostate", "msd_liver"):
         files = [f for pair in msd_pairs(root, spec.name.removeprefix("msd_")) for f in pair]
+    elif spec.name == "custom" and nnunet_root(root) is not None:
+        nnunet = nnunet_root(root)
+        pairs = nnunet_pairs(nnunet, spec.kind, list(spec.class_names))
+        files = [nnunet / "dataset.json"] + [f for pair in pairs for f in pair]
     elif spec.name == "custom":
         files = [f for pair in custom_pairs(root, spec.kind) for f in pair]
     else:

@@ -159,7 +159,7 @@ def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None
     if spec.name == "custom":
         refs = []
         for image, label in custom_pairs(root, spec.kind):
-            stem = file_stem(image)
+            stem = file_stem(label)  # the case id: the image's stem, or nnU-Net's <case> of <case>_0000
             refs.append(CaseRef(stem, _custom_group(image, stem, group_pattern), image, label))
         return refs
     raise DataError(f"dataset {spec.name!r} has no reader")

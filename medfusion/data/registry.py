@@ -209,7 +209,8 @@ DATASETS: dict[str, DatasetSpec] = {
 
 CUSTOM_LAYOUT = (
     "images/ + masks/ (or labels/) with matching file stems: 2-D PNG/JPEG/TIFF/BMP/GIF/PPM/PGM images and masks "
-    "(data.custom.kind: image), or NIfTI image/label volumes (kind: volume)"
+    "(data.custom.kind: image), or NIfTI image/label volumes (kind: volume); or nnU-Net's raw layout "
+    "(dataset.json + imagesTr/<case>_0000<ending> + labelsTr/<case><ending>)"
 )
 
 # What each intensity family means for a custom dataset: channels and the `modality` preprocessing key.
