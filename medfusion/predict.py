@@ -14,7 +14,8 @@ How the training data was preprocessed, in order of preference:
 Outputs in the output folder, per input <stem>:
     <stem>_mask.png       2-D input: uint8 class indices 0..K-1 (not scaled: a binary mask looks black
                           in a viewer; use --overlay to look at it), the input's width and height.
-    <stem>_mask.nii.gz    NIfTI input: uint8 class indices, the input's shape and affine (so its spacing).
+    <stem>_mask.nii.gz    NIfTI input: uint8 class indices, the input's shape and affine (so its spacing),
+                          in its own voxel order (read reoriented to RAS+, written back: `io.from_canonical`).
     <stem>_overlay.png    with --overlay, 2-D: the input with the classes in colour.
     <stem>_overlay_slice<k>.png   with --overlay, volumes: axial slice k, the one with the largest
                           predicted foreground (the middle one when nothing is found).
@@ -44,6 +45,7 @@ from medfusion.data.fetch import NIFTI_SUFFIXES
 from medfusion.data.io import (
     IMAGE_SUFFIXES,
     DataError,
+    from_canonical,
     read_image,
     read_json,
     read_nifti,
@@ -453,11 +455,16 @@ def _mask_of(probs: np.ndarray, shape: tuple[int, ...], postprocess: PostProcess
     return labels_at(probs, shape) if postprocess is None else apply_postprocess(postprocess, probs, shape)
 
 
-def _save_probabilities(path: Path, probs: np.ndarray, shape: tuple[int, ...]) -> None:
-    """(K, [D,] H, W) float16 probabilities at the input's `shape`, written whole (temp file + rename)."""
+def _save_probabilities(
+    path: Path, probs: np.ndarray, shape: tuple[int, ...], affine: list | None = None
+) -> None:
+    """(K, [D,] H, W) float16 probabilities at the input's `shape` (a volume's in its file's own axes,
+    as its mask: `affine`), written whole (temp file + rename)."""
     out = np.empty((probs.shape[0], *shape), np.float16)
     for k, p in enumerate(slices_at(probs, shape)):
         out[(slice(None), k) if len(shape) == 3 else slice(None)] = p
+    if affine is not None:
+        out = np.stack([from_canonical(c, affine) for c in out])
     tmp = path.with_name(f".{path.name}.tmp.npy")
     np.save(tmp, out)
     tmp.replace(path)
@@ -490,9 +497,10 @@ def predict_file(
     mask = _mask_of(probs, case.label.shape, outputs.postprocess)  # (D, H, W), each slice resized in-plane
     if outputs.probabilities:
         written.append(out_dir / f"{stem}_probs.npy")
-        _save_probabilities(written[-1], probs, case.label.shape)
+        _save_probabilities(written[-1], probs, case.label.shape, case.affine)
     written.append(out_dir / f"{stem}_mask.nii.gz")
-    write_nifti(written[-1], mask, case.spacing, case.affine)
+    # predicted in the canonical axes read_nifti gives; written back in the input's own axes and affine
+    write_nifti(written[-1], from_canonical(mask, case.affine), case.spacing, case.affine)
     if outputs.overlay:
         area = (mask > 0).sum(axis=(1, 2))
         k = int(area.argmax()) if area.any() else len(mask) // 2

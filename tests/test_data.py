@@ -130,5 +130,7 @@ def test_nifti_and_metaimage_readers(tmp_path):
     back, spacing = read_metaimage(tmp_path / "c.mhd")
     assert np.array_equal(back, vol) and spacing == pytest.approx((2.5, 0.7, 0.8))
     (tmp_path / "c.mhd").write_text("DimSize = 5 3 2\nElementType = MET_SHORT\nElementDataFile = c.raw\n")
-    with pytest.raises(DataError, match="header c.mhd says 30"):
+    with pytest.raises(
+        DataError, match=r"c.raw: 48 bytes; header c.mhd says 60 \(DimSize \[5, 3, 2\], MET_SHORT\)"
+    ):
         read_metaimage(tmp_path / "c.mhd")

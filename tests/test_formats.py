@@ -311,3 +311,82 @@ def test_nnunet_layout_refusals_name_the_file_and_the_fix(tmp_path):
             PARAMS.data.synthetic,
             _custom_params(kind="volume", modality="ct"),
         )
+
+
+# ------------------------------------------------------------------ volumes as they were acquired
+
+
+def _reoriented(tmp_path, name: str, data_xyz: np.ndarray, affine: np.ndarray):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data_xyz, affine), str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_nifti_in_any_orientation_reads_the_same_canonical_volume(tmp_path):
+    import nibabel as nib
+
+    from medfusion.data.io import from_canonical, read_nifti
+
+    ras = RNG.normal(size=(6, 5, 4)).astype(np.float32)  # (x, y, z), RAS+ axes
+    ras_affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    ref, spacing = read_nifti(_reoriented(tmp_path, "ras.nii.gz", ras, ras_affine))
+    # the same scan stored as (z, x, y) with x and z flipped: the affine says so
+    stored = np.transpose(ras[::-1, :, ::-1], (2, 0, 1)).copy()
+    affine = np.zeros((4, 4))
+    affine[0, 1], affine[1, 2], affine[2, 0], affine[3, 3] = -0.7, 0.8, -2.5, 1.0
+    affine[:3, 3] = [0.7 * 5, 0.0, 2.5 * 3]  # the first voxel is the far corner of the flipped axes
+    assert nib.aff2axcodes(affine) == ("I", "L", "A")  # array axes: z flipped, x flipped, y
+    volume, moved, file_affine = read_nifti(
+        _reoriented(tmp_path, "zxy.nii.gz", stored, affine), with_affine=True
+    )
+    assert np.array_equal(volume, ref)
+    assert moved == pytest.approx(spacing) and spacing == pytest.approx((2.5, 0.8, 0.7))
+    assert np.allclose(file_affine, affine)
+    # back in the file's own axes: what write_nifti then stores with that affine
+    assert np.array_equal(np.transpose(from_canonical(volume, file_affine), (2, 1, 0)), stored)
+
+
+def test_label_in_another_space_is_refused_by_name(tmp_path):
+    from medfusion.data.fetch import fetch_dataset as fetch
+    from medfusion.data.io import write_nifti
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    write_nifti(src / "images" / "v1.nii.gz", RNG.normal(size=(4, 8, 8)).astype(np.float32), (2.0, 1.0, 1.0))
+    write_nifti(
+        src / "masks" / "v1.nii.gz",
+        np.zeros((4, 8, 8), np.uint8),
+        (2.0, 1.0, 1.0),
+        np.diag([1.0, 1.0, 3.0, 1.0]).tolist(),
+    )
+    custom = {**dataclasses.asdict(PARAMS.data.custom), "kind": "volume", "modality": "ct"}
+    fetch("custom", tmp_path / "raw", src, PARAMS.data.synthetic, custom)
+    with pytest.raises(
+        DataError,
+        match=r"masks/v1.nii.gz: its affine .* differs from image v1.nii.gz's .*not in the image's space",
+    ):
+        preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc", 8, custom)
+
+
+def test_metaimage_compressed_and_single_file_through_simpleitk(tmp_path):
+    import SimpleITK as sitk
+
+    from medfusion.data.io import read_metaimage
+
+    vol = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    image = sitk.GetImageFromArray(vol)
+    image.SetSpacing((0.8, 0.7, 2.5))
+    for name, compress in (("a.mha", True), ("b.mhd", True), ("c.mha", False)):
+        sitk.WriteImage(image, str(tmp_path / name), useCompression=compress)
+        back, spacing = read_metaimage(tmp_path / name)
+        assert (
+            back.dtype == np.float32
+            and np.array_equal(back, vol)
+            and spacing == pytest.approx((2.5, 0.7, 0.8))
+        )
+        assert read_metaimage(tmp_path / name, integers=True)[0].dtype == np.int16
+    (tmp_path / "bad.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    with pytest.raises(DataError, match=r"bad.mha: cannot read MetaImage"):
+        read_metaimage(tmp_path / "bad.mha")

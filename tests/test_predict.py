@@ -149,6 +149,28 @@ def test_nifti_keeps_shape_and_affine_and_finds_meta_beside_runs(ct_run, tmp_pat
     assert len(list(out.glob("vol_overlay_slice*.png"))) == 1
 
 
+def test_nifti_stored_in_another_orientation_gets_its_mask_in_its_own_axes(ct_run, tmp_path):
+    """The same scan stored RAS and stored (y, x, z) with x flipped: read reoriented to RAS, both
+    predict the same labels, each mask written back in its own file's voxel order and affine."""
+    data = np.random.default_rng(1).normal(50, 120, (20, 24, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.5, 1.0])), str(tmp_path / "ras.nii.gz"))
+    stored = np.transpose(data[::-1], (1, 0, 2)).copy()  # (y, x flipped, z)
+    affine = np.array([[0, -0.7, 0, 0.7 * 19], [0.8, 0, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(stored, affine), str(tmp_path / "yxz.nii.gz"))
+    out = tmp_path / "out"
+    args = ["predict", "--run", str(ct_run), str(tmp_path / "ras.nii.gz"), str(tmp_path / "yxz.nii.gz")]
+    assert runner.invoke(app, [*args, "--out", str(out), "--save-probabilities"]).exit_code == 0
+    ras = np.asarray(nib.load(str(out / "ras_mask.nii.gz")).dataobj)
+    other = nib.load(str(out / "yxz_mask.nii.gz"))
+    assert other.shape == stored.shape and np.allclose(other.affine, affine)
+    assert np.array_equal(np.asarray(other.dataobj), np.transpose(ras[::-1], (1, 0, 2)))
+    # the probabilities (which vary, unlike this random model's labels) follow the same axes
+    p_ras, p_other = np.load(out / "ras_probs.npy"), np.load(out / "yxz_probs.npy")
+    assert p_ras.shape == (3, 6, 24, 20) and p_other.shape == (3, 6, 20, 24)  # (K, z, y, x) of each file
+    assert np.allclose(p_other, np.transpose(p_ras[..., ::-1], (0, 1, 3, 2)), atol=1e-3)
+    assert p_ras.std() > 1e-3
+
+
 def test_checkpoint_preprocess_record_and_explicit_meta(tmp_path):
     """No meta.json anywhere: the checkpoint's `preprocess` suffices; --processed-meta overrides it."""
     path = tmp_path / "model.pt"

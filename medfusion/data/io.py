@@ -4,8 +4,9 @@
 applied; TIFFs that Pillow cannot read or reads wrongly go through tifffile (`_tiff_by_tifffile`:
 more than one sample under a MinIsBlack/MinIsWhite photometric, more than 8 bits per sample).
 Multi-frame files (multi-page TIFF, animated GIF) are refused: one file is one 2-D image. 3-D: NIfTI
-through nibabel, MetaImage (.mhd + .raw) with a small reader of our own (PROMISE12's format). Every
-reader raises `DataError` naming the file.
+through nibabel, reoriented to the closest canonical (RAS+) orientation (`read_nifti`; `from_canonical`
+turns a prediction back into the file's own axes), MetaImage (.mhd + data file or .mha, compressed or
+not: PROMISE12's format) through SimpleITK. Every reader raises `DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -165,13 +166,20 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False, integers: bool = False):
+def read_nifti(
+    path: Path, ndim: int = 3, with_affine: bool = False, integers: bool = False, canonical: bool = True
+):
     """Read a NIfTI volume as (D, H, W) float32 (slices first) and its spacing (z, y, x) in mm.
 
+    `canonical` (the default): the voxels are first reoriented to the closest canonical orientation
+    (RAS+: x to the patient's right... left, y to anterior, z to superior; nibabel's `io_orientation`,
+    axis permutations and flips only, no resampling), so that scans stored in any orientation give
+    the same slicing (D = superior axis) and in-plane layout; the spacing follows the axes.
     ndim=4 reads a multi-modal volume (X, Y, Z, M) as (M, D, H, W). `with_affine` also returns the
-    4x4 affine as nested lists (to write predictions in the same space). `integers` (label maps):
-    a file stored as integers without scaling is returned in its own integer type (a uint8 label
-    volume of 10^8 voxels stays 100 MB instead of 400 MB as float32); others as float32.
+    file's own 4x4 affine as nested lists (`from_canonical` + `write_nifti` write a prediction back
+    in the file's space). `integers` (label maps): a file stored as integers without scaling is
+    returned in its own integer type (a uint8 label volume of 10^8 voxels stays 100 MB instead of
+    400 MB as float32); others as float32.
 
     Raises:
         DataError: unreadable, or not `ndim`-dimensional (e.g. a 4-D volume where 3-D is expected).
@@ -193,7 +201,16 @@ def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False, integers: b
     if data.ndim != ndim:
         what = "3-D volume" if ndim == 3 else f"{ndim}-D volume (x, y, z, modality)"
         raise DataError(f"{path}: expected a {what}, got shape {data.shape}")
-    sx, sy, sz = (float(s) for s in img.header.get_zooms()[:3])
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if canonical:
+        ornt = nib.orientations.io_orientation(img.affine)
+        if not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+            data = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+            moved = [0.0, 0.0, 0.0]
+            for axis, (target, _flip) in enumerate(ornt):
+                moved[int(target)] = zooms[axis]
+            zooms = moved
+    sx, sy, sz = zooms
     if ndim == 4:
         volume = np.transpose(data, (3, 2, 1, 0))  # (X, Y, Z, M) -> (M, Z, Y, X)
     else:
@@ -201,6 +218,27 @@ def read_nifti(path: Path, ndim: int = 3, with_affine: bool = False, integers: b
     if with_affine:
         return volume, (sz, sy, sx), np.asarray(img.affine, dtype=float).tolist()
     return volume, (sz, sy, sx)
+
+
+def from_canonical(volume: np.ndarray, affine: list) -> np.ndarray:
+    """A (D, H, W) array in the canonical axes `read_nifti` gives, back in the axes of the file whose
+    `affine` it came from (for `write_nifti` with that affine): the inverse of its reorientation."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=float))
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    xyz = nib.orientations.apply_orientation(np.transpose(volume, (2, 1, 0)), back)
+    return np.ascontiguousarray(np.transpose(xyz, (2, 1, 0)))
+
+
+def nifti_affine(path: Path) -> np.ndarray:
+    """The 4x4 affine of a NIfTI file (its header only)."""
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=float)
+    except Exception as err:
+        raise DataError(f"{path}: cannot read NIfTI ({err})") from err
 
 
 def write_nifti(
@@ -216,50 +254,71 @@ def write_nifti(
     nib.save(nib.Nifti1Image(np.transpose(volume, axes), affine), str(path))
 
 
-_MET_TYPES = {
-    "MET_UCHAR": np.uint8,
-    "MET_CHAR": np.int8,
-    "MET_USHORT": np.uint16,
-    "MET_SHORT": np.int16,
-    "MET_UINT": np.uint32,
-    "MET_INT": np.int32,
-    "MET_FLOAT": np.float32,
-    "MET_DOUBLE": np.float64,
-}
+METAIMAGE_SUFFIXES = (".mhd", ".mha")
 
 
-def read_metaimage(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read an uncompressed MetaImage (.mhd header + raw data file) as (D, H, W) float32 and spacing (z, y, x)."""
+def is_metaimage(path: Path) -> bool:
+    return Path(path).suffix.lower() in METAIMAGE_SUFFIXES
+
+
+def _metaimage_header_check(path: Path) -> None:
+    """A detached, uncompressed .mhd header checked against its data file before SimpleITK reads it
+    (SimpleITK's own message for a short data file names neither file nor sizes)."""
     try:
         header = dict(
             (k.strip(), v.strip())
-            for k, v in (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+            for k, v in (
+                line.split("=", 1) for line in path.read_text(errors="replace").splitlines() if "=" in line
+            )
         )
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read MetaImage header ({err})") from err
-    if header.get("CompressedData", "False").lower() == "true":
-        raise DataError(f"{path}: compressed MetaImage is not supported; expected CompressedData = False")
-    if header.get("ElementType") not in _MET_TYPES:
-        raise DataError(
-            f"{path}: ElementType {header.get('ElementType')!r}; expected one of {sorted(_MET_TYPES)}"
-        )
-    dims = [int(v) for v in header.get("DimSize", "").split()]
-    if len(dims) != 3:
-        raise DataError(f"{path}: DimSize {dims}; expected 3 values (a 3-D volume)")
-    spacing = [float(v) for v in header.get("ElementSpacing", "1 1 1").split()]
-    dtype = np.dtype(_MET_TYPES[header["ElementType"]])
-    if header.get("BinaryDataByteOrderMSB", "False").lower() == "true":
-        dtype = dtype.newbyteorder(">")
-    raw_path = path.parent / header.get("ElementDataFile", "")
-    count = dims[0] * dims[1] * dims[2]
-    try:
-        data = np.fromfile(raw_path, dtype=dtype)
     except OSError as err:
-        raise DataError(f"{path}: cannot read data file {raw_path} ({err})") from err
-    if data.size != count:
-        raise DataError(f"{raw_path}: {data.size} values; header {path.name} says {count} (DimSize {dims})")
-    volume = data.reshape(dims[2], dims[1], dims[0]).astype(np.float32)  # x fastest -> (Z, Y, X)
-    return volume, (spacing[2], spacing[1], spacing[0])
+        raise DataError(f"{path}: cannot read MetaImage header ({err})") from err
+    data_file = header.get("ElementDataFile", "")
+    if header.get("CompressedData", "False").lower() == "true" or data_file in ("", "LOCAL", "LIST"):
+        return
+    sizes = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+             "MET_FLOAT": 4, "MET_DOUBLE": 8}  # fmt: skip
+    try:
+        dims = [int(v) for v in header["DimSize"].split()]
+        count = int(np.prod(dims)) * int(header.get("ElementNumberOfChannels", "1"))
+        expected = count * sizes[header["ElementType"]]
+    except (KeyError, ValueError):
+        return  # SimpleITK says what is wrong with the header
+    raw = path.parent / data_file
+    if raw.is_file() and raw.stat().st_size != expected:
+        raise DataError(
+            f"{raw}: {raw.stat().st_size} bytes; header {path.name} says {expected} "
+            f"(DimSize {dims}, {header['ElementType']})"
+        )
+
+
+def read_metaimage(path: Path, integers: bool = False) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a MetaImage (.mhd + data file, or one .mha; compressed or not) with SimpleITK as (D, H, W)
+    and spacing (z, y, x) in mm: float32, or with `integers` (label maps) the stored integer type.
+
+    Raises:
+        DataError: unreadable, a data file of the wrong size, or not a 3-D scalar volume.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.suffix.lower() == ".mhd":
+        _metaimage_header_check(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "ERROR" in line or "rror" in line]
+        raise DataError(f"{path}: cannot read MetaImage ({lines[-1] if lines else err})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"{path}: a {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
+            "component(s) per voxel; expected a 3-D scalar volume"
+        )
+    volume = sitk.GetArrayFromImage(image)  # (z, y, x)
+    if not (integers and volume.dtype.kind in "ui"):
+        volume = volume.astype(np.float32, copy=False)
+    sx, sy, sz = image.GetSpacing()
+    return volume, (sz, sy, sx)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

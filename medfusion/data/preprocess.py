@@ -61,6 +61,8 @@ from medfusion.data.fetch import FetchError, custom_pairs, dataset_files, file_s
 from medfusion.data.io import (
     DataError,
     atomic_dir,
+    is_metaimage,
+    nifti_affine,
     read_image,
     read_label_image,
     read_metaimage,
@@ -238,7 +240,9 @@ def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | l
         DataError: unreadable, NaN or infinite voxels, or values beyond the classes.
     """
     path = Path(path)
-    label = read_metaimage(path)[0] if path.suffix == ".mhd" else read_nifti(path, ndim=3, integers=True)[0]
+    label = (
+        read_metaimage(path, integers=True) if is_metaimage(path) else read_nifti(path, ndim=3, integers=True)
+    )[0]
     if label.dtype.kind == "f":
         if not np.isfinite(label).all():
             raise DataError(f"{path}: label has NaN or infinite voxels")
@@ -288,7 +292,7 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
         extra = {} if spec.mask_threshold is None else {"mask_grey_fraction": grey_fraction}
         return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2, extra=extra)
     affine = None
-    if ref.image.suffix == ".mhd":
+    if is_metaimage(ref.image):
         volume, spacing = read_metaimage(ref.image)
         volume = volume[None]
     else:
@@ -305,9 +309,21 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     label = read_volume_label(ref.label, spec.name, spec.class_names)
     if volume.shape[1:] != label.shape:
         raise DataError(
-            f"{ref.image}: volume shape {volume.shape[1:]} differs from its label's {label.shape}"
+            f"{ref.image}: volume shape {volume.shape[1:]} differs from its label's {label.shape} ({ref.label.name})"
         )
+    if affine is not None and not is_metaimage(ref.label):
+        _check_same_space(ref, np.asarray(affine), nifti_affine(ref.label))
     return RawCase(ref.case_id, ref.group, volume, label, spacing, affine)
+
+
+def _check_same_space(ref: CaseRef, image_affine: np.ndarray, label_affine: np.ndarray) -> None:
+    """Image and label must lie in one space: equal affines up to 1e-3 mm (float noise of writers)."""
+    if not np.allclose(image_affine, label_affine, rtol=1e-4, atol=1e-3):
+        raise DataError(
+            f"{ref.label}: its affine {np.round(label_affine, 4).tolist()} differs from image "
+            f"{ref.image.name}'s {np.round(image_affine, 4).tolist()}: the label is not in the image's "
+            "space (resample it onto the image, e.g. with SimpleITK, and write it with the image's affine)"
+        )
 
 
 def n4_correct(volume: np.ndarray, spacing: tuple[float, ...], shrink: int = 4) -> np.ndarray:
