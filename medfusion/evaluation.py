@@ -31,7 +31,7 @@ import torch
 from medfusion.common import first_line, run_name
 from medfusion.data.dataset import SegDataset, StoredRows
 from medfusion.data.io import DataError, read_json
-from medfusion.data.preprocess import case_refs, read_label
+from medfusion.data.preprocess import case_refs, read_fov, read_label
 from medfusion.data.registry import dataset_spec, scored_regions
 from medfusion.hardware import Precision
 from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
@@ -257,6 +257,9 @@ class Targets:
     `raw_dir`), read and validated as preprocessing reads it, checked against the recorded shape;
     spacing in mm where the dataset records it, else None (pixels). processed: the processed masks
     (stacked slices for volumes), spacing scaled to data.image_size (`processed_spacing`).
+    Field of view (custom 2-D data with fov/, meta.json `roi: fov`): `scored` gives the ground truth
+    set to background outside it and the FOV itself, which the prediction is restricted to before
+    post-processing and scoring (so only FOV pixels count).
     Memory: one case at a time.
     """
 
@@ -268,6 +271,8 @@ class Targets:
         self.masks = StoredRows(self.processed_dir / "masks.npy")  # read, not mapped: memory is one case
         self._second_files: dict[str, Path | None] | None = None  # the second observer's raw files, on demand
         self._second_rows: StoredRows | None = None  # observer2.npy, opened once on demand
+        self.has_fov = meta.get("roi") == "fov"
+        self._fov_rows = StoredRows(self.processed_dir / "fov.npy") if self.has_fov else None
         if resolution == "original":
             missing = [c for c, info in meta["cases"].items() if "label" not in info]
             if missing:
@@ -314,6 +319,23 @@ class Targets:
                 "at -S eval.resolution=processed"
             )
         return self._read(path, case_id)
+
+    def fov(self, case_id: str, rows: list[int]) -> np.ndarray | None:
+        """The case's field of view (bool) at the resolution scored; None where the dataset has none."""
+        if not self.has_fov:
+            return None
+        info = self.meta["cases"][case_id]
+        if self.resolution == "processed":
+            fov = np.asarray(self._fov_rows[rows])[0] > 0
+            return fov[: info["shape"][0], : info["shape"][1]] if self.meta["image_size"] == "native" else fov
+        return read_fov(self.raw_dir / info["fov"], tuple(info["shape"]), case_id)
+
+    def scored(self, case_id: str, rows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ground truth, field of view): the truth set to background outside the FOV, where there is one."""
+        target, fov = self.target(case_id, rows), self.fov(case_id, rows)
+        if fov is not None:
+            target = np.where(fov, target, 0).astype(target.dtype)
+        return target, fov
 
     def _read(self, path: Path, case_id: str) -> np.ndarray:
         info = self.meta["cases"][case_id]
@@ -418,6 +440,16 @@ def resolution_text(meta: dict, resolution: str, unit: str) -> str:
     )
 
 
+def roi_text(meta: dict) -> str:
+    """How the field of view restricts the scoring, for eval.json and the tables ('' without one)."""
+    if meta.get("roi") != "fov":
+        return ""
+    return (
+        "inside each image's field of view only (fov/: prediction and ground truth set to background "
+        "outside it before post-processing and scoring)"
+    )
+
+
 def evaluate_run(
     checkpoint_path: Path,
     processed_dir: Path,
@@ -440,8 +472,8 @@ def evaluate_run(
         model, dataset, batch_size, precision, checkpoint.get("patch_size")
     ):
         rows_of = [dataset.indices[i] for i in positions[case_id]]
-        target = targets.target(case_id, rows_of)
-        labels = labels_at(probs, target.shape)
+        target, fov = targets.scored(case_id, rows_of)
+        labels = _restricted(labels_at(probs, target.shape), fov)
         rows += _metric_rows(
             {case_id: labels}, {case_id: target}, regions, {case_id: targets.spacing(case_id)}
         )
@@ -524,7 +556,9 @@ def evaluate_model(
         "distance_unit": targets.unit,
         "image_size": meta["image_size"],
         "resolution": resolution,
-        "resolution_text": resolution_text(meta, resolution, targets.unit),
+        "resolution_text": resolution_text(meta, resolution, targets.unit)
+        + (f"; {roi_text(meta)}" if roi_text(meta) else ""),
+        "roi": meta.get("roi", "image"),
         "kind": meta["kind"],
         "title": meta.get("title", meta["dataset"]),
         "runs": len(runs),
@@ -554,11 +588,11 @@ def _choose_on_validation(
         positions, selector = case_positions(val_set), Selector(len(meta["class_names"]))
         patch = checkpoint.get("patch_size")  # native images: the run's sliding-window side
         for case_id, probs in iter_case_probs(model, val_set, batch_size, precision, patch):
-            target = targets.target(case_id, [val_set.indices[i] for i in positions[case_id]])
-            score = selector.score(probs, target)  # computed once, for the run and for the ensemble
+            target, fov = targets.scored(case_id, [val_set.indices[i] for i in positions[case_id]])
+            score = selector.score(probs, target, fov)  # computed once, for the run and for the ensemble
             selector.add_score(score)
             pooled.add_score(score)
-            del probs, target  # not held while the stream assembles the next case
+            del probs, target, fov  # not held while the stream assembles the next case
         chosen[name] = _selection_record(selector.result())
         loaded[name] = (model, patch)
     chosen["ensemble"] = _selection_record(pooled.result())
@@ -576,7 +610,7 @@ def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores
     }
     for case_id, positions in pictures.positions.items():
         rows = [test_set.indices[i] for i in positions]
-        target, spacing = targets.target(case_id, rows), targets.spacing(case_id)
+        (target, fov), spacing = targets.scored(case_id, rows), targets.spacing(case_id)
         ensemble = None
         for name, stream in streams.items():
             got, probs = next(stream)
@@ -586,10 +620,10 @@ def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores
                 ensemble = probs.astype(np.float32)
             else:
                 np.add(ensemble, probs, out=ensemble)
-            _score_case(scores, name, case_id, probs, settings[name], target, spacing)
+            _score_case(scores, name, case_id, probs, settings[name], target, spacing, fov)
             del probs  # before the next run's case arrives
         ensemble /= len(loaded)  # the runs' mean
-        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing)
+        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing, fov)
         pictures.add(case_id, rows, post)
         del ensemble, target, post  # this case's arrays, gone before the next case is read
 
@@ -614,7 +648,11 @@ def score_second_observer(
     regions, rows = case_regions(meta), []
     for case_id, positions in case_positions(test_set).items():
         sample_rows = [test_set.indices[i] for i in positions]
-        first, second = targets.target(case_id, sample_rows), targets.second_observer(case_id, sample_rows)
+        (first, fov), second = (
+            targets.scored(case_id, sample_rows),
+            targets.second_observer(case_id, sample_rows),
+        )
+        second = _restricted(second, fov)
         rows += _metric_rows(
             {case_id: second}, {case_id: first}, regions, {case_id: targets.spacing(case_id)}
         )
@@ -640,10 +678,16 @@ def _postprocess_of(record: dict) -> PostProcess:
     )
 
 
-def _score_case(scores: _Scores, run, case_id, probs, postprocess, target, spacing) -> np.ndarray:
-    """Score one run's case raw and post-processed at the target's shape; returns the post labels."""
-    raw = labels_at(probs, target.shape)
-    post = raw if postprocess == PostProcess() else apply_postprocess(postprocess, probs, target.shape)
+def _restricted(labels: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
+    """`labels` set to background outside the field of view (unchanged without one)."""
+    return labels if fov is None else np.where(fov, labels, 0).astype(labels.dtype)
+
+
+def _score_case(scores: _Scores, run, case_id, probs, postprocess, target, spacing, fov=None) -> np.ndarray:
+    """Score one run's case raw and post-processed at the target's shape (inside `fov` where there is
+    one); returns the post labels."""
+    raw = _restricted(labels_at(probs, target.shape), fov)
+    post = raw if postprocess == PostProcess() else apply_postprocess(postprocess, probs, target.shape, fov)
     scores.add(run, "raw", case_id, raw, target, spacing)
     scores.add(run, "post", case_id, post, target, spacing)
     return post

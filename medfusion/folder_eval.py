@@ -14,7 +14,8 @@ Post-processing: where the run's evaluation recorded the settings it chose on va
 `post` rows apply them (per run, and the ensemble's); otherwise only `raw` (argmax) rows are written.
 
 Field of view (`fov_dir`, optional, same stems): a pixel counts only where the FOV mask is non-zero.
-Prediction and ground truth are both set to background outside it before scoring, so overlap metrics
+Prediction and ground truth are both set to background outside it (the prediction before
+post-processing, as the pipeline's evaluation does with a custom dataset's fov/), so overlap metrics
 count only FOV pixels; boundaries are those of the masked maps (our choice: HD95/ASSD are computed on
 the masked maps, the FOV border being common to neither unless a structure touches it).
 
@@ -38,8 +39,9 @@ import torch
 from tqdm import tqdm
 
 from medfusion.common import atomic_write
+from medfusion.data import preprocess
 from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, stem_pairs
-from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json, read_label_image
+from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
 from medfusion.data.preprocess import label_2d, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
 from medfusion.metrics import COUNTS, pooled_dice, region_metrics
@@ -86,11 +88,10 @@ def folder_cases(images: Path, masks: Path, kind: str, fov: Path | None = None) 
     return [FolderCase(image, mask, fovs.get(image)) for image, mask in pairs]
 
 
-def read_fov(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A field-of-view mask as bool (non-zero = inside), of the image's `shape`."""
-    fov = read_label_image(path) > 0
-    if fov.shape != tuple(shape[-2:]):
-        raise DataError(f"{path}: FOV mask of size {fov.shape}; its image is {tuple(shape[-2:])}")
+def read_fov(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
+    """A field-of-view mask as bool (non-zero = inside) of the image's `shape` (a volume's: the same
+    2-D field of view on every slice)."""
+    fov = preprocess.read_fov(path, shape, image_name)
     return fov if len(shape) == 2 else np.broadcast_to(fov, shape)
 
 
@@ -161,7 +162,7 @@ def score_case(
     raw_case = read_input(case.image, prep)
     shape = raw_case.label.shape  # (H, W) or (D, H, W)
     target = _target(case, ensemble, mask_threshold, shape)
-    fov = read_fov(case.fov, shape) if case.fov is not None else None
+    fov = read_fov(case.fov, shape, case.image.name) if case.fov is not None else None
     if fov is not None:
         target = np.where(fov, target, 0).astype(np.uint8)
     per_model = case_probs(ensemble, model_inputs(raw_case, prep), batch_size)
@@ -175,7 +176,7 @@ def score_case(
             probs = probs[:, 0, : shape[0], : shape[1]] if prep.native else probs[:, 0]
         kinds = {"raw": labels_at(probs, shape)}
         if run in post:
-            kinds["post"] = apply_postprocess(post[run], probs, shape)
+            kinds["post"] = apply_postprocess(post[run], probs, shape, fov)
         for kind, labels in kinds.items():
             if fov is not None:
                 labels = np.where(fov, labels, 0).astype(np.uint8)

@@ -119,9 +119,15 @@ def apply_binary(mask: np.ndarray, min_size: int, fill: bool) -> np.ndarray:
     return fill_holes(mask) if fill else mask
 
 
-def apply(postprocess: PostProcess, probs: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+def apply(
+    postprocess: PostProcess,
+    probs: np.ndarray,
+    shape: Sequence[int] | None = None,
+    fov: np.ndarray | None = None,
+) -> np.ndarray:
     """Labels (uint8) of one case from its probabilities (K, [D,] h, w), at `shape` (the case's
-    original (H, W) or (D, H, W); default the probabilities' own).
+    original (H, W) or (D, H, W); default the probabilities' own); with a field of view `fov` (bool,
+    of `shape`), background outside it before the components and holes.
 
     Thresholds (or argmax) first, slice by slice after the in-plane resize (`medfusion.resample`);
     then, for a binary task (K = 2), components and holes on the whole case at `shape`. min_size and
@@ -130,6 +136,8 @@ def apply(postprocess: PostProcess, probs: np.ndarray, shape: Sequence[int] | No
     """
     shape = tuple(probs.shape[1:]) if shape is None else tuple(shape)
     labels = labels_at(probs, shape, postprocess.thresholds)
+    if fov is not None:
+        labels[~fov] = 0
     if postprocess.min_size <= 1 and not postprocess.fill_holes:
         return labels
     if probs.shape[0] != 2:
@@ -166,12 +174,14 @@ class Selector:
         its label map (H, W) or (D, H, W) at the resolution scored."""
         self.add_score(self.score(pred, target))
 
-    def score(self, pred: np.ndarray, target: np.ndarray):
+    def score(self, pred: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None):
         """One case's Dice under every candidate, what `add` sums: to add it to several selectors
-        (a run's and the pooled one of the ensemble) without computing it twice."""
+        (a run's and the pooled one of the ensemble) without computing it twice. `fov` (bool, of the
+        target's shape): the prediction is background outside it, as `apply` makes it."""
         if self.num_classes == 2:
-            return self._score_binary(_binary_mask(pred, target), target == 1)
-        return self._score_thresholds(pred, target)
+            mask = _binary_mask(pred, target)
+            return self._score_binary(mask if fov is None else mask & fov, target == 1)
+        return self._score_thresholds(pred, target, fov)
 
     def add_score(self, score) -> None:
         """Add one case's `score` (from `score` of a selector with the same candidates)."""
@@ -201,15 +211,20 @@ class Selector:
             dice[i, 1] = filled
         return overlap_metrics(mask, target)["dice"], dice
 
-    def _score_thresholds(self, probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    def _score_thresholds(
+        self, probs: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None
+    ) -> np.ndarray:
         if probs.shape[0] != self.num_classes:
             raise ValueError(f"probabilities of {probs.shape[0]} classes for a {self.num_classes}-class task")
         k, n = self.num_classes - 1, len(self.candidates)
         tp, predicted, actual = np.zeros((k, n)), np.zeros((k, n)), np.zeros((k, 1))
         slices = [target] if target.ndim == 2 else target
-        for p, t in zip(slices_at(probs, target.shape), slices, strict=True):
+        fovs = [None] * len(slices) if fov is None else ([fov] if fov.ndim == 2 else fov)
+        for p, t, inside in zip(slices_at(probs, target.shape), slices, fovs, strict=True):
             # the candidate class and its probability per pixel do not depend on the thresholds
             candidate = p[1:].argmax(0) + 1
+            if inside is not None:
+                candidate[~inside] = 0  # background outside the field of view: no class is a candidate
             for c in range(1, self.num_classes):
                 here, truth = candidate == c, t == c
                 actual[c - 1] += np.count_nonzero(truth)

@@ -134,7 +134,7 @@ def test_field_of_view_restricts_the_scored_pixels(rgb_run, tmp_path):
     bad = _evaluate(
         rgb_run, images, masks, tmp_path / "bad", "--mask-threshold", "127", "--fov", str(fov_dir)
     )
-    assert bad.exit_code == 1 and "a.gif: FOV mask of size (5, 5); its image is (45, 70)" in bad.output
+    assert bad.exit_code == 1 and "a.gif: FOV mask of size (5, 5); its image a.png is (45, 70)" in bad.output
 
 
 def test_post_processing_recorded_on_validation_is_applied(rgb_run, tmp_path):

@@ -390,3 +390,65 @@ def test_metaimage_compressed_and_single_file_through_simpleitk(tmp_path):
     (tmp_path / "bad.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
     with pytest.raises(DataError, match=r"bad.mha: cannot read MetaImage"):
         read_metaimage(tmp_path / "bad.mha")
+
+
+# ------------------------------------------------------------------ fields of view
+
+
+def test_custom_fov_is_stored_and_scored_inside(tmp_path):
+    from medfusion.evaluation import Targets, _restricted, _score_case, _Scores, _split_counts
+    from medfusion.postprocess import PostProcess
+
+    src = tmp_path / "src"
+    for d in ("images", "masks", "fov"):
+        (src / d).mkdir(parents=True)
+    truth = np.zeros((20, 30), np.uint8)
+    truth[4:16, 5:25] = 1
+    fov = np.zeros((20, 30), bool)
+    fov[:, :15] = True  # the left half
+    for k in range(2):
+        Image.fromarray(RGB).save(src / "images" / f"c{k}.png")
+        Image.fromarray(truth * 255).save(src / "masks" / f"c{k}.png")
+        Image.fromarray(fov.astype(np.uint8) * 255).save(src / "fov" / f"c{k}.png")
+    custom = dataclasses.asdict(PARAMS.data.custom)
+    fetch_dataset("custom", tmp_path / "raw", src, PARAMS.data.synthetic, custom)
+    meta = preprocess_dataset("custom", tmp_path / "raw", tmp_path / "proc", 10, custom)
+    assert meta["roi"] == "fov" and meta["cases"]["c0"]["fov"] == "fov/c0.png"
+    assert np.load(tmp_path / "proc" / "fov.npy").shape == (2, 10, 10)
+    targets = Targets(tmp_path / "proc", meta, "original")
+    target, inside = targets.scored("c0", [0])
+    assert np.array_equal(inside, fov) and np.array_equal(target, truth * fov)
+    # a prediction covering the right 2/3 of the image: inside the FOV it overlaps cols 10..14 only
+    probs = np.zeros((2, 20, 30), np.float32)
+    probs[0], probs[1, :, 10:] = 1.0, 2.0
+    scores = _Scores({"foreground": [1]})
+    post = _score_case(scores, "r", "c0", probs, PostProcess(min_size=150), target, None, inside)
+    rows, _ = _split_counts(scores.rows[("r", "raw")])
+    dice = next(r["value"] for r in rows if r["metric"] == "dice")
+    pred = np.zeros((20, 30), bool)
+    pred[:, 10:15] = True  # what is left of it inside the FOV
+    assert dice == pytest.approx(2 * np.count_nonzero(pred & (target == 1)) / (pred.sum() + target.sum()))
+    # post-processing sees the FOV-restricted prediction: its 20 x 20 = 400-pixel component is cut to
+    # 5 x 20 = 100 inside the FOV, below min_size 150, so it goes
+    assert not post.any()
+    assert np.array_equal(_restricted(np.ones((20, 30), np.uint8), inside), inside.astype(np.uint8))
+    processed = Targets(tmp_path / "proc", meta, "processed")
+    assert processed.scored("c1", [1])[1].shape == (10, 10)
+
+
+def test_fov_folder_needs_every_image(tmp_path):
+    from medfusion.data.fetch import FetchError
+
+    src = tmp_path / "src"
+    for d in ("images", "masks", "roi"):
+        (src / d).mkdir(parents=True)
+    for k in range(2):
+        Image.fromarray(RGB).save(src / "images" / f"c{k}.png")
+        Image.fromarray(np.zeros((20, 30), np.uint8)).save(src / "masks" / f"c{k}.png")
+    Image.fromarray(np.ones((20, 30), np.uint8)).save(src / "roi" / "c0.png")
+    with pytest.raises(
+        FetchError, match=r"c1.png: no field-of-view mask with stem 'c1' in .*roi; every image needs one"
+    ):
+        fetch_dataset(
+            "custom", tmp_path / "raw", src, PARAMS.data.synthetic, dataclasses.asdict(PARAMS.data.custom)
+        )

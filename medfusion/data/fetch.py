@@ -184,6 +184,34 @@ def nnunet_pairs(root: Path, kind: str, class_names: list[str] | None = None) ->
     return pairs
 
 
+FOV_DIRS = ("fov", "roi")
+
+
+def custom_fovs(root: Path, kind: str, pairs: list[tuple[Path, Path]]) -> dict[Path, Path]:
+    """{image: its field-of-view mask} from an optional fov/ (or roi/) folder beside images/ (same
+    stems; non-zero = inside); {} without one. Evaluation scores inside it.
+
+    Raises:
+        FetchError: a fov/ folder for volumes, or an image without its FOV mask.
+    """
+    fov_dir = next((root / d for d in FOV_DIRS if (root / d).is_dir()), None)
+    if fov_dir is None:
+        return {}
+    if kind != "image":
+        raise FetchError(f"{fov_dir}: a field-of-view folder is for 2-D images (data.custom.kind: image)")
+    masks = {file_stem(m): m for m in _visible(fov_dir.iterdir())}
+    found = {}
+    for image, _ in pairs:
+        fov = masks.get(file_stem(image))
+        if fov is None:
+            raise FetchError(
+                f"{image}: no field-of-view mask with stem {file_stem(image)!r} in {fov_dir}; every image "
+                f"needs one, or remove {fov_dir.name}/ to score whole images"
+            )
+        found[image] = fov
+    return found
+
+
 def stem_pairs(
     image_dir: Path, other_dir: Path, wanted: tuple[str, ...], expects: str, what: str = "mask"
 ) -> list[tuple[Path, Path]]:
@@ -267,7 +295,8 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
         pairs = nnunet_pairs(nnunet, spec.kind, list(spec.class_names))
         files = [nnunet / "dataset.json"] + [f for pair in pairs for f in pair]
     elif spec.name == "custom":
-        files = [f for pair in custom_pairs(root, spec.kind) for f in pair]
+        pairs = custom_pairs(root, spec.kind)
+        files = [f for pair in pairs for f in pair] + list(custom_fovs(root, spec.kind, pairs).values())
     else:
         raise FetchError(f"dataset {spec.name!r} has no file layout")
     if not files:

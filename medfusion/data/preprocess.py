@@ -57,7 +57,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from medfusion.data.fetch import FetchError, custom_pairs, dataset_files, file_stem, mask_path, msd_pairs
+from medfusion.data.fetch import (
+    FetchError,
+    custom_fovs,
+    custom_pairs,
+    dataset_files,
+    file_stem,
+    mask_path,
+    msd_pairs,
+)
 from medfusion.data.io import (
     DataError,
     atomic_dir,
@@ -98,6 +106,7 @@ class CaseRef:
     image: Path
     label: Path
     observer2: Path | None = None
+    fov: Path | None = None  # custom 2-D data: the field-of-view mask (fov/ or roi/; non-zero = inside)
 
 
 @dataclass
@@ -112,6 +121,7 @@ class RawCase:
     affine: list | None = None
     observer2: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    fov: np.ndarray | None = None  # (H, W) bool, True inside the field of view
 
 
 def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None) -> list[CaseRef]:
@@ -160,9 +170,12 @@ def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None
         return [CaseRef(file_stem(i), file_stem(i), i, label) for i, label in pairs]
     if spec.name == "custom":
         refs = []
-        for image, label in custom_pairs(root, spec.kind):
+        pairs = custom_pairs(root, spec.kind)
+        fovs = custom_fovs(root, spec.kind, pairs)
+        for image, label in pairs:
             stem = file_stem(label)  # the case id: the image's stem, or nnU-Net's <case> of <case>_0000
-            refs.append(CaseRef(stem, _custom_group(image, stem, group_pattern), image, label))
+            group = _custom_group(image, stem, group_pattern)
+            refs.append(CaseRef(stem, group, image, label, fov=fovs.get(image)))
         return refs
     raise DataError(f"dataset {spec.name!r} has no reader")
 
@@ -259,6 +272,27 @@ def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | l
     return label.astype(np.uint8, copy=False)
 
 
+def read_fov(path: Path, shape: tuple[int, ...], image_name: str = "its image") -> np.ndarray:
+    """A field-of-view mask as (H, W) bool (non-zero = inside), of the image's `shape`."""
+    fov = read_label_image(Path(path)) > 0
+    if fov.shape != tuple(shape[-2:]):
+        raise DataError(
+            f"{path}: FOV mask of size {fov.shape}; its image {image_name} is {tuple(shape[-2:])}"
+        )
+    return fov
+
+
+def fov_sample(fov: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """The field of view as stored beside the sample (1, S, S) uint8: resized nearest, or padded into the
+    native canvas (0 = outside)."""
+    fov = fov.astype(np.uint8)
+    if settings.native:
+        out = np.zeros(settings.canvas, np.uint8)
+        out[: fov.shape[0], : fov.shape[1]] = fov
+        return out[None]
+    return _resize(fov, settings.image_size, nearest=True)[None]
+
+
 def read_label(
     path: Path,
     kind: str,
@@ -290,7 +324,8 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
             if observer2.shape != label.shape:
                 raise DataError(f"{ref.observer2}: size {observer2.shape} differs from {ref.label.name}")
         extra = {} if spec.mask_threshold is None else {"mask_grey_fraction": grey_fraction}
-        return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2, extra=extra)
+        fov = None if ref.fov is None else read_fov(ref.fov, label.shape, ref.image.name)
+        return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2, extra=extra, fov=fov)
     affine = None
     if is_metaimage(ref.image):
         volume, spacing = read_metaimage(ref.image)
@@ -440,6 +475,7 @@ def _work(args: tuple[CaseRef, DatasetSpec, PreprocessSettings]) -> tuple:
     ref, spec, settings = args  # no cv2.setNumThreads here: in a forked child it can hang
     case = load_case(ref, spec)
     images, masks, second = case_samples(case, spec, settings)
+    fov = None if case.fov is None else fov_sample(case.fov, settings)
     info = {
         "shape": list(case.label.shape),
         "spacing": None if case.spacing is None else list(case.spacing),
@@ -447,7 +483,7 @@ def _work(args: tuple[CaseRef, DatasetSpec, PreprocessSettings]) -> tuple:
         "group": case.group,
         **case.extra,
     }
-    return ref.case_id, images, masks, second, info
+    return ref.case_id, images, masks, (second, fov), info
 
 
 def rebuild_volume(slices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -499,17 +535,21 @@ def preprocess_dataset(
     workers = min(workers or os.cpu_count() or 1, len(refs))
     jobs = [(ref, spec, settings) for ref in refs]
     label_files = {ref.case_id: os.path.relpath(ref.label, raw_dir) for ref in refs}
+    fov_files = {ref.case_id: os.path.relpath(ref.fov, raw_dir) for ref in refs if ref.fov is not None}
     cases, per_case, empty_cases, observers = [], {}, 0, []
     with atomic_dir(out_dir) as tmp:
-        writers = {name: _StackWriter(tmp / name) for name in ("images.npy", "masks.npy", "observer2.npy")}
+        names = ("images.npy", "masks.npy", "observer2.npy", "fov.npy")
+        writers = {name: _StackWriter(tmp / name) for name in names}
         with (
             _discard_on_error(writers.values()),
             multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool,
             tqdm(total=len(refs), desc=f"preprocess {name}", unit="case") as bar,
         ):
-            for case_id, imgs, msks, second, info in pool.imap(_work, jobs, chunksize=4):
+            for case_id, imgs, msks, (second, fov), info in pool.imap(_work, jobs, chunksize=4):
                 writers["images.npy"].write(imgs)  # written as it comes: memory is one case, not the dataset
                 writers["masks.npy"].write(msks)
+                if fov is not None:
+                    writers["fov.npy"].write(fov)
                 if second is not None:
                     writers["observer2.npy"].write(second)
                     observers += _observer_dices(msks, second)
@@ -524,6 +564,8 @@ def preprocess_dataset(
                         }
                     )
                 per_case[case_id] = {**info, "label": label_files[case_id]}
+                if case_id in fov_files:  # scored inside it (evaluation reads it from the raw copy)
+                    per_case[case_id]["fov"] = fov_files[case_id]
                 empty_cases += not msks.any()
                 bar.update()
         digest = hashlib.sha256()
@@ -571,6 +613,7 @@ def _meta(
         },
         "spacing_unit": "mm" if spec.kind == "volume" else None,
         **_mask_threshold_meta(spec, per_case),
+        **({"roi": "fov"} if any("fov" in info for info in per_case.values()) else {}),
         "cases": per_case,
     }
 
