@@ -125,10 +125,11 @@ def _dice_rows(summary: pd.DataFrame, infos: Mapping[str, Mapping], reference: s
                         comparable,
                     ]
                 )
-    for dataset in sorted((run & set(NO_PAPER_COUNTERPART)) - standing):
+    customs = {d for d, info in infos.items() if info.get("custom")}  # the user's own datasets, any name
+    for dataset in sorted((run & (set(NO_PAPER_COUNTERPART) | customs)) - standing):
         for r in dice[(dice["dataset"] == dataset) & (dice["estimate"] == "runs")].to_dict("records"):
             rows.append([f"Dice (%) on `{dataset}`", "-", f"{r['class']}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
-                         _runs_text(summary, dataset, infos.get(dataset, {})), NO_PAPER_COUNTERPART[dataset]])  # fmt: skip
+                         _runs_text(summary, dataset, infos.get(dataset, {})), _no_counterpart(dataset, infos)])  # fmt: skip
     return rows
 
 
@@ -137,7 +138,16 @@ def _counterpart(dataset: str, infos: Mapping[str, Mapping], default: str) -> st
     stands_for = infos.get(dataset, {}).get("stands_for")
     if stands_for:
         return f"partly: the same test on a stand-in for `{stands_for}`, not on the paper's data"
-    return NO_PAPER_COUNTERPART.get(dataset, default)
+    return _no_counterpart(dataset, infos, default)
+
+
+def _no_counterpart(dataset: str, infos: Mapping[str, Mapping], default: str | None = None) -> str:
+    """Why `dataset` has no paper number: the registry's reason, or the user's own data."""
+    if dataset in NO_PAPER_COUNTERPART:
+        return NO_PAPER_COUNTERPART[dataset]
+    if infos.get(dataset, {}).get("custom"):
+        return NO_PAPER_COUNTERPART["custom"]
+    return default if default is not None else NO_PAPER_COUNTERPART["custom"]
 
 
 def _dice_tests(stats: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:

@@ -237,20 +237,20 @@ def fetch(
     msd_prostate / msd_liver the Decathlon's Task folder or .tar (imagesTr + labelsTr);
     custom images/ + masks/ (or labels/) with matching stems, described by data.custom.
     """
-    import dataclasses
 
     from medfusion.config import ConfigError, load_params
     from medfusion.data.fetch import FetchError, fetch_dataset
     from medfusion.data.registry import DATASET_NAMES
 
-    if dataset not in DATASET_NAMES:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_NAMES)}")
     try:
         params = load_params(params_file)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
-    custom = dataclasses.asdict(params.data.custom)
+    known = sorted({*DATASET_NAMES, *params.custom_datasets})
+    if dataset not in known:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {known}")
+    custom = params.custom_description(dataset)
     try:
         record = fetch_dataset(
             dataset, out_dir or Path("data/raw") / dataset, source, params.data.synthetic, custom

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DatasetSpec, dataset_spec
+from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DATASETS, DatasetSpec, dataset_spec
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,9 @@ class DataParams:
     ct_window: list[float]  # Hounsfield window [low, high] for CT
     clahe_clip: float  # CLAHE clip limit for grayscale images and slices (8x8 tiles)
     workers: int  # preprocessing processes
-    custom: CustomDataParams
+    # the `custom` dataset's description, or several named ones ({my_clinic: {...}, other: {...}}: each
+    # name is a dataset of its own, listed in `datasets` and read from data.sources.<name>)
+    custom: CustomDataParams | dict[str, CustomDataParams]
     patch_size: int | None = None  # with image_size: native, the side of the training patches and windows
 
     @property
@@ -415,9 +417,25 @@ class Params:
         """Every model entry the pipeline runs: CASNet and its ablations first, then the baselines."""
         return [*self.models.casnet, *self.models.baselines]
 
+    @property
+    def custom_datasets(self) -> dict[str, CustomDataParams]:
+        """The user's datasets by name: {"custom": data.custom} for one description, else data.custom's
+        named entries."""
+        c = self.data.custom
+        return {"custom": c} if isinstance(c, CustomDataParams) else dict(c)
+
+    def custom_description(self, dataset: str) -> dict | None:
+        """data.custom's description of `dataset` as a dict (None for a dataset of the registry)."""
+        c = self.custom_datasets.get(dataset)
+        return None if c is None else dataclasses.asdict(c)
+
+    def custom_key(self, dataset: str) -> str:
+        """Where `dataset`'s description is in params.yaml: data.custom or data.custom.<name>."""
+        return "data.custom" if isinstance(self.data.custom, CustomDataParams) else f"data.custom.{dataset}"
+
     def spec(self, dataset: str) -> DatasetSpec:
-        """The DatasetSpec of `dataset`; `custom` is defined by data.custom."""
-        return dataset_spec(dataset, dataclasses.asdict(self.data.custom))
+        """The DatasetSpec of `dataset`; the user's own are defined by data.custom."""
+        return dataset_spec(dataset, self.custom_description(dataset))
 
 
 def model_sections() -> dict[str, type[ModelSection]]:
@@ -511,6 +529,13 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
             return _coerce(options[0], value, key, source)
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        mappings = [o for o in options if typing.get_origin(o) is dict]
+        if sections and mappings and isinstance(value, dict):
+            # `Section | dict[str, Section]`: a mapping with the section's keys is one, else named ones
+            # (each option's own errors, naming the key, rather than a vague "expected either")
+            is_section = bool({f.name for f in dataclasses.fields(sections[0])} & set(value))
+            return _coerce(sections[0] if is_section else mappings[0], value, key, source)
         for option in options:  # `bool | Literal["auto"]`: the first that fits
             try:
                 return _coerce(option, value, key, source)
@@ -553,49 +578,62 @@ def _describe(tp: Any) -> str:
 
 
 def _check_data(p: Params, fail: Fail) -> None:
-    d, c = p.data, p.data.custom
+    d = p.data
     if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
         fail("data.ct_window", d.ct_window, "[low, high] in Hounsfield units with low < high")
     if d.clahe_clip <= 0:
         fail("data.clahe_clip", d.clahe_clip, "a positive clip limit (2.0 is usual)")
     if d.workers < 0:
         fail("data.workers", d.workers, "an integer >= 0 (0 = one per CPU core)")
+    for name, c in p.custom_datasets.items():
+        key = p.custom_key(name)
+        if name != "custom" and (not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in DATASETS):
+            fail(
+                key,
+                name,
+                f"a new lower-case name (letters, digits, _), not one of the registry's {sorted(DATASETS)}",
+            )
+        _check_custom(c, key, fail)
+        if name in p.datasets and not d.sources.get(name):
+            fail(
+                f"data.sources.{name}",
+                d.sources.get(name),
+                f"the folder of your data (images/ + masks/) because `datasets` includes {name}",
+            )
+
+
+def _check_custom(c: CustomDataParams, key: str, fail: Fail) -> None:
+    """One description of the user's data (data.custom, or data.custom.<name> as `key`)."""
     if c.kind not in ("image", "volume"):
-        fail("data.custom.kind", c.kind, "image (2-D files) or volume (NIfTI)")
+        fail(f"{key}.kind", c.kind, "image (2-D files) or volume (NIfTI)")
     allowed = ("rgb", "gray") if c.kind == "image" else ("ct", "mri")
     if c.modality not in allowed:
-        fail("data.custom.modality", c.modality, f"one of {list(allowed)} for kind {c.kind}")
+        fail(f"{key}.modality", c.modality, f"one of {list(allowed)} for kind {c.kind}")
     assert set(allowed) <= set(CUSTOM_MODALITIES)
     if len(c.class_names) < 2 or len(set(c.class_names)) != len(c.class_names):
-        fail("data.custom.class_names", c.class_names, "at least 2 distinct names, background first")
+        fail(f"{key}.class_names", c.class_names, "at least 2 distinct names, background first")
     if c.group_pattern is not None:
         try:
             groups = re.compile(c.group_pattern).groups
         except re.error as err:
-            fail("data.custom.group_pattern", c.group_pattern, f"a regular expression ({err})")
+            fail(f"{key}.group_pattern", c.group_pattern, f"a regular expression ({err})")
         if groups != 1:
             fail(
-                "data.custom.group_pattern",
+                f"{key}.group_pattern",
                 c.group_pattern,
                 "a regex with exactly one (group): the patient id",
             )
     if c.paper_dataset is not None and c.paper_dataset not in PAPER_DATASETS:
-        fail("data.custom.paper_dataset", c.paper_dataset, f"null or one of {list(PAPER_DATASETS)}")
+        fail(f"{key}.paper_dataset", c.paper_dataset, f"null or one of {list(PAPER_DATASETS)}")
     if c.mask_threshold is not None:
         if isinstance(c.mask_threshold, bool) or not 0 <= c.mask_threshold <= 254:
-            fail("data.custom.mask_threshold", c.mask_threshold, "null or an integer grey value 0..254")
+            fail(f"{key}.mask_threshold", c.mask_threshold, "null or an integer grey value 0..254")
         if c.kind != "image" or len(c.class_names) != 2:
             fail(
-                "data.custom.mask_threshold",
+                f"{key}.mask_threshold",
                 c.mask_threshold,
                 "null: a threshold binarises 2-D masks of a 2-class dataset (kind image, two class_names)",
             )
-    if "custom" in p.datasets and not d.sources.get("custom"):
-        fail(
-            "data.sources.custom",
-            d.sources.get("custom"),
-            "the folder of your data (images/ + masks/) because `datasets` includes custom",
-        )
 
 
 def _check_values(p: Params, source: str) -> None:
@@ -643,9 +681,10 @@ def _check_values(p: Params, source: str) -> None:
 
 def _check_names(p: Params, source: str, fail: Fail) -> None:
     """Dataset, model and ablation names, and the ablations' overrides."""
+    known = sorted({*DATASETS, *p.custom_datasets})  # the registry's and the user's (data.custom)
     for i, name in enumerate(p.datasets):
-        if name not in DATASET_NAMES:
-            fail(f"datasets[{i}]", name, f"one of {sorted(DATASET_NAMES)}")
+        if name not in known:
+            fail(f"datasets[{i}]", name, f"one of {known}")
     baselines = baseline_names()
     for i, name in enumerate(p.models.baselines):
         if name not in baselines:
@@ -669,8 +708,12 @@ def _check_names(p: Params, source: str, fail: Fail) -> None:
         if len(set(values)) != len(values):
             fail(key, values, "no duplicates")
     for name in p.data.sources:
-        if name not in DATASET_NAMES:
-            fail(f"data.sources.{name}", name, f"a dataset name, one of {sorted(DATASET_NAMES)}")
+        if name not in {*DATASET_NAMES, *p.custom_datasets}:
+            fail(
+                f"data.sources.{name}",
+                name,
+                f"a dataset name, one of {sorted({*DATASET_NAMES, *p.custom_datasets})}",
+            )
 
 
 def _check_drgo(d: DRGOParams, image_size: int, fail: Fail) -> None:

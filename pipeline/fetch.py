@@ -1,6 +1,5 @@
 """Stage fetch@<dataset>: data/raw/<dataset> from a generator, a local copy or the official URL."""
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -22,7 +21,7 @@ def main(
             out_dir,
             params.data.sources.get(dataset),
             params.data.synthetic,
-            dataclasses.asdict(params.data.custom),
+            params.custom_description(dataset),
         )
     except FetchError as err:
         raise SystemExit(f"fetch {dataset}: {err}") from None

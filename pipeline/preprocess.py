@@ -1,6 +1,5 @@
 """Stage preprocess@<dataset>: data/raw/<dataset> -> data/processed/<dataset> arrays, every input validated."""
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,19 +17,18 @@ def main(
     out_dir: Path = typer.Option(...),
     params_file: Path = Path("params.yaml"),
 ):
-    d = load_params(params_file).data
+    params = load_params(params_file)
+    d, custom = params.data, params.custom_description(dataset)
     settings = PreprocessSettings(
         image_size=d.image_size,
         n4=d.n4,
         ct_window=(d.ct_window[0], d.ct_window[1]),
         clahe_clip=d.clahe_clip,
-        group_pattern=d.custom.group_pattern if dataset == "custom" else None,
+        group_pattern=custom["group_pattern"] if custom else None,
     )
     start = time.perf_counter()
     try:
-        meta = preprocess_dataset(
-            dataset, raw_dir, out_dir, settings, dataclasses.asdict(d.custom), workers=d.workers
-        )
+        meta = preprocess_dataset(dataset, raw_dir, out_dir, settings, custom, workers=d.workers)
     except DataError as err:
         raise SystemExit(f"preprocess {dataset}: {err}") from None
     print(

@@ -123,8 +123,11 @@ def main(
     for d in params.datasets:
         info = read_json(eval_dir / d / models[0] / "eval.json")
         infos[d] = {**info, "title": params.spec(d).title, "note": params.spec(d).note}
-        if d == "custom" and params.data.custom.paper_dataset:  # claims.md: beside that paper number
-            infos[d]["stands_for"] = params.data.custom.paper_dataset
+        custom = params.custom_description(d)
+        if custom and custom.get("paper_dataset"):  # claims.md: beside that paper number
+            infos[d]["stands_for"] = custom["paper_dataset"]
+        if custom:
+            infos[d]["custom"] = True
         for m in models:
             pooled.append(
                 global_dice_frame(d, m, read_json(eval_dir / d / m / "eval.json").get("global_dice", {}))

@@ -452,3 +452,79 @@ def test_fov_folder_needs_every_image(tmp_path):
         fetch_dataset(
             "custom", tmp_path / "raw", src, PARAMS.data.synthetic, dataclasses.asdict(PARAMS.data.custom)
         )
+
+
+# ------------------------------------------------------------------ several datasets of your own
+
+
+def _two_customs(tmp_path) -> dict:
+    raw = tiny_raw_params()
+    one = {**raw["data"]["custom"], "title": "Clinic A", "mask_threshold": 127}
+    two = {**raw["data"]["custom"], "title": "Clinic B", "modality": "gray"}
+    raw["data"]["custom"] = {"clinic_a": one, "clinic_b": two}
+    raw["datasets"] = ["synthetic", "clinic_a", "clinic_b"]
+    raw["data"]["sources"].update(clinic_a=str(tmp_path / "a"), clinic_b=str(tmp_path / "b"))
+    return raw
+
+
+def test_named_custom_datasets_each_a_dataset_of_its_own(tmp_path):
+    params = params_from_dict(_two_customs(tmp_path))
+    assert sorted(params.custom_datasets) == ["clinic_a", "clinic_b"]
+    a, b = params.spec("clinic_a"), params.spec("clinic_b")
+    assert (a.name, a.title, a.mask_threshold, a.custom, a.in_channels) == (
+        "clinic_a",
+        "Clinic A",
+        127,
+        True,
+        3,
+    )
+    assert (b.name, b.in_channels, params.spec("synthetic").custom) == ("clinic_b", 1, False)
+    assert (
+        params.custom_key("clinic_b") == "data.custom.clinic_b"
+        and params.custom_description("synthetic") is None
+    )
+    for name, grey in (("a", True), ("b", False)):
+        src = tmp_path / name
+        (src / "images").mkdir(parents=True)
+        (src / "masks").mkdir()
+        for k in range(2):
+            Image.fromarray(RGB if name == "a" else GREY).save(src / "images" / f"{name}{k}.png")
+            mask = np.where(GREY > 127, 255, 0).astype(np.uint8)
+            Image.fromarray(_stray_grey(mask) if grey else mask).save(src / "masks" / f"{name}{k}.png")
+        dataset = f"clinic_{name}"
+        custom = params.custom_description(dataset)
+        fetch_dataset(dataset, tmp_path / "raw" / dataset, src, params.data.synthetic, custom)
+        meta = preprocess_dataset(
+            dataset, tmp_path / "raw" / dataset, tmp_path / "proc" / dataset, 16, custom
+        )
+        assert meta["dataset"] == dataset and meta["in_channels"] == (3 if name == "a" else 1)
+        assert ("mask_threshold" in meta) == grey
+
+
+def test_named_custom_datasets_are_validated(tmp_path):
+    raw = _two_customs(tmp_path)
+    raw["data"]["custom"]["clinic_b"]["modality"] = "ct"
+    with pytest.raises(
+        ConfigError, match=r"data.custom.clinic_b.modality = 'ct'; expected one of \['rgb', 'gray'\]"
+    ):
+        params_from_dict(raw)
+    raw = _two_customs(tmp_path)
+    raw["data"]["custom"]["kvasir_seg"] = raw["data"]["custom"].pop("clinic_b")
+    raw["data"]["sources"].pop("clinic_b")
+    raw["datasets"] = ["clinic_a"]
+    with pytest.raises(
+        ConfigError, match=r"data.custom.kvasir_seg = 'kvasir_seg'; expected a new lower-case name"
+    ):
+        params_from_dict(raw)
+    raw = _two_customs(tmp_path)
+    raw["data"]["sources"]["clinic_b"] = None
+    with pytest.raises(ConfigError, match=r"data.sources.clinic_b = None; expected the folder of your data"):
+        params_from_dict(raw)
+    raw = _two_customs(tmp_path)
+    raw["datasets"] = ["custom"]  # no longer described: data.custom holds named entries
+    with pytest.raises(ConfigError, match=r"datasets\[0\] = 'custom'; expected one of \[.*'clinic_a'"):
+        params_from_dict(raw)
+    raw = _two_customs(tmp_path)
+    raw["data"]["custom"]["clinic_a"]["colour"] = "red"
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['data.custom.clinic_a.colour'\]"):
+        params_from_dict(raw)

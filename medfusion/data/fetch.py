@@ -290,11 +290,11 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
             files += [volume, label]
     elif spec.name in ("msd_prostate", "msd_liver"):
         files = [f for pair in msd_pairs(root, spec.name.removeprefix("msd_")) for f in pair]
-    elif spec.name == "custom" and nnunet_root(root) is not None:
+    elif spec.custom and nnunet_root(root) is not None:
         nnunet = nnunet_root(root)
         pairs = nnunet_pairs(nnunet, spec.kind, list(spec.class_names))
         files = [nnunet / "dataset.json"] + [f for pair in pairs for f in pair]
-    elif spec.name == "custom":
+    elif spec.custom:
         pairs = custom_pairs(root, spec.kind)
         files = [f for pair in pairs for f in pair] + list(custom_fovs(root, spec.kind, pairs).values())
     else:

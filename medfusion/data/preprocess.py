@@ -168,7 +168,7 @@ def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None
     if spec.name in ("msd_prostate", "msd_liver"):
         pairs = msd_pairs(root, spec.name.removeprefix("msd_"))
         return [CaseRef(file_stem(i), file_stem(i), i, label) for i, label in pairs]
-    if spec.name == "custom":
+    if spec.custom:
         refs = []
         pairs = custom_pairs(root, spec.kind)
         fovs = custom_fovs(root, spec.kind, pairs)
@@ -517,7 +517,7 @@ def preprocess_dataset(
     """
     spec = dataset_spec(name, custom)
     settings = image_size if isinstance(image_size, PreprocessSettings) else PreprocessSettings(image_size)
-    if custom and name == "custom":
+    if custom and spec.custom:
         settings = PreprocessSettings(**{**settings.__dict__, "group_pattern": custom.get("group_pattern")})
     out_dir = Path(out_dir)
     try:

@@ -60,6 +60,7 @@ class DatasetSpec:
     note: str = ""
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     mask_threshold: int | None = None
+    custom: bool = False  # the user's own data (data.custom), read by the custom layouts
 
     @property
     def num_classes(self) -> int:
@@ -217,7 +218,7 @@ CUSTOM_LAYOUT = (
 CUSTOM_MODALITIES = {"rgb": ("rgb", 3), "gray": ("gray", 1), "ct": ("ct", 1), "mri": ("mri", 1)}
 
 
-def custom_spec(custom: dict) -> DatasetSpec:
+def custom_spec(custom: dict, name: str = "custom") -> DatasetSpec:
     """The spec of the user's own dataset from params.yaml's `data.custom` (validated by medfusion.config).
 
     Keys: kind (image | volume), modality (rgb | gray for 2-D; ct | mri for volumes; gray also for
@@ -226,27 +227,29 @@ def custom_spec(custom: dict) -> DatasetSpec:
     """
     modality, channels = CUSTOM_MODALITIES[custom["modality"]]
     return DatasetSpec(
-        name="custom",
-        title=custom.get("title") or "custom",
+        name=name,
+        title=custom.get("title") or name,
         kind=custom["kind"],
         in_channels=channels,
         class_names=tuple(custom["class_names"]),
         modality=modality,
         url=None,
         checksum=None,
-        access="your own data: set data.sources.custom to its folder",
+        access=f"your own data: set data.sources.{name} to its folder",
         test_rule="fraction",
         layout=CUSTOM_LAYOUT,
         mask_threshold=custom.get("mask_threshold"),
+        custom=True,
     )
 
 
 def dataset_spec(name: str, custom: dict | None = None) -> DatasetSpec:
-    """The spec of dataset `name`; `custom` (params.yaml's data.custom) defines the `custom` dataset."""
-    if name == "custom":
+    """The spec of dataset `name`; `custom` (params.yaml's description of the user's dataset `name`:
+    data.custom, or data.custom.<name>) defines `custom` and every name the registry does not know."""
+    if name == "custom" or (custom is not None and name not in DATASETS):
         if custom is None:
             raise KeyError("dataset 'custom' needs params.yaml's data.custom section")
-        return custom_spec(custom)
+        return custom_spec(custom, name)
     try:
         return DATASETS[name]
     except KeyError:
