@@ -349,6 +349,9 @@ class EvalParams:
 
     batch_size: int
     resolution: typing.Literal["original", "processed"] = "original"
+    # cross-dataset evaluation without retraining: {training dataset: [target datasets]}, stage
+    # transfer@<training dataset> (medfusion/transfer.py). Optional: a params file without it reads as {}
+    transfer: dict[str, list[str]] = dataclasses.field(default_factory=dict, metadata={"optional": True})
 
 
 # Settings that cannot change a result: no run's hash and no train stage's params hold them, so
@@ -587,7 +590,9 @@ def _check_data(p: Params, fail: Fail) -> None:
         fail("data.workers", d.workers, "an integer >= 0 (0 = one per CPU core)")
     for name, c in p.custom_datasets.items():
         key = p.custom_key(name)
-        if name != "custom" and (not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in DATASETS):
+        if name != "custom" and (
+            not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in (*DATASETS, "transfer")
+        ):
             fail(
                 key,
                 name,
@@ -674,9 +679,31 @@ def _check_values(p: Params, source: str) -> None:
             fail(size_key, p.data.model_size, f"a multiple of {multiple} for medt (2 x medt.local_grid x "
                  f"2^(stages - 1), medt.blocks {medt.blocks}), or fewer medt.blocks")  # fmt: skip
     _check_drgo(p.drgo, p.data.model_size, fail)
+    _check_transfer(p, fail)
     _check_train(p, fail)
     _check_augment(p.augment, fail)
     _check_executor(p.executor, fail)
+
+
+def _check_transfer(p: Params, fail: Fail) -> None:
+    """eval.transfer: trained datasets of `datasets` as keys, other known datasets as targets."""
+    known = sorted({*DATASETS, *p.custom_datasets})
+    for trained, targets in p.eval.transfer.items():
+        if trained not in p.datasets:
+            fail(
+                f"eval.transfer.{trained}",
+                targets,
+                f"a key that is one of `datasets` {p.datasets} (the models trained on it)",
+            )
+        for target in targets:
+            if target not in known or target == trained:
+                fail(
+                    f"eval.transfer.{trained}",
+                    targets,
+                    f"targets other than {trained!r}, each one of {known}",
+                )
+            if target not in p.datasets and target in p.custom_datasets and not p.data.sources.get(target):
+                fail(f"data.sources.{target}", None, f"the folder of transfer target {target!r}")
 
 
 def _check_names(p: Params, source: str, fail: Fail) -> None:

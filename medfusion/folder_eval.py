@@ -42,7 +42,7 @@ from medfusion.common import atomic_write
 from medfusion.data import preprocess
 from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, stem_pairs
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
-from medfusion.data.preprocess import label_2d, read_volume_label
+from medfusion.data.preprocess import label_2d, read_label, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
 from medfusion.metrics import COUNTS, pooled_dice, region_metrics
 from medfusion.postprocess import PostProcess
@@ -66,6 +66,12 @@ class FolderCase:
     image: Path
     mask: Path
     fov: Path | None = None
+    case_id: str = ""  # per_case.csv's case_id: the image's file name where not given
+    group: str = ""  # the patient (statistics by patient): the case itself where not given
+
+    @property
+    def name(self) -> str:
+        return self.case_id or self.image.name
 
 
 def folder_cases(images: Path, masks: Path, kind: str, fov: Path | None = None) -> list[FolderCase]:
@@ -137,8 +143,12 @@ def case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int) -> list[
     return per_model
 
 
-def _target(case: FolderCase, ensemble: Ensemble, mask_threshold, image_shape) -> np.ndarray:
-    if ensemble.preprocessing.kind == "image":
+def _target(case: FolderCase, ensemble: Ensemble, mask_threshold, image_shape, spec=None) -> np.ndarray:
+    """The case's ground truth: read as the target dataset's preprocessing reads it (`spec`: its
+    DatasetSpec, with its mask threshold and label rules), or as a folder of the model's classes."""
+    if spec is not None:
+        target = read_label(case.mask, spec.kind, spec.name, spec.class_names, spec.mask_threshold)
+    elif ensemble.preprocessing.kind == "image":
         target = label_2d(case.mask, ensemble.num_classes, mask_threshold)[0]
     else:
         target = read_volume_label(case.mask, ensemble.dataset, ["c"] * ensemble.num_classes)
@@ -156,12 +166,14 @@ def score_case(
     post: dict[str, PostProcess],
     mask_threshold: int | None = None,
     batch_size: int = 16,
+    spec=None,
 ) -> list[dict]:
-    """Metric rows of every run and the ensemble on one case (raw, and post where `post` has the run)."""
+    """Metric rows of every run and the ensemble on one case (raw, and post where `post` has the run);
+    `spec`: the target dataset's DatasetSpec, to read the ground truth as its preprocessing does."""
     prep = ensemble.preprocessing
     raw_case = read_input(case.image, prep)
     shape = raw_case.label.shape  # (H, W) or (D, H, W)
-    target = _target(case, ensemble, mask_threshold, shape)
+    target = _target(case, ensemble, mask_threshold, shape, spec)
     fov = read_fov(case.fov, shape, case.image.name) if case.fov is not None else None
     if fov is not None:
         target = np.where(fov, target, 0).astype(np.uint8)
@@ -182,7 +194,7 @@ def score_case(
                 labels = np.where(fov, labels, 0).astype(np.uint8)
             for region, values in region_metrics(labels, target, regions, spacing).items():
                 rows += [
-                    {"run": run, "case_id": case.image.name, "class": region, "metric": k, "value": v,
+                    {"run": run, "case_id": case.name, "class": region, "metric": k, "value": v,
                      "postprocess": kind}
                     for k, v in values.items()
                 ]  # fmt: skip
@@ -214,9 +226,11 @@ def evaluate_folder(
     mask_threshold: int | None = None,
     eval_json: Path | None = None,
     batch_size: int = 16,
+    spec=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score `ensemble` on `cases` and write per_case.csv, summary.csv and summary.md into `out_dir`
-    (module docstring). -> (per_case without the voxel counts, summary)."""
+    (module docstring); `spec`: the target dataset's, when the cases are a dataset's (transfer).
+    -> (per_case without the voxel counts, summary)."""
     regions = run_regions(ensemble)
     recorded = chosen_postprocess(ensemble, eval_json)
     post = {run: recorded[run] for run in run_names(ensemble) if run in recorded}
@@ -224,10 +238,11 @@ def evaluate_folder(
         post["ensemble"] = ensemble_postprocess(ensemble, recorded)
     rows = []
     for case in tqdm(cases, desc="evaluate", unit="case"):
-        rows += score_case(ensemble, case, regions, post, mask_threshold, batch_size)
+        rows += score_case(ensemble, case, regions, post, mask_threshold, batch_size, spec)
     frame = pd.DataFrame(rows)
     roi = "fov" if any(c.fov is not None for c in cases) else "image"
-    frame = frame.assign(resolution="original", group=frame["case_id"], roi=roi)
+    groups = {c.name: c.group or c.name for c in cases}
+    frame = frame.assign(resolution="original", group=frame["case_id"].map(groups), roi=roi)
     is_count = frame["metric"].isin(COUNTS)
     per_case, summary = frame[~is_count].reset_index(drop=True), summarise(frame[~is_count], frame[is_count])
     out_dir = Path(out_dir)

@@ -28,6 +28,7 @@ from medfusion.report import (
     summarize_runs,
     table_csv,
 )
+from medfusion.transfer import generalisation_table, load_results, mlflow_transfer_metrics
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
@@ -42,8 +43,11 @@ def log_to_mlflow(
     runs_dir: Path,
     figures: dict[str, list[Path]],
     pooled: pd.DataFrame | None = None,
+    transfers: list[dict] | None = None,
+    generalisation: Path | None = None,
 ) -> None:
-    """Test metrics and result files into the MLflow runs of every tracked (dataset, model)."""
+    """Test metrics and result files into the MLflow runs of every tracked (dataset, model); the
+    parent also gets its transfer metrics (`transfer_<target>_dice_<class>`) and summaries."""
     tracked = [
         (d, m)
         for d in params.datasets
@@ -68,7 +72,9 @@ def log_to_mlflow(
         for run_id, metrics in children.items():
             tracker.log_test_metrics(run_id, metrics)
         files = [eval_dir / d / m / name for name in ("per_case.csv", "summary.csv", "eval.json")]
-        tracker.log_test_metrics(None, parent, [*files, *figures[d]])
+        parent = {**parent, **mlflow_transfer_metrics(transfers or [], d, m)}
+        table = [generalisation] if generalisation is not None and params.eval.transfer.get(d) else []
+        tracker.log_test_metrics(None, parent, [*files, *figures[d], *table])
 
 
 def dataset_figures(
@@ -138,6 +144,9 @@ def main(
     observed = [eval_dir / d / models[0] / "observer.csv" for d in params.datasets]
     observers = pd.concat([pd.read_csv(f) for f in observed if f.exists()] or [pd.DataFrame()])
     tables = build_tables(per_case, infos, models, params.ablations, tests, pooled, over_runs, observers)
+    transfers = load_results(eval_dir / "transfer")  # eval.transfer: the generalisation table
+    if transfers:
+        tables["generalisation"] = generalisation_table(transfers, models)
     for name, (markdown, frame) in tables.items():
         atomic_write_text(out_dir / "tables" / f"{name}.md", markdown)
         atomic_write_text(out_dir / "tables" / f"{name}.csv", table_csv(frame))
@@ -162,7 +171,8 @@ def main(
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json(out_dir / "metrics.json", metrics_json(summary))
 
-    log_to_mlflow(params, per_case, summary, eval_dir, runs_dir, figures, pooled)
+    generalisation = out_dir / "tables" / "generalisation.md" if transfers else None
+    log_to_mlflow(params, per_case, summary, eval_dir, runs_dir, figures, pooled, transfers, generalisation)
     print(
         f"report: tables in {out_dir / 'tables'}, figures in {out_dir / 'figures'}, claims in {out_dir / 'claims.md'}"
     )
