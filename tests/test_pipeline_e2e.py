@@ -186,3 +186,48 @@ def test_settings_that_cannot_change_a_result_retrain_nothing(quickstart_repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(everything, sort_keys=False))
     forced = _run(["dvc", "repro", "-f", "--single-item", "train@synthetic-unet"], repo, env).stdout
     assert forced.count("finished earlier with this config, skipped") == 2, forced[-2000:]
+
+
+def test_transfer_stage_onto_a_second_custom_dataset(quickstart_repo, tmp_path):
+    """eval.transfer through DVC: the quickstart's synthetic models scored on a named custom dataset
+    with other image sizes and a field of view; only the transfer, stats and report stages (and the
+    cheap fetch/preprocess that read data.custom, with unchanged outputs) run; the table lists it."""
+    import numpy as np
+    from PIL import Image
+
+    repo, env, _ = quickstart_repo
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    _run(["dvc", "exp", "apply", "qs-test"], repo, env)
+    clinic = tmp_path / "clinic"
+    for d in ("images", "masks", "fov"):
+        (clinic / d).mkdir(parents=True)
+    for k, path in enumerate(sorted((repo / "data" / "raw" / "synthetic" / "images").iterdir())[:5]):
+        w, h = 48 + 6 * k, 40 + 4 * k
+        Image.open(path).convert("RGB").resize((w, h)).save(clinic / "images" / f"case{k}.png")
+        mask = Image.open(repo / "data" / "raw" / "synthetic" / "masks" / f"{path.stem}.png").resize(
+            (w, h), Image.NEAREST
+        )
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(clinic / "masks" / f"case{k}.png")
+        fov = np.zeros((h, w), np.uint8)
+        fov[2:-2, 2:-2] = 255
+        Image.fromarray(fov).save(clinic / "fov" / f"case{k}.png")
+    params = _load_params(repo)
+    params["data"]["custom"] = {"clinic": {**params["data"]["custom"], "title": "Second centre"}}
+    params["data"]["sources"]["clinic"] = str(clinic)
+    params["eval"]["transfer"] = {"synthetic": ["clinic"]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = _run(["dvc", "repro", "--dry"], repo, env).stdout
+    would_run = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert "transfer@synthetic" in would_run and not {
+        s for s in would_run if s.startswith(("train", "evaluate"))
+    }
+    _run(["dvc", "repro"], repo, env)
+    table = (repo / "reports" / "tables" / "generalisation.md").read_text()
+    assert "`synthetic` → `clinic` (FOV)" in table
+    for entry in ENTRIES:
+        assert f"| `{entry}` |" in table
+        per_case = (
+            repo / "data" / "eval" / "transfer" / "synthetic" / "clinic" / entry / "per_case.csv"
+        ).read_text()
+        assert "ensemble" in per_case and "case4" in per_case
+    assert "up to date" in _run(["dvc", "status"], repo, env).stdout

@@ -32,7 +32,9 @@ def _clinic(raw_synthetic: Path, dest: Path) -> dict[str, tuple[int, int]]:
     for k, path in enumerate(images):
         w, h = 40 + 8 * k, 56 - 4 * k
         Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR).save(dest / "images" / f"c{k}.png")
-        mask = np.asarray(Image.open(raw_synthetic / "masks" / f"{path.stem}.png").resize((w, h), Image.NEAREST))
+        mask = np.asarray(
+            Image.open(raw_synthetic / "masks" / f"{path.stem}.png").resize((w, h), Image.NEAREST)
+        )
         Image.fromarray(((mask > 0) * 255).astype(np.uint8)).save(dest / "masks" / f"c{k}.png")
         yy, xx = np.mgrid[:h, :w]
         fov = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 <= 1
