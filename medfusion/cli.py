@@ -298,6 +298,26 @@ def _folds_option(folds: str) -> list[int] | None:
         ) from None
 
 
+def _ensemble_banner(ensemble, chosen) -> str:
+    """What `medfusion predict` is about to do: checkpoints, input size, classes, preprocessing, TTA, post."""
+    prep = ensemble.preprocessing
+    size = (
+        f"their own size (sliding window {ensemble.patch_size})"
+        if prep.native
+        else f"{prep.image_size}x{prep.image_size}"
+    )
+    return (
+        f"{ensemble.dataset}: {len(ensemble.paths)} checkpoint(s), {prep.modality} {prep.kind}s at {size}, "
+        f"{ensemble.num_classes} classes; preprocessing from {prep.source}"
+        + ("; TTA: flips" if ensemble.tta == "flip" else "")
+        + (
+            f"; post-processing chosen on validation: {chosen}"
+            if chosen
+            else "; raw argmax (no post-processing)"
+        )
+    )
+
+
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(
@@ -364,22 +384,7 @@ def predict(
     except (PredictError, TrainingError, DataError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
-    prep = ensemble.preprocessing
-    typer.echo(
-        f"{ensemble.dataset}: {len(ensemble.paths)} checkpoint(s), {prep.modality} {prep.kind}s at "
-        + (
-            f"their own size (sliding window {ensemble.patch_size})"
-            if prep.native
-            else f"{prep.image_size}x{prep.image_size}"
-        )
-        + f", {ensemble.num_classes} classes; preprocessing from {prep.source}"
-        + ("; TTA: flips" if tta == "flip" else "")
-        + (
-            f"; post-processing chosen on validation: {chosen}"
-            if chosen
-            else "; raw argmax (no post-processing)"
-        )
-    )
+    typer.echo(_ensemble_banner(ensemble, chosen))
     outputs = Outputs(overlay, save_probabilities, chosen)
     failed = predict_files(ensemble, paths, out, outputs, batch_size)
     typer.echo(f"{len(paths) - len(failed)} of {len(paths)} inputs predicted -> {out}")

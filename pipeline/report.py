@@ -20,6 +20,7 @@ from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import atomic_write_text, read_history, read_json, write_json
 from medfusion.figures import learning_curves, metric_bars, qualitative_grid
+from medfusion.generalisation import generalisation_table, load_results, mlflow_transfer_metrics
 from medfusion.report import (
     build_tables,
     global_dice_frame,
@@ -28,7 +29,6 @@ from medfusion.report import (
     summarize_runs,
     table_csv,
 )
-from medfusion.transfer import generalisation_table, load_results, mlflow_transfer_metrics
 
 
 def _csv(path: Path) -> pd.DataFrame | None:

@@ -20,7 +20,7 @@ from medfusion.config import ConfigError, model_sections, params_from_dict
 from medfusion.data.fetch import fetch_dataset
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
-from medfusion.transfer import generalisation_table, load_results
+from medfusion.generalisation import generalisation_table, load_results
 
 
 def _clinic(raw_synthetic: Path, dest: Path) -> dict[str, tuple[int, int]]:
