@@ -114,12 +114,18 @@ def machine_summary(device: torch.device | None = None) -> str:
 
 
 def _probe_seconds(amp_dtype: torch.dtype | None, channels_last: bool, repeats: int = 5) -> float:
-    """Median time of a small convolution training step (forward + backward), for the bf16 decision."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
-    )
-    x = torch.randn(8, 16, 64, 64)
+    """Median time of a small convolution training step (forward + backward), for the bf16 decision.
+
+    The probe's random weights and input are drawn with the global RNG forked (`fork_rng`): the
+    decision is made when training first resolves its precision, and drawing from (or seeding) the
+    global generator there would change the run's own random numbers (its initial weights, its data
+    order), so that a resumed run would no longer equal an uninterrupted one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
+        )
+        x = torch.randn(8, 16, 64, 64)
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()

@@ -259,7 +259,9 @@ def test_a_preempted_task_is_requeued_and_resumes_from_last_pt(
     submitit's USR2 mid-training, TrainRun is requeued, and the new process continues from last.pt to
     the numbers of an uninterrupted run."""
     processed, split = synthetic_processed
-    params = replace(tiny_params, "train", epochs=30, patience=30)
+    # fp32: compared number for number; a resumed run under bf16 autocast is not yet bitwise the same
+    # (see tests/test_resume.py's _raw)
+    params = replace(tiny_params, "train", epochs=30, patience=30, cpu_bf16=False)
     job = _job(params, processed, split, 0, tmp_path / "plain", torch_threads=1)
     reference = train_run(job)
 
