@@ -603,7 +603,7 @@ def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores
     """Every test case, one at a time: each run's probabilities scored raw and post-processed, added
     into the fold ensemble's (float32, summed in place: one case-sized float32 array, no temporaries),
     which is then scored too."""
-    settings = {name: _postprocess_of(record) for name, record in chosen.items()}
+    settings = {name: postprocess_of(record) for name, record in chosen.items()}
     streams = {
         name: iter_case_probs(model, test_set, batch_size, precision, patch)
         for name, (model, patch) in loaded.items()
@@ -671,7 +671,8 @@ def _selection_record(selection) -> dict:
     }
 
 
-def _postprocess_of(record: dict) -> PostProcess:
+def postprocess_of(record: dict) -> PostProcess:
+    """The PostProcess of one eval.json `postprocess` record (`_selection_record`'s keys)."""
     thresholds = record["thresholds"]
     return PostProcess(
         record["min_size"], record["fill_holes"], None if thresholds is None else tuple(thresholds)

@@ -52,6 +52,7 @@ from medfusion.predict import (
     chosen_postprocess,
     ensemble_postprocess,
     ensemble_probs,
+    model_dir_of,
     model_inputs,
     read_input,
 )
@@ -105,8 +106,7 @@ def run_regions(ensemble: Ensemble) -> dict[str, list[int]]:
     """The scored regions of the training dataset: its processed meta.json's (beside the run, or the
     one the preprocessing came from), the registry's, or each class alone as class_1, class_2, ..."""
     source = Path(ensemble.preprocessing.source.split(" (")[0])
-    fold_dir = ensemble.paths[0].resolve().parent
-    model_dir = fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+    model_dir = model_dir_of(ensemble)
     for meta_path in (source, model_dir.parent.parent.parent / "processed" / ensemble.dataset / "meta.json"):
         if meta_path.name == "meta.json" and meta_path.is_file():
             meta = read_json(meta_path)

@@ -60,7 +60,7 @@ from medfusion.data.preprocess import (
     to_uint8,
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
-from medfusion.evaluation import load_checkpoint
+from medfusion.evaluation import load_checkpoint, postprocess_of
 from medfusion.hardware import Precision
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
@@ -204,8 +204,7 @@ def resolve_preprocessing(
             f"{checkpoint_path} (preprocess)",
         )
     dataset = checkpoint.get("dataset")
-    fold_dir = Path(checkpoint_path).resolve().parent
-    model_dir = fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+    model_dir = _model_dir(Path(checkpoint_path))
     meta_path = model_dir.parent.parent.parent / "processed" / str(dataset) / "meta.json"
     if meta_path.is_file():  # data/runs/<dataset>/<model> -> data/processed/<dataset>/meta.json
         return preprocessing_from_meta(meta_path, checkpoint)
@@ -267,10 +266,15 @@ def load_ensemble(
 TTA_MODES = ("none", "flip")
 
 
+def _model_dir(checkpoint: Path) -> Path:
+    """data/runs/<dataset>/<model> of a checkpoint: the folder above its fold*/ (or its own folder)."""
+    fold_dir = checkpoint.resolve().parent
+    return fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+
+
 def model_dir_of(ensemble: Ensemble) -> Path:
     """data/runs/<dataset>/<model> of the ensemble's checkpoints (the folder above fold*/)."""
-    fold_dir = ensemble.paths[0].resolve().parent
-    return fold_dir.parent if fold_dir.name.startswith("fold") else fold_dir
+    return _model_dir(ensemble.paths[0])
 
 
 def chosen_postprocess(ensemble: Ensemble, eval_json: Path | None = None) -> dict[str, PostProcess]:
@@ -286,12 +290,7 @@ def chosen_postprocess(ensemble: Ensemble, eval_json: Path | None = None) -> dic
             return {}
     try:
         records = read_json(Path(eval_json))["postprocess"]
-        return {
-            run: PostProcess(
-                r["min_size"], r["fill_holes"], None if r["thresholds"] is None else tuple(r["thresholds"])
-            )
-            for run, r in records.items()
-        }
+        return {run: postprocess_of(r) for run, r in records.items()}
     except (KeyError, TypeError, DataError) as err:
         raise PredictError(
             f"{eval_json}: not an evaluation's eval.json with its post-processing ({err})"
