@@ -105,58 +105,44 @@ def surface_distances(
         spacing: voxel size per axis ((y, x) or (z, y, x)); None for pixels.
 
     Returns:
-        1-D float array (|surface(pred)| + |surface(target)|,); an empty array when both masks are
+        1-D float32 array (|surface(pred)| + |surface(target)|,); an empty array when both masks are
         empty, None when exactly one is (undefined).
 
     The surfaces are found on the bounding box of both masks (plus a one-voxel margin), not the
     whole image: that is exact, since outside the box both masks are background, so erosion finds the
-    same surfaces there as on the full image. Each distance, from a surface voxel to the nearest
-    surface voxel of the other mask, is found with a k-d tree of the other surface's voxel centres in
-    mm (scipy cKDTree): the same values as a Euclidean distance transform of that surface (medpy's
-    and MONAI's way), with memory that grows with the surfaces' voxels, not with the box's (a
-    distance transform of a whole liver at 512x512 x 600 slices holds ~20 bytes per voxel of its box).
-    Memory per surface voxel: its centre (24 bytes, used by the tree in place, not copied), the
-    tree's index (8 bytes) and its distance (8 bytes); a noisy prediction has many surface voxels.
+    same surfaces there as on the full image. Each distance, from a surface voxel's centre to the
+    nearest surface voxel centre of the other mask in mm, is read from an exact anisotropic Euclidean
+    distance transform of that other surface over the box (medpy's and MONAI's way; the `edt`
+    package's separable transform, float32, whose time and memory grow with the box, not with how
+    many surface voxels there are: a noisy prediction costs what a clean one costs).
+    Memory: per voxel of the box, the two surfaces and the complement being transformed (1 byte
+    each) and the transform (4 bytes, one direction at a time); per surface voxel, its distance
+    (4 bytes) and one direction's gathered copy. The largest LiTS17 case (987 x 512 x 512) with a
+    box as large as the volume: about 1.8 GB at the peak.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
     sampling = _check_spacing(spacing, pred.ndim)
-    pred, target = pred.astype(bool), target.astype(bool)
+    pred, target = pred.astype(bool, copy=False), target.astype(bool, copy=False)
     has_pred, has_target = bool(pred.any()), bool(target.any())
     if not has_pred and not has_target:
-        return np.zeros(0)
+        return np.zeros(0, np.float32)
     if not has_pred or not has_target:
         return None
-    from scipy.spatial import cKDTree
-
     box = _union_box(pred, target)
-    p_points = _surface_points(pred[box], sampling)
-    t_points = _surface_points(target[box], sampling)
-    out = np.empty(len(p_points) + len(t_points))  # the result, filled in place
-    _nearest(cKDTree(t_points, copy_data=False), p_points, out[: len(p_points)])
-    _nearest(cKDTree(p_points, copy_data=False), t_points, out[len(p_points) :])
+    s_pred, s_target = surface(pred[box]), surface(target[box])
+    n_pred = int(np.count_nonzero(s_pred))
+    out = np.empty(n_pred + int(np.count_nonzero(s_target)), np.float32)  # the result, filled in place
+    out[:n_pred] = _distance_to(s_target, sampling)[s_pred]
+    out[n_pred:] = _distance_to(s_pred, sampling)[s_target]
     return out
 
 
-_QUERY_CHUNK = 1 << 20  # points per k-d tree query: its (distance, index) temporaries stay ~16 MB
+def _distance_to(surface_mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """float32 distance in mm from every voxel centre to the nearest voxel of `surface_mask` (not empty)."""
+    import edt
 
-
-def _surface_points(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
-    """(n, ndim) float64 centres in mm of the surface voxels of `mask`, built one axis at a time
-    (24 bytes per surface voxel, plus one axis's int64 indices while it is filled)."""
-    where = list(np.nonzero(surface(mask)))
-    points = np.empty((len(where[0]), mask.ndim))
-    for axis, scale in enumerate(sampling):
-        points[:, axis] = where[axis] * scale
-        where[axis] = None  # free this axis's indices before the next
-    return points
-
-
-def _nearest(tree, points: np.ndarray, out: np.ndarray) -> None:
-    """`out[i]` = distance from points[i] to the nearest point of `tree`, queried in chunks."""
-    for start in range(0, len(points), _QUERY_CHUNK):
-        stop = start + _QUERY_CHUNK
-        out[start:stop] = tree.query(points[start:stop], workers=1)[0]
+    return edt.edt(~surface_mask, anisotropy=tuple(sampling), black_border=False, parallel=1)
 
 
 def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
@@ -164,7 +150,8 @@ def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
         return {"hd95": float("nan"), "assd": float("nan")}
     if distances.size == 0:
         return {"hd95": 0.0, "assd": 0.0}
-    return {"hd95": float(np.percentile(distances, 95)), "assd": float(distances.mean())}
+    # float64 for the mean: a float32 sum of 10^8 distances would lose digits
+    return {"hd95": float(np.percentile(distances, 95)), "assd": float(distances.mean(dtype=np.float64))}
 
 
 def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:

@@ -216,7 +216,7 @@ def test_surfaces_are_found_on_the_bounding_box_only(monkeypatch):
 
 
 def test_surface_distances_equal_those_of_a_distance_transform():
-    """The k-d tree gives what a Euclidean distance transform of each surface gives (medpy's way), in mm."""
+    """The distances are those of scipy's Euclidean distance transform of each surface (medpy's way), in mm."""
     rng = np.random.default_rng(3)
     spacing = (2.5, 0.8, 0.6)
     pred = ndimage.binary_dilation(rng.random((12, 30, 40)) > 0.97, iterations=2)
