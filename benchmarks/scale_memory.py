@@ -15,10 +15,15 @@ VmHWM of /proc/self/status, read by the stage itself as it ends: `ru_maxrss` of 
 vfork would count the parent's peak too):
     preprocess   the lits17 reader at data.image_size (default 256), one worker (a second worker
                  adds its own case: see preprocess.py's docstring)
-    split        30 x fraction test volumes (at least 2), 5 folds
+    split        30 x fraction test volumes (at least 2), 5 folds; the largest volume is put in the
+                 test split (swapped with a drawn test volume), since scoring a test case holds more
+                 than choosing post-processing on a validation case does
     train        a tiny U-Net (base width 4), 1 epoch, batch 16, no augmentation, for 5 folds x
                  --seeds seeds (the protocol's 3; fewer where 2 cores cannot train 15), fp32,
-                 loader in-process
+                 loader in-process; with --train-batches N each epoch stops after N batches (the
+                 benchmark's shuffled sampler is cut short; validation stays the whole fold): what a
+                 step holds does not depend on how many steps an epoch has, and a full-size epoch
+                 of 36k slices takes hours on 2 cores
     evaluate     every run and the fold ensemble at eval.resolution original (ground truth read
                  from the generated raw copy), post-processing chosen on validation
     report       summary, Tables 1-4 and the statistics of that one entry
@@ -91,12 +96,16 @@ def write_volume(out_dir: Path, i: int, depth: int, seed: int) -> None:
         tmp.replace(out_dir / name)
 
 
-def generate(raw: Path, fraction: float) -> dict:
+def generate(raw: Path, fraction: float, jobs: int = 1) -> dict:
+    """Write the volumes not yet there (`jobs` processes); the data does not depend on `jobs`."""
+    from concurrent.futures import ProcessPoolExecutor
+
     counts = slice_counts(max(2, round(LITS_VOLUMES * fraction)))
     raw.mkdir(parents=True, exist_ok=True)
-    for i, depth in enumerate(counts):
-        if not (raw / f"segmentation-{i}.nii.gz").exists():
-            write_volume(raw, i, depth, seed=0)
+    todo = [(i, d) for i, d in enumerate(counts) if not (raw / f"segmentation-{i}.nii.gz").exists()]
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        for done in [pool.submit(write_volume, raw, i, depth, 0) for i, depth in todo]:
+            done.result()
     return {"volumes": len(counts), "slices": sum(counts), "largest": max(counts)}
 
 
@@ -118,7 +127,41 @@ def _params(image_size: int, seeds: int = 3):
     return params_from_dict(raw)
 
 
-def run_stage(stage: str, work: Path, fraction: float, image_size: int, seeds: int = 3) -> None:
+def largest_in_test(split: dict, largest: str = "volume-0") -> dict:
+    """`split` with `largest` (the 987-slice volume) in test: swapped with the first drawn test volume,
+    which takes its place in the folds."""
+    if largest in split["test"]:
+        return split
+    moved = split["test"][0]
+    split["test"] = sorted([*split["test"][1:], largest])
+    for fold in split["folds"]:
+        for key in ("train", "val"):
+            fold[key] = sorted(moved if c == largest else c for c in fold[key])
+    return split
+
+
+def _cut_epochs(batches: int, batch_size: int) -> None:
+    """Training epochs of at most `batches` batches: the first batches x batch_size draws of the
+    shuffled (epoch, index) order (medfusion.data.dataset.EpochSampler), in this process only."""
+    from medfusion.data.dataset import EpochSampler
+    from medfusion.training import fold
+
+    class ShortEpochs(EpochSampler):
+        def __len__(self) -> int:
+            return min(self.size, batches * batch_size)
+
+        def __iter__(self):
+            for n, pair in enumerate(super().__iter__()):
+                if n == len(self):
+                    return
+                yield pair
+
+    fold.EpochSampler = ShortEpochs
+
+
+def run_stage(
+    stage: str, work: Path, fraction: float, image_size: int, seeds: int = 3, train_batches: int | None = None
+) -> None:
     """One stage, in this process (the parent measures its peak RSS)."""
     from medfusion.data.io import read_json, write_json
 
@@ -133,7 +176,7 @@ def run_stage(stage: str, work: Path, fraction: float, image_size: int, seeds: i
 
         groups = {c["case_id"]: c["group"] for c in read_json(proc / "cases.json")}
         test = max(2, round(30 * fraction))
-        write_json(work / "split.json", make_split(groups, f"count:{test}", 5, 0, 0.2))
+        write_json(work / "split.json", largest_in_test(make_split(groups, f"count:{test}", 5, 0, 0.2)))
     elif stage == "train":
         from medfusion.entries import resolve_entry, resources
         from medfusion.hardware import resolve_precision
@@ -142,6 +185,8 @@ def run_stage(stage: str, work: Path, fraction: float, image_size: int, seeds: i
         entry = resolve_entry(params, "lits17", "unet")
         split = read_json(work / "split.json")
         precision = resolve_precision("cpu", False, False)
+        if train_batches:
+            _cut_epochs(train_batches, params.train.batch_size)
         runs = []
         for fold in range(5):
             for seed in params.cv.seeds:
@@ -183,10 +228,14 @@ def _high_water_mark() -> int:
     raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
-def measure(stage: str, work: Path, fraction: float, image_size: int, seeds: int) -> tuple[int, float]:
+def measure(
+    stage: str, work: Path, fraction: float, image_size: int, seeds: int, train_batches: int | None
+) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of `stage` in a child process."""
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--fraction", str(fraction),
            "--image-size", str(image_size), "--seeds", str(seeds)]  # fmt: skip
+    if train_batches:
+        cmd += ["--train-batches", str(train_batches)]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     if done.returncode != 0:
@@ -200,6 +249,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/medfusion_scale"))
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per fold (the protocol: 3)")
+    ap.add_argument("--train-batches", type=int, help="stop each training epoch after this many batches")
+    ap.add_argument("--jobs", type=int, default=1, help="processes writing the generated volumes")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="the stages to measure")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, help="write the markdown table here")
@@ -208,7 +259,7 @@ def main() -> None:
         {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
     )
     if args.stage:
-        run_stage(args.stage, args.work, args.fraction[0], args.image_size, args.seeds)
+        run_stage(args.stage, args.work, args.fraction[0], args.image_size, args.seeds, args.train_batches)
         return
     from medfusion.hardware import machine_summary
 
@@ -216,11 +267,11 @@ def main() -> None:
     for fraction in args.fraction:
         work = args.work / f"f{fraction:g}"
         t0 = time.perf_counter()
-        data = generate(work / "raw", fraction)
+        data = generate(work / "raw", fraction, args.jobs)
         generated = time.perf_counter() - t0
         row = {"fraction": fraction, **data, "generate_s": generated}
         for stage in args.stages:
-            row[stage] = measure(stage, work, fraction, args.image_size, args.seeds)
+            row[stage] = measure(stage, work, fraction, args.image_size, args.seeds, args.train_batches)
             print(
                 f"fraction {fraction:g} {stage}: {row[stage][0] / 2**30:.2f} GiB, {row[stage][1]:.0f} s",
                 flush=True,
@@ -230,6 +281,7 @@ def main() -> None:
         f"Peak RSS per stage (GiB) and wall time, LiTS17-shaped generated data at {args.image_size}x{args.image_size}, "
         f"5 folds x {args.seeds} seed(s), on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
         f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size} --seeds {args.seeds}"
+        f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
         f"{'' if args.stages == list(STAGES) else ' --stages ' + ' '.join(args.stages)}`.",
         "",
         "| fraction | volumes | slices | largest volume | " + " | ".join(args.stages) + " |",
