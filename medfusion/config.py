@@ -352,6 +352,9 @@ class EvalParams:
     # cross-dataset evaluation without retraining: {training dataset: [target datasets]}, stage
     # transfer@<training dataset> (medfusion/transfer.py). Optional: a params file without it reads as {}
     transfer: dict[str, list[str]] = dataclasses.field(default_factory=dict, metadata={"optional": True})
+    # train inside the field of view too (medfusion.training.loop.inside_roi); metrics always are.
+    # Optional: a params file without it reads as false
+    roi_loss: bool = dataclasses.field(default=False, metadata={"optional": True})
 
 
 # Settings that cannot change a result: no run's hash and no train stage's params hold them, so

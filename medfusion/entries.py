@@ -85,6 +85,7 @@ class Entry:
     preprocess: dict[str, Any]  # what `medfusion predict` must do to new images
     patch_size: int | None = None  # native images: training patches and sliding windows of this side
     pretrained: str | None = None  # the encoder's starting weights (<model>.pretrained), None = from scratch
+    roi_loss: bool = False  # eval.roi_loss: loss and validation inside the data's field of view
 
     @property
     def native(self) -> bool:
@@ -122,6 +123,8 @@ class Entry:
             "train": dataclasses.asdict(self.recipe),
             "augment": dataclasses.asdict(self.augment) if self.augment else None,
             "preprocess": self.preprocess,
+            # only where it is set, so that runs without it keep their hashes
+            **({"roi_loss": True} if self.roi_loss else {}),
         }
 
     def pretrained_sha256(self) -> str:
@@ -248,6 +251,7 @@ def resolve_entry(params: Params, dataset: str, name: str) -> Entry:
         preprocess=preprocess,
         patch_size=d.patch_size if d.native else None,
         pretrained=entry_section(params, name).get("pretrained"),
+        roi_loss=params.eval.roi_loss,
     )
 
 

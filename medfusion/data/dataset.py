@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medfusion.config import AugmentParams
-from medfusion.data.distance import distance_map
+from medfusion.data.distance import OUTSIDE_ROI, distance_map
 from medfusion.data.io import read_json
 
 
@@ -107,6 +107,9 @@ class SegDataset(Dataset):
         seed: the run's seed; the augmentation of item i at epoch e is a pure function of (seed, e, i).
         distance: also return d(x), the distance of each pixel to the nearest label edge after
             augmentation (DRGO's boundary weights), computed here in the loader workers.
+        patch_size: native images: training patches of this side (None: whole images).
+        roi: where the data has a field of view (fov.npy), masks hold OUTSIDE_ROI (255) outside it
+            (eval.roi_loss: the loss then ignores those pixels, `medfusion.training.loop.inside_roi`).
 
     Indexing: `dataset[i]` augments as at epoch `self.epoch` (`set_epoch`); `dataset[(e, i)]` as at
     epoch e. The training loader uses the second through `EpochSampler`, so the epoch reaches
@@ -130,6 +133,7 @@ class SegDataset(Dataset):
         seed: int = 0,
         distance: bool = False,
         patch_size: int | None = None,
+        roi: bool = False,
     ) -> None:
         processed_dir = Path(processed_dir)
         self.images = np.load(processed_dir / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
@@ -137,6 +141,9 @@ class SegDataset(Dataset):
         # items are read with pread, not through the maps: memory stays one sample (StoredRows)
         self.image_rows = StoredRows(processed_dir / "images.npy")
         self.mask_rows = StoredRows(processed_dir / "masks.npy")
+        self.fov_rows = None  # roi: the field of view, marked in each mask as OUTSIDE_ROI
+        if roi and (processed_dir / "fov.npy").is_file():
+            self.fov_rows = StoredRows(processed_dir / "fov.npy")
         cases = read_json(processed_dir / "cases.json")
         wanted = set(case_ids)
         unknown = wanted - {c["case_id"] for c in cases}
@@ -177,7 +184,7 @@ class SegDataset(Dataset):
         if self.native:
             image, mask, stats = self._native(i, j, epoch)
         else:
-            image, mask = self.image_rows.row(j), self.mask_rows.row(j)
+            image, mask = self.image_rows.row(j), self._mask(j)
         if self.transform is not None:
             image, mask = self.augment_sample(self.transform, image, mask, self.seed, epoch, i)
         item = {
@@ -194,11 +201,19 @@ class SegDataset(Dataset):
             item["image"][:, :, w:] = 0
         return item
 
+    def _mask(self, j: int) -> np.ndarray:
+        """Row j's label map; with `roi`, OUTSIDE_ROI outside the field of view (before augmentation,
+        so that the region moves with the image; rotations and scaling pad with background)."""
+        mask = self.mask_rows.row(j)
+        if self.fov_rows is None:
+            return mask
+        return np.where(self.fov_rows.row(j) > 0, mask, OUTSIDE_ROI).astype(np.uint8)
+
     def _native(self, i: int, j: int, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
         """Sample i (row j) of a native dataset: its image and mask (a patch, or the whole image padded
         to a multiple of 16) and the whole image's (mean, std)."""
         h, w = self.sizes[i]
-        image, mask = self.image_rows.row(j)[:, :h, :w], self.mask_rows.row(j)[:h, :w]
+        image, mask = self.image_rows.row(j)[:, :h, :w], self._mask(j)[:h, :w]
         stats = (float(image.mean()), float(image.std()))
         if self.patch_size is None:
             return pad_to_multiple(image), pad_to_multiple(mask), stats

@@ -39,7 +39,14 @@ from medfusion.losses import segmentation_loss
 from medfusion.losses.drgo import class_frequencies, smoothed_frequencies
 from medfusion.models import compile_model
 from medfusion.seed import rng_states, seed_everything, set_rng_states, worker_init_fn
-from medfusion.training.loop import DRGOObjective, Objective, plain_objective, train_one_epoch, validate
+from medfusion.training.loop import (
+    DRGOObjective,
+    Objective,
+    inside_roi,
+    plain_objective,
+    train_one_epoch,
+    validate,
+)
 
 LogFn = Callable[[dict[str, float], int], None]
 RESUME_FILE = "last.pt"  # the state after the last finished epoch; removed when the run finishes
@@ -165,8 +172,9 @@ def build_loaders(
         seed=seed,
         distance=entry.boundary,
         patch_size=entry.patch_size,
+        roi=entry.roi_loss,
     )
-    val_set = SegDataset(processed_dir, fold_split["val"])
+    val_set = SegDataset(processed_dir, fold_split["val"], roi=entry.roi_loss)
     collate = MixCollate(entry.augment, seed) if entry.augment else None
     workers = resources.num_workers
     train = make_loader(train_set, entry.recipe.batch_size, True, workers, seed, pin, collate)
@@ -221,6 +229,8 @@ def build_trainer(
     scaler = torch.amp.GradScaler("cuda") if precision.amp_dtype == torch.float16 else None
 
     def val_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if entry.roi_loss:  # the masks mark the outside of the field of view (SegDataset(roi=True))
+            logits, target = inside_roi(logits, target)
         return segmentation_loss(logits, target, entry.ce_weight)
 
     if entry.drgo is not None:
@@ -230,7 +240,7 @@ def build_trainer(
             if train_set.native
             else class_frequencies(train_set.mask_rows, entry.num_classes, train_set.indices)
         )
-        objective: Objective = DRGOObjective(entry.drgo, freq, entry.ce_weight, seed)
+        objective: Objective = DRGOObjective(entry.drgo, freq, entry.ce_weight, seed, entry.roi_loss)
     else:
         objective = plain_objective(val_loss)
     return Trainer(

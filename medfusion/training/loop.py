@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from medfusion.common import TrainingError, first_line
+from medfusion.data.distance import OUTSIDE_ROI
 from medfusion.hardware import Precision
 from medfusion.losses.drgo import DRGOSettings, drgo_loss
 from medfusion.metrics import case_metrics
@@ -98,6 +99,23 @@ def mixup_loss(loss_of: Callable[[Tensor, Tensor | None], Tensor], target: Tenso
     return lam * loss_a + (1 - lam) * loss_b
 
 
+_CERTAIN = 30.0  # logit margin of a certain prediction: softmax gives 1 - 1e-26 (exactly 1 in fp32)
+
+
+def inside_roi(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, target) with the pixels marked OUTSIDE_ROI (SegDataset(roi=True)) made background in
+    the target and a certain background in the prediction: every loss term then sees no error there,
+    and no gradient reaches the model from them (eval.roi_loss: the loss inside the field of view,
+    as the metrics are). Our choice of how (METHOD.md does not train inside a region): one rule for
+    L_seg and every DRGO term, instead of a mask threaded through each. Outside pixels still count
+    in the means over pixels (with zero loss) and in the background class's soft Dice (as correct).
+    Memory: one bool map and one logits-sized tensor."""
+    outside = target == OUTSIDE_ROI
+    certain = torch.full((1, logits.shape[1], 1, 1), -_CERTAIN, dtype=logits.dtype, device=logits.device)
+    certain[:, 0] = _CERTAIN
+    return torch.where(outside[:, None], certain, logits), target.masked_fill(outside, 0)
+
+
 def plain_objective(loss_fn: LossFn) -> Objective:
     """`loss_fn(logits, target)` as a training objective that handles MixUp batches (`mixup_loss`)."""
     return lambda logits, target, batch: mixup_loss(lambda y, _: loss_fn(logits, y), target, batch)
@@ -113,10 +131,13 @@ class DRGOObjective:
     a GPU's queue); `epoch_terms` reads the sums once. A MixUp batch gives lam L(y_a, d_a) +
     (1 - lam) L(y_b, d_b): both terms see the same c_t, and c_t is updated once per batch (the batch
     confidence depends on the logits only, so it is the same in both); the logged terms are the
-    lam-weighted means of the two."""
+    lam-weighted means of the two. With `roi` (eval.roi_loss) each target's outside is made certain
+    background first (`inside_roi`); the batch confidence then counts those pixels as certain."""
 
-    def __init__(self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, seed: int) -> None:
-        self.settings, self.class_freq, self.ce_weight = settings, class_freq, ce_weight
+    def __init__(
+        self, settings: DRGOSettings, class_freq: Tensor, ce_weight: float, seed: int, roi: bool = False
+    ) -> None:
+        self.settings, self.class_freq, self.ce_weight, self.roi = settings, class_freq, ce_weight, roi
         self.confidence: Tensor | float = 0.0
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -132,8 +153,9 @@ class DRGOObjective:
         calls: list[dict[str, Tensor]] = []
 
         def loss_of(y: Tensor, distance: Tensor | None) -> Tensor:
+            scores, y = inside_roi(logits, y) if self.roi else (logits, y)
             loss, terms = drgo_loss(
-                logits,
+                scores,
                 y,
                 self.class_freq.to(device),
                 self.settings,
@@ -339,6 +361,8 @@ def validate(
             total += loss_fn(logits, mask).item() * len(mask)
         count += len(mask)
         pred, target = logits.argmax(1).cpu().numpy(), mask.cpu().numpy()
+        outside = target == OUTSIDE_ROI  # eval.roi_loss: Dice inside the field of view, as evaluation scores
+        pred[outside], target[outside] = 0, 0
         for p, t in zip(pred, target, strict=True):
             dices += [m["dice"] for m in case_metrics(p, t, num_classes).values()]
     return total / max(count, 1), float(np.mean(dices))
