@@ -46,6 +46,10 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+# per_case `run` values that are no trained run: the fold ensemble, and the same with flip TTA (eval.tta)
+ENSEMBLE_RUNS = ("ensemble", "ensemble_tta")
+
+
 def run_name(fold: int, seed: int) -> str:
     """The name of one cross-validation run: its folder under data/runs/<dataset>/<entry>/, its MLflow
     child run and its `run` value in per_case.csv."""

@@ -355,6 +355,9 @@ class EvalParams:
     # train inside the field of view too (medfusion.training.loop.inside_roi); metrics always are.
     # Optional: a params file without it reads as false
     roi_loss: bool = dataclasses.field(default=False, metadata={"optional": True})
+    # "flip": the fold ensemble is also scored with flip test-time augmentation, as its own row
+    # (run "ensemble_tta"; medfusion.evaluation.evaluate_model). Optional: absent reads as "none"
+    tta: typing.Literal["none", "flip"] = dataclasses.field(default="none", metadata={"optional": True})
 
 
 # Settings that cannot change a result: no run's hash and no train stage's params hold them, so

@@ -205,19 +205,21 @@ def iter_case_probs(
     batch_size: int,
     precision: Precision,
     patch: int | None = None,
+    tta: str = "none",
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(case_id, softmax probabilities) of every case of `dataset` in sorted order: (K, S, S) for an
     image, (K, D, S, S) for a volume's slices, float16 (half the memory; scoring resizes each slice
     in float32). Batches run across case boundaries; memory is
     one batch plus the case being assembled, written slice by slice into one array of the case's size
     (no list of slices stacked at the end, which would hold the case twice). Native images (the model's `patch`): one image at a
-    time by sliding window, cropped to the image's own size."""
+    time by sliding window, cropped to the image's own size. `tta` "flip": each batch's probabilities
+    are the mean over its four mirrorings (`training.loop.infer_probs`)."""
     if dataset.native:
         for case_id, (i,) in case_positions(dataset).items():
             image = dataset[i]["image"][None]
             where = f"prediction of {case_id} ({tuple(image.shape[2:])})"
             with out_of_memory_explained(where, image, model, precision.device, "-S eval.batch_size", None):
-                probs = infer_probs(model, image, precision, patch)[0].numpy().astype(np.float16)
+                probs = infer_probs(model, image, precision, patch, tta)[0].numpy().astype(np.float16)
             h, w = dataset.sizes[i]
             yield case_id, probs[:, :h, :w]
         return
@@ -232,7 +234,11 @@ def iter_case_probs(
         images = torch.stack([dataset[i]["image"] for _, i in chunk])
         where = f"prediction of samples {start}..{start + len(chunk) - 1}"
         with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
-            probs = predict_probs(model, images, precision).numpy().astype(np.float16)  # half the memory
+            if tta == "none":
+                probs = predict_probs(model, images, precision)
+            else:
+                probs = infer_probs(model, images, precision, None, tta)
+            probs = probs.numpy().astype(np.float16)  # half the memory
         for p in probs:
             case_id = cases[current]
             n = len(positions[case_id])
@@ -511,6 +517,7 @@ def evaluate_model(
     examples: int = 4,
     resolution: str = "original",
     raw_dir: Path | None = None,
+    tta: str = "none",
 ) -> tuple[pd.DataFrame, dict, dict[str, np.ndarray]]:
     """Every run (fold x seed) of one model, and their fold ensemble, on the test split.
 
@@ -528,6 +535,11 @@ def evaluate_model(
         resolution: "original" (the default: each case's own geometry, ground truth from the raw copy)
             or "processed" (data.image_size).
         raw_dir: where the raw ground truth is (default: the raw_dir preprocessing recorded).
+        tta: "flip" (eval.tta): the fold ensemble is also scored with every run's probabilities
+            averaged over the four mirrorings of each test image (`training.loop.infer_probs`), as
+            run "ensemble_tta", raw and with the ensemble's post-processing (chosen on validation
+            without TTA: our choice, so that TTA costs 4x the test inference only, not the
+            validation's too). Each run stays scored without it.
 
     Returns:
         per_case: columns run, case_id, class, metric, value, postprocess ("raw" / "post"), resolution,
@@ -547,8 +559,8 @@ def evaluate_model(
     )
     test_set = SegDataset(processed_dir, split["test"])
     scores, pictures = _Scores(case_regions(meta)), _Pictures(test_set, case_positions(test_set), examples)
-    _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures)
-    frames, pooled = scores.frames([*loaded, "ensemble"])
+    _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures, tta)
+    frames, pooled = scores.frames([*loaded, "ensemble", *(["ensemble_tta"] if tta == "flip" else [])])
     patients = {s["case_id"]: s["group"] for s in test_set.samples}  # for statistics by patient
     per_case = pd.concat(frames, ignore_index=True).assign(resolution=resolution)
     per_case["group"] = per_case["case_id"].map(patients)
@@ -564,6 +576,7 @@ def evaluate_model(
         "runs": len(runs),
         "test_cases": len(pictures.positions),
         "postprocess": chosen,
+        "tta": tta,
         "regions": scores.regions,
         "global_dice": pooled,
     }
@@ -599,33 +612,54 @@ def _choose_on_validation(
     return loaded, chosen
 
 
-def _score_test(loaded, chosen, test_set, batch_size, precision, targets, scores, pictures) -> None:
+def _score_test(
+    loaded, chosen, test_set, batch_size, precision, targets, scores, pictures, tta="none"
+) -> None:
     """Every test case, one at a time: each run's probabilities scored raw and post-processed, added
     into the fold ensemble's (float32, summed in place: one case-sized float32 array, no temporaries),
-    which is then scored too."""
+    which is then scored too; with `tta` "flip", then the ensemble of the runs' flip-averaged
+    probabilities (one more case-sized array, after the first is released)."""
     settings = {name: postprocess_of(record) for name, record in chosen.items()}
     streams = {
         name: iter_case_probs(model, test_set, batch_size, precision, patch)
         for name, (model, patch) in loaded.items()
     }
+    flipped = {
+        name: iter_case_probs(model, test_set, batch_size, precision, patch, tta)
+        for name, (model, patch) in loaded.items()
+        if tta == "flip"
+    }
     for case_id, positions in pictures.positions.items():
         rows = [test_set.indices[i] for i in positions]
         (target, fov), spacing = targets.scored(case_id, rows), targets.spacing(case_id)
-        ensemble = None
-        for name, stream in streams.items():
-            got, probs = next(stream)
-            if got != case_id:
-                raise RuntimeError(f"run {name} predicted case {got} where {case_id} was expected")
-            if ensemble is None:
-                ensemble = probs.astype(np.float32)
-            else:
-                np.add(ensemble, probs, out=ensemble)
-            _score_case(scores, name, case_id, probs, settings[name], target, spacing, fov)
-            del probs  # before the next run's case arrives
-        ensemble /= len(loaded)  # the runs' mean
+        ensemble = _case_ensemble(streams, case_id, scores, settings, target, spacing, fov)
         post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing, fov)
         pictures.add(case_id, rows, post)
-        del ensemble, target, post  # this case's arrays, gone before the next case is read
+        del ensemble, post
+        if flipped:
+            ensemble = _case_ensemble(flipped, case_id)
+            _score_case(scores, "ensemble_tta", case_id, ensemble, settings["ensemble"], target, spacing, fov)
+            del ensemble
+        del target  # this case's arrays, gone before the next case is read
+
+
+def _case_ensemble(streams, case_id, scores=None, settings=None, target=None, spacing=None, fov=None):
+    """The runs' mean probabilities (float32) of `case_id`, the next case of every stream; with
+    `scores`, each run's own probabilities are scored on the way."""
+    ensemble = None
+    for name, stream in streams.items():
+        got, probs = next(stream)
+        if got != case_id:
+            raise RuntimeError(f"run {name} predicted case {got} where {case_id} was expected")
+        if ensemble is None:
+            ensemble = probs.astype(np.float32)
+        else:
+            np.add(ensemble, probs, out=ensemble)
+        if scores is not None:
+            _score_case(scores, name, case_id, probs, settings[name], target, spacing, fov)
+        del probs  # before the next run's case arrives
+    ensemble /= len(streams)  # the runs' mean
+    return ensemble
 
 
 def score_second_observer(

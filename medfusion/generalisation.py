@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medfusion.common import ENSEMBLE_RUNS
 from medfusion.data.io import read_json
 
 
@@ -51,7 +52,7 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
             frame = frame[frame["postprocess"] == _kind(frame)]
             for region, by_class in frame.groupby("class"):
                 dice = by_class[by_class["metric"] == "dice"]
-                per_run = dice[dice["run"] != "ensemble"].groupby("run")["value"].mean()
+                per_run = dice[~dice["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean()
                 ens = by_class[
                     by_class["run"]
                     == ("ensemble" if "ensemble" in set(by_class["run"]) else per_run.index[0])
@@ -123,7 +124,7 @@ def mlflow_transfer_metrics(results: list[dict], trained_on: str, entry: str) ->
             continue
         frame = frame[(frame["postprocess"] == _kind(frame)) & (frame["metric"] == "dice")]
         for region, by_class in frame.groupby("class"):
-            runs = by_class[by_class["run"] != "ensemble"].groupby("run")["value"].mean()
+            runs = by_class[~by_class["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean()
             ens = by_class[by_class["run"] == "ensemble"]["value"]
             metrics[f"transfer_{result['target']}_dice_runs_{region}"] = float(runs.mean())
             if len(ens):

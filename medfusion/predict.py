@@ -396,15 +396,11 @@ def ensemble_probs(
     `tta` "flip": each model also sees the images flipped left-right, up-down and both (the group of
     the two mirrorings, so the result is equivariant to either flip), its outputs flipped back, and
     the four are averaged (before the mean over models)."""
-    flips = [None, (3,), (2,), (2, 3)] if tta == "flip" else [None]
     total = None
     for model in models:
-        for dims in flips:
-            x = images if dims is None else torch.flip(images, dims)
-            p = infer_probs(model, x, precision, patch)
-            p = p if dims is None else torch.flip(p, dims)
-            total = p if total is None else total + p
-    return total / (len(models) * len(flips))
+        p = infer_probs(model, images, precision, patch, tta)
+        total = p if total is None else total + p
+    return total / len(models)
 
 
 def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:

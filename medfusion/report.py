@@ -20,11 +20,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from medfusion.common import run_name
+from medfusion.common import ENSEMBLE_RUNS, run_name
 
 HEADLINE = ("dice", "iou", "hd95")
 TABLE_METRICS = ("dice", "iou", "precision", "recall")  # the paper's columns, in %
 DISTANCE_METRICS = ("hd95", "assd")
+# the rows of Tables 1-2 per model: the trained runs, the fold ensemble and, with eval.tta, the same with TTA
+ESTIMATE_LABELS = {
+    "runs": "mean ± std over runs",
+    "ensemble": "fold ensemble",
+    "ensemble_tta": "fold ensemble + flip TTA",
+}
 TABLE1_DATASETS = ("kvasir_seg", "promise12", "msd_prostate", "synthetic", "custom")
 TABLE2_DATASETS = ("chase_db1", "lits17", "msd_liver", "synthetic_volumes")
 TABLE_TITLES = {
@@ -45,11 +51,11 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
 
     Uses the rows with `postprocess == postprocess` (all rows when the column is absent). A run's mean
     skips the cases where the metric is undefined (NaN: HD95/ASSD with one empty mask); `undefined`
-    counts those (case, run) pairs. std has ddof=1 (0 for one run). The "ensemble" run is summarised
-    on its own, as one value (estimate "ensemble", std NaN).
+    counts those (case, run) pairs. std has ddof=1 (0 for one run). The "ensemble" run (and
+    "ensemble_tta", eval.tta) is summarised on its own, as one value (estimate = the run, std NaN).
 
     Returns:
-        Columns dataset, model, class, metric, estimate ("runs" | "ensemble"), mean, std, runs,
+        Columns dataset, model, class, metric, estimate ("runs" | "ensemble" | "ensemble_tta"), mean, std, runs,
         cases, undefined.
     """
     rows = per_case[per_case["postprocess"] == postprocess] if "postprocess" in per_case else per_case
@@ -59,7 +65,7 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
         cases=("case_id", "nunique"),
         undefined=("value", lambda v: int(v.isna().sum())),
     )
-    per_run["estimate"] = np.where(per_run["run"] == "ensemble", "ensemble", "runs")
+    per_run["estimate"] = np.where(per_run["run"].isin(ENSEMBLE_RUNS), per_run["run"], "runs")
     out = per_run.groupby([*keys, "estimate"], as_index=False, sort=False).agg(
         mean=("value", "mean"),
         std=("value", "std"),
@@ -68,7 +74,7 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
         undefined=("undefined", "sum"),
     )
     out.loc[out["estimate"] == "runs", "std"] = out.loc[out["estimate"] == "runs", "std"].fillna(0.0)
-    out.loc[out["estimate"] == "ensemble", "std"] = np.nan
+    out.loc[out["estimate"].isin(ENSEMBLE_RUNS), "std"] = np.nan
     return out
 
 
@@ -95,13 +101,13 @@ def summarize_global(frame: pd.DataFrame | None, postprocess: str = "post") -> p
     if frame is None or frame.empty:
         return pd.DataFrame(columns=columns)
     rows = frame[frame["postprocess"] == postprocess].assign(
-        estimate=lambda f: np.where(f["run"] == "ensemble", "ensemble", "runs")
+        estimate=lambda f: np.where(f["run"].isin(ENSEMBLE_RUNS), f["run"], "runs")
     )
     out = rows.groupby(["dataset", "model", "class", "estimate"], as_index=False, sort=False).agg(
         mean=("value", "mean"), std=("value", "std"), runs=("run", "nunique")
     )
     out.loc[out["estimate"] == "runs", "std"] = out.loc[out["estimate"] == "runs", "std"].fillna(0.0)
-    out.loc[out["estimate"] == "ensemble", "std"] = np.nan
+    out.loc[out["estimate"].isin(ENSEMBLE_RUNS), "std"] = np.nan
     return out[columns]
 
 
@@ -155,6 +161,8 @@ def mlflow_test_metrics(
     parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
     parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
     parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
+    tta = summary[summary["estimate"] == "ensemble_tta"]
+    parent |= {f"test_ensemble_tta_{r.metric}_{r._3}": r.mean for r in tta.itertuples()}
     g = summarize_global(pooled)
     parent |= {f"test_global_dice_{r._3}": r.mean for r in g[g["estimate"] == "runs"].itertuples()}
     parent |= {f"test_global_dice_{r._3}_std": r.std for r in g[g["estimate"] == "runs"].itertuples()}
@@ -363,7 +371,7 @@ def comparison_table(
                 here = rows[(rows["class"] == cls) & (rows["model"] == model)]
                 here_raw = raw[(raw["class"] == cls) & (raw["model"] == model)]
                 test = _stat(stats, dataset, cls, "dice", model)
-                for estimate, label in (("runs", "mean ± std over runs"), ("ensemble", "fold ensemble")):
+                for estimate, label in ESTIMATE_LABELS.items():
                     if not (here["estimate"] == estimate).any():
                         continue
                     r = {"table": table, "dataset": dataset, "class": cls, "model": model, "estimate": estimate,

@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from medfusion.common import ENSEMBLE_RUNS
+
 DEFAULT_METRICS = ("dice", "iou", "hd95")
 COLUMNS = [
     "dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
@@ -139,15 +141,15 @@ def cluster_comparison(
 
 
 def _trained_rows(per_case: pd.DataFrame, postprocess: str) -> pd.DataFrame:
-    """The trained runs' rows (the "ensemble" run left out) with `postprocess` (all when absent)."""
-    rows = per_case[per_case["run"] != "ensemble"]
+    """The trained runs' rows (the ensembles, ENSEMBLE_RUNS, left out) with `postprocess` (all when absent)."""
+    rows = per_case[~per_case["run"].isin(ENSEMBLE_RUNS)]
     if "postprocess" in rows:
         rows = rows[rows["postprocess"] == postprocess]
     return rows
 
 
 def case_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
-    """Each test case's value averaged over the trained runs (the "ensemble" run left out).
+    """Each test case's value averaged over the trained runs (the ensembles left out).
 
     Uses the rows with `postprocess == postprocess` (all rows when the column is absent). NaN values
     are skipped in the mean. Returns columns dataset, class, metric, model, case_id, value, and group

@@ -44,6 +44,7 @@ def main(
         precision,
         resolution=params.eval.resolution,
         raw_dir=raw_dir,
+        tta=params.eval.tta,
     )
     per_case = per_case.assign(dataset=dataset, model=model)[
         [

@@ -65,3 +65,46 @@ def test_the_ensemble_averages_the_runs_probabilities(tmp_path, synthetic_proces
     one = raw[raw["run"] == "fold0_seed0"].set_index("case_id")["value"]
     ens = raw[raw["run"] == "ensemble"].set_index("case_id")["value"]
     assert np.allclose(one.sort_index(), ens.sort_index(), atol=1e-3)  # float16 probabilities
+
+
+def test_eval_tta_scores_the_flipped_ensemble_as_its_own_row(tmp_path, synthetic_processed):
+    """eval.tta flip: run "ensemble_tta" beside "ensemble", each of its labels the argmax of the runs'
+    probabilities averaged over the four mirrorings (checked by hand at the processed size); the
+    trained runs stay scored without TTA and the statistics leave both ensembles out."""
+    import shutil
+
+    import torch
+
+    from medfusion.data.dataset import SegDataset
+    from medfusion.evaluation import load_checkpoint
+    from medfusion.metrics import overlap_metrics
+    from medfusion.stats import case_means
+
+    processed, split = synthetic_processed
+    params = replace(params_from_dict(tiny_raw_params()), "train", epochs=1)
+    train_fold(params, "synthetic", "unet", processed, split, 0, 0, tmp_path / "fold0_seed0")
+    shutil.copytree(tmp_path / "fold0_seed0", tmp_path / "fold1_seed0")
+    runs = [{"fold": 0, "seed": 0}, {"fold": 1, "seed": 0}]
+    plain, _, _ = evaluate_model(runs, tmp_path, processed, split, 8, FP32, resolution="processed")
+    per_case, info, _ = evaluate_model(
+        runs, tmp_path, processed, split, 8, FP32, resolution="processed", tta="flip"
+    )
+    assert set(per_case["run"]) == {"fold0_seed0", "fold1_seed0", "ensemble", "ensemble_tta"}
+    assert info["tta"] == "flip" and "ensemble_tta" in info["global_dice"]
+    without = per_case[per_case["run"] != "ensemble_tta"].reset_index(drop=True)
+    assert without.equals(plain.reset_index(drop=True))  # every other row as without TTA
+    model, _ = load_checkpoint(tmp_path / "fold0_seed0" / "model.pt", FP32)
+    test_set = SegDataset(processed, split["test"])
+    raw = per_case[(per_case["run"] == "ensemble_tta") & (per_case["postprocess"] == "raw")]
+    dice = raw[raw["metric"] == "dice"].set_index("case_id")["value"]
+    for i, sample in enumerate(test_set.samples):
+        image = test_set[i]["image"][None]
+        flips = [image, image.flip(3), image.flip(2), image.flip((2, 3))]
+        probs = [model(x).softmax(1).flip(d) if d else model(x).softmax(1)
+                 for x, d in zip(flips, [(), (3,), (2,), (2, 3)], strict=True)]  # fmt: skip
+        labels = (torch.stack(probs).mean(0)[0].argmax(0) == 1).detach().numpy()
+        truth = test_set[i]["mask"].numpy() == 1
+        assert dice[sample["case_id"]] == pytest.approx(overlap_metrics(labels, truth)["dice"], abs=2e-3)
+    named = {"dataset": "synthetic", "model": "unet"}
+    means, before = case_means(per_case.assign(**named)), case_means(plain.assign(**named))
+    assert means.equals(before)  # the trained runs only, as before

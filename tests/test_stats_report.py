@@ -485,3 +485,19 @@ def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case)
     # the liver rows of the models come first; the human row closes the class
     liver = csv2[csv2["class"] == "liver"]
     assert liver.iloc[-1]["model"] == "second_observer"
+
+
+def test_the_tta_ensemble_is_its_own_row_and_never_a_run(per_case):
+    """eval.tta flip adds run "ensemble_tta": a row 'fold ensemble + flip TTA' after the fold ensemble,
+    summarised as one value, and left out of every statistic as the ensemble is."""
+    ens = per_case[per_case["run"] == "ensemble"]
+    with_tta = pd.concat([per_case, ens.assign(run="ensemble_tta", value=ens["value"] + 0.005)])
+    summary = summarize_runs(with_tta)
+    tta = summary[(summary["estimate"] == "ensemble_tta") & (summary["metric"] == "dice")]
+    assert len(tta) == 3 * len(MODELS) and tta["std"].isna().all() and (tta["runs"] == 1).all()
+    casnet = tta[(tta["model"] == "casnet") & (tta["class"] == "polyp")].iloc[0]
+    assert casnet["mean"] == pytest.approx(REF.mean() + 0.005)
+    md1, csv1 = build_tables(with_tta, INFOS, MODELS, ABLATIONS, compare_models(with_tta, MODELS))["table1"]
+    assert list(csv1["estimate"]) == ["runs", "ensemble", "ensemble_tta"] * 3
+    assert "fold ensemble + flip TTA" in md1
+    pd.testing.assert_frame_equal(compare_models(with_tta, MODELS), compare_models(per_case, MODELS))

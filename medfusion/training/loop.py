@@ -327,8 +327,20 @@ def sliding_window_probs(
     return torch.stack(out)
 
 
-def infer_probs(model: nn.Module, images: Tensor, precision: Precision, patch: int | None = None) -> Tensor:
-    """Probabilities (B, K, H, W): the model on the whole input, or by sliding window of `patch`."""
+def infer_probs(
+    model: nn.Module, images: Tensor, precision: Precision, patch: int | None = None, tta: str = "none"
+) -> Tensor:
+    """Probabilities (B, K, H, W): the model on the whole input, or by sliding window of `patch`.
+    `tta` "flip": the mean over the images and their left-right, up-down and double mirrorings, each
+    output flipped back (the group of the two mirrorings, so the result is equivariant to either);
+    `medfusion predict --tta flip` and eval.tta both come here."""
+    if tta == "flip":
+        total = infer_probs(model, images, precision, patch)
+        for dims in ((3,), (2,), (2, 3)):
+            total = total + torch.flip(infer_probs(model, torch.flip(images, dims), precision, patch), dims)
+        return total / 4
+    if tta != "none":
+        raise ValueError(f"tta {tta!r}; expected none or flip")
     if patch is None:
         return predict_probs(model, images, precision)
     return sliding_window_probs(model, images, precision, patch)
