@@ -12,6 +12,10 @@ TIFF; masks as PNG / PGM with a few stray grey values (8..30) below the threshol
 127), and compares every run's and the ensemble's per-case Dice, raw and post-processed, with
 data/eval/kvasir_seg/<entry>/per_case.csv. Prints the largest absolute difference of each; the only
 expected source of one is the in-dataset evaluation's float16 probabilities (near-ties of the argmax).
+With --float32-reference the in-dataset evaluation is also recomputed here with float32 case
+probabilities (medfusion.evaluation.CASE_DTYPE; the pipeline's precision and eval batch size), and
+both are compared with that too: a difference of 0 there shows that float16 was the only source.
+--reuse scores nothing again where --out already holds the evaluate and transfer outputs.
 """
 
 from __future__ import annotations
@@ -67,11 +71,35 @@ def compare(ours: pd.DataFrame, reference: pd.DataFrame, key: str) -> float:
     return float((joined["value"] - joined["value_ref"]).abs().max())
 
 
+def float32_reference(repo: Path, entry: str) -> pd.DataFrame:
+    """The in-dataset evaluation of kvasir_seg/<entry> as the evaluate stage computes it, with float32
+    case probabilities instead of float16."""
+    from medfusion import evaluation
+    from medfusion.config import load_params
+    from medfusion.hardware import resolve_precision
+
+    params = load_params(repo / "params.yaml")
+    t = params.train
+    evaluation.CASE_DTYPE = np.float32
+    runs_dir = repo / "data" / "runs" / "kvasir_seg" / entry
+    per_case, _, _ = evaluation.evaluate_model(
+        read_json(runs_dir / "summary.json")["runs"], runs_dir, repo / "data" / "processed" / "kvasir_seg",
+        read_json(repo / "data" / "splits" / "kvasir_seg.json"), params.eval.batch_size,
+        resolve_precision(t.device, t.cpu_bf16, t.channels_last), resolution="original",
+        raw_dir=repo / "data" / "raw" / "kvasir_seg",
+    )  # fmt: skip
+    return per_case
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=Path("."))
     ap.add_argument("--entry", default="casnet")
     ap.add_argument("--out", type=Path, default=Path("/tmp/kvasir_formats"))
+    ap.add_argument(
+        "--float32-reference", action="store_true", help="also compare with a float32 in-dataset evaluation"
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse --out's evaluate and transfer outputs")
     args = ap.parse_args()
     repo = args.repo.resolve()
     cases = write_formats(repo, args.out / "data")
@@ -79,7 +107,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(repo), "NO_ALBUMENTATIONS_UPDATE": "1"}
     run = repo / "data" / "runs" / "kvasir_seg" / args.entry
     subprocess.run(
-        [sys.executable, "-m", "medfusion.cli", "evaluate", "--run", str(run), "--images",
+        ["true"] if args.reuse else [sys.executable, "-m", "medfusion.cli", "evaluate", "--run", str(run), "--images",
          str(args.out / "data" / "images"), "--masks", str(args.out / "data" / "masks"), "--mask-threshold", "127",
          "--out", str(args.out / "evaluate")],
         check=True, env=env, stdout=subprocess.DEVNULL,
@@ -99,7 +127,7 @@ def main() -> None:
     params_file = args.out / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(
-        [sys.executable, "-m", "pipeline.transfer", "--dataset", "kvasir_seg", "--runs-dir", str(repo / "data/runs/kvasir_seg"),
+        ["true"] if args.reuse else [sys.executable, "-m", "pipeline.transfer", "--dataset", "kvasir_seg", "--runs-dir", str(repo / "data/runs/kvasir_seg"),
          "--processed-dir", str(repo / "data/processed/kvasir_seg"), "--raw-root", str(args.out / "no_raw"),
          "--out-dir", str(args.out / "transfer"), "--params-file", str(params_file)],
         check=True, env=env, cwd=repo, stdout=subprocess.DEVNULL,
@@ -113,6 +141,15 @@ def main() -> None:
           f"masks PNG/PGM with stray greys + mask_threshold 127")  # fmt: skip
     print(f"largest |per-case Dice difference| vs the in-dataset evaluation (every run and the ensemble, raw and post): "
           f"medfusion evaluate {evaluated:.2e}, transfer stage {transferred:.2e}")  # fmt: skip
+    if args.float32_reference:
+        exact = float32_reference(repo, args.entry)
+        ours = {"medfusion evaluate": pd.read_csv(args.out / "evaluate" / "per_case.csv"),
+                "transfer": pd.read_csv(args.out / "transfer" / "kvasir_formats" / args.entry / "per_case.csv")}  # fmt: skip
+        print(
+            f"in-dataset evaluation, float16 vs float32 case probabilities: {compare(reference, exact, 'fp16'):.2e}"
+        )
+        for key, table in ours.items():
+            print(f"{key} vs the float32 in-dataset evaluation: {compare(table, exact, key):.2e}")
 
 
 if __name__ == "__main__":

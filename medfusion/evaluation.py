@@ -199,6 +199,11 @@ def case_positions(dataset: SegDataset) -> dict[str, list[int]]:
     return {c: [i for _, i in sorted(by_case[c])] for c in sorted(by_case)}
 
 
+# what a run's case probabilities are held in while scored: float16, half of float32's memory (the
+# argmax of near-ties may differ from float32's: benchmarks/transfer_known_answer.py measures it)
+CASE_DTYPE = np.float16
+
+
 def iter_case_probs(
     model: torch.nn.Module,
     dataset: SegDataset,
@@ -219,7 +224,7 @@ def iter_case_probs(
             image = dataset[i]["image"][None]
             where = f"prediction of {case_id} ({tuple(image.shape[2:])})"
             with out_of_memory_explained(where, image, model, precision.device, "-S eval.batch_size", None):
-                probs = infer_probs(model, image, precision, patch, tta)[0].numpy().astype(np.float16)
+                probs = infer_probs(model, image, precision, patch, tta)[0].numpy().astype(CASE_DTYPE)
             h, w = dataset.sizes[i]
             yield case_id, probs[:, :h, :w]
         return
@@ -238,7 +243,7 @@ def iter_case_probs(
                 probs = predict_probs(model, images, precision)
             else:
                 probs = infer_probs(model, images, precision, None, tta)
-            probs = probs.numpy().astype(np.float16)  # half the memory
+            probs = probs.numpy().astype(CASE_DTYPE)  # half the memory
         for p in probs:
             case_id = cases[current]
             n = len(positions[case_id])
@@ -246,7 +251,7 @@ def iter_case_probs(
                 case.append(p.copy())  # not a view of the batch, which would keep the batch alive
             else:
                 if done == 0:
-                    case.append(np.empty((p.shape[0], n, *p.shape[1:]), np.float16))
+                    case.append(np.empty((p.shape[0], n, *p.shape[1:]), CASE_DTYPE))
                 case[0][:, done] = p
             done += 1
             if done == n:

@@ -138,6 +138,12 @@ def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):
     repo, env, _ = quickstart_repo
     shown = _run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "qs-test" in shown
+    # each evaluate stage's own metrics (Dice/IoU per class), beside the report's headline
+    for dataset in ("synthetic", "synthetic_volumes"):
+        assert f"data/metrics/{dataset}/casnet.json" in shown and f"data/metrics/{dataset}/unet.json" in shown
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    ours = next(iter(metrics.values()))["data"]["data/metrics/synthetic/casnet.json"]["data"]
+    assert 0.0 <= ours["synthetic"]["casnet"]["dice"]["blob"]["post"] <= 1.0
     _run(["dvc", "exp", "apply", "qs-test"], repo, env)
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
     repro = _run(["dvc", "repro"], repo, env).stdout

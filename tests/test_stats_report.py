@@ -501,3 +501,19 @@ def test_the_tta_ensemble_is_its_own_row_and_never_a_run(per_case):
     assert list(csv1["estimate"]) == ["runs", "ensemble", "ensemble_tta"] * 3
     assert "fold ensemble + flip TTA" in md1
     pd.testing.assert_frame_equal(compare_models(with_tta, MODELS), compare_models(per_case, MODELS))
+
+
+def test_the_evaluate_stage_metrics_are_the_tables_numbers(per_case):
+    """data/metrics/<dataset>/<model>.json (DVC metrics of each evaluate stage): Dice and IoU per class,
+    runs post and raw, and the ensemble's, the values of summarize_runs."""
+    from pipeline.evaluate import stage_metrics
+
+    one = per_case[(per_case["dataset"] == "kvasir_seg") & (per_case["model"] == "unet")]
+    out = stage_metrics(one)
+    assert set(out) == {"dice", "iou"} and set(out["dice"]) == {"polyp"}
+    dice = out["dice"]["polyp"]
+    assert set(dice) == {"post", "raw", "ensemble", "ensemble_raw"}
+    expected = (REF - GAP["unet"]).mean()
+    assert dice["post"] == pytest.approx(expected, abs=1e-6)
+    assert dice["raw"] == pytest.approx(expected - 0.1, abs=1e-6)  # raw rows are 0.1 lower
+    assert dice["ensemble"] == pytest.approx(expected, abs=1e-6)
