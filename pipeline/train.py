@@ -1,4 +1,6 @@
-"""Stage train@<dataset>-<model>: every (fold, seed) of params.cv; finished runs are not redone."""
+"""Stage train@<dataset>-<model>: every (fold, seed) of params.cv; finished runs are not redone.
+
+Then every run's learning curves as DVC plot data (--curves-dir, --drgo-curves-dir: medfusion/curves.py)."""
 
 from pathlib import Path
 
@@ -6,6 +8,7 @@ import typer
 
 from medfusion.common import run_stage
 from medfusion.config import load_params
+from medfusion.curves import write_curves
 from medfusion.entries import resolve_entry, resources
 from medfusion.training.cv import run_cv
 from medfusion.training.tracking import Tracker, resolve_tracking_uri
@@ -17,6 +20,8 @@ def main(
     processed_dir: Path = typer.Option(...),
     split: Path = typer.Option(...),
     out_dir: Path = typer.Option(...),
+    curves_dir: Path = typer.Option(None, help="each run's curves as TSV (DVC plots)"),
+    drgo_curves_dir: Path = typer.Option(None, help="each run's DRGO terms as TSV (DVC plots)"),
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
@@ -37,6 +42,8 @@ def main(
         entry, processed_dir, split, out_dir, tracker.child, cv, resources(params), params.executor
     )
     tracker.finish()
+    if curves_dir is not None:
+        write_curves(out_dir, results, curves_dir, drgo_curves_dir or curves_dir.parent / "drgo")
     print(f"train {dataset}/{model}: {len(results)} runs in {out_dir}")
 
 

@@ -237,3 +237,24 @@ def test_transfer_stage_onto_a_second_custom_dataset(quickstart_repo, tmp_path):
         ).read_text()
         assert "ensemble" in per_case and "case4" in per_case
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
+
+
+def test_dvc_plots_draw_every_runs_curves_offline(quickstart_repo):
+    """dvc.yaml's top-level plots: one chart per run keyed by epoch (and the DRGO terms of CASNet's runs),
+    in an HTML page that loads nothing from the network."""
+    repo, env, _ = quickstart_repo
+    shown = json.loads(_run(["dvc", "plots", "show", "--json"], repo, env).stdout)
+    data = shown["data"]
+    runs = json.loads((repo / "data" / "runs" / "synthetic" / "unet" / "summary.json").read_text())["runs"]
+    for model in ("unet", "casnet"):
+        for run in runs:
+            name = f"dvc.yaml::data/curves/synthetic/{model}/fold{run['fold']}_seed{run['seed']}.tsv"
+            values = data[name][0]["content"]["data"]["values"]
+            assert {v["field"] for v in values} == {"train_loss", "val_loss", "val_dice"}
+            epochs = sorted({int(v["epoch"]) for v in values})
+            assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2  # every epoch, from 1
+    assert any(k.startswith("dvc.yaml::data/drgo_curves/synthetic/casnet/") for k in data)
+    assert not any(k.startswith("dvc.yaml::data/drgo_curves/synthetic/unet/") for k in data)
+    _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
+    page = (repo / "plots_html" / "index.html").read_text()
+    assert "vegaEmbed" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
