@@ -298,14 +298,36 @@ def test_losers_of_the_experiment_creation_race_join_the_winner():
         def __init__(self):
             self.lookups = 0
 
+            self.tags = {}
+
         def get_experiment_by_name(self, name):
             self.lookups += 1
-            return None if self.lookups == 1 else type("Experiment", (), {"experiment_id": "7"})()
+            return None if self.lookups == 1 else type("Experiment", (), {"experiment_id": "7", "tags": {}})()
 
-        def create_experiment(self, name, artifact_location=None):
+        def create_experiment(self, name, artifact_location=None, tags=None):
             raise MlflowException(f"Experiment(name={name}) already exists.", "RESOURCE_ALREADY_EXISTS")
 
-    assert _experiment_id(_Raced(), EXPERIMENT, None) == "7"
+        def set_experiment_tag(self, experiment_id, key, value):
+            self.tags[(experiment_id, key)] = value
+
+    raced = _Raced()
+    assert _experiment_id(raced, EXPERIMENT, None) == "7"
+    assert raced.tags == {
+        ("7", "mlflow.experimentKind"): "custom_model_development"
+    }  # the winner's, marked too
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(tmp_path):
+    """MLflow 3 opens an experiment without mlflow.experimentKind on its GenAI traces overview."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    new = _experiment_id(client, "medfusion/new", None)
+    old = client.create_experiment("medfusion/old")  # as an older version made it: no kind
+    assert _experiment_id(client, "medfusion/old", None) == old
+    for experiment_id in (new, old):
+        tags = client.get_experiment(experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_relative_sqlite_uri_lands_in_the_main_repo_not_the_workspace(monkeypatch, tmp_path):

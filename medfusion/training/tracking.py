@@ -123,22 +123,30 @@ def _client(uri: str) -> Any:
     return client
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview; a training
+# experiment set to this kind opens on its runs table, with the metrics columns and charts
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: Any, name: str, location: str | None) -> str:
-    """The id of experiment `name`, created if missing. Concurrent stages (`dvc queue start -j N`,
-    slurm jobs) race to create a new dataset's experiment: the losers get RESOURCE_ALREADY_EXISTS
-    and take the winner's experiment instead of going on untracked."""
+    """The id of experiment `name`, created if missing, and marked a model-training experiment
+    (`EXPERIMENT_KIND`; also on an experiment an older version created). Concurrent stages (`dvc queue
+    start -j N`, slurm jobs) race to create a new dataset's experiment: the losers get
+    RESOURCE_ALREADY_EXISTS and take the winner's experiment instead of going on untracked."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        found = client.get_experiment_by_name(name)
-        if found is None:  # not the race: a real failure
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)
+            if found is None:  # not the race: a real failure
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 class _RunLogger:
