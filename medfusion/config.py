@@ -366,6 +366,43 @@ class EvalParams:
 RESOURCE_KEYS = ("train.num_workers", "eval.batch_size", "executor")
 
 
+# The paper's protocol (METHOD.md section 3), as params.yaml's defaults hold it (tests/test_config.py
+# checks that they do): what each run's MLflow note compares its settings with (`protocol_note`)
+PAPER_PROTOCOL = {
+    "data.image_size": 256,
+    "train.optimizer": "adam",
+    "train.lr": 1e-4,
+    "train.scheduler": "cosine",
+    "train.batch_size": 16,
+    "train.epochs": 100,
+    "train.patience": 10,
+    "train.augment": True,
+    "cv.n_folds": 5,
+    "cv.seeds": [0, 1, 2],
+    "eval.resolution": "original",
+}
+
+
+def protocol_differences(params: Params) -> dict[str, tuple[Any, Any]]:
+    """{key: (this value, the paper's)} for each PAPER_PROTOCOL key `params` sets otherwise."""
+    out = {}
+    for key, paper in PAPER_PROTOCOL.items():
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if value != paper:
+            out[key] = (value, paper)
+    return out
+
+
+def protocol_note(params: Params) -> str:
+    """A run's MLflow note: which settings differ from the paper protocol, or that none does."""
+    differ = protocol_differences(params)
+    if not differ:
+        return "The paper protocol (METHOD.md section 3): no setting differs from it."
+    items = "; ".join(f"{k} = {v!r} (paper: {paper!r})" for k, (v, paper) in differ.items())
+    return f"Differs from the paper protocol (METHOD.md section 3) in: {items}."
+
+
 @dataclass(frozen=True)
 class MLflowParams:
     tracking_uri: str | None

@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from medfusion.common import run_stage
-from medfusion.config import load_params
+from medfusion.config import load_params, protocol_note
 from medfusion.curves import write_curves
+from medfusion.data.io import read_json
 from medfusion.entries import resolve_entry, resources
 from medfusion.training.cv import run_cv
 from medfusion.training.tracking import Tracker, resolve_tracking_uri
@@ -37,6 +38,8 @@ def main(
         params=flat,
         tags={"dataset": dataset, "model": model, "architecture": entry.architecture},
         state_file=out_dir / "mlflow.json",
+        dataset=_dataset_input(dataset, processed_dir),
+        note=protocol_note(params),
     )
     results = run_cv(
         entry, processed_dir, split, out_dir, tracker.child, cv, resources(params), params.executor
@@ -45,6 +48,20 @@ def main(
     if curves_dir is not None:
         write_curves(out_dir, results, curves_dir, drgo_curves_dir or curves_dir.parent / "drgo")
     print(f"train {dataset}/{model}: {len(results)} runs in {out_dir}")
+
+
+def _dataset_input(dataset: str, processed_dir: Path) -> dict[str, str] | None:
+    """The processed dataset as MLflow records a run's input: name, digest (meta.json's sha256, its first
+    36 characters: MLflow's limit) and source (the processed folder)."""
+    meta_path = processed_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path)
+    return {
+        "name": dataset,
+        "digest": str(meta.get("sha256", ""))[:36],
+        "source": str(processed_dir.resolve()),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -173,3 +174,14 @@ def test_a_custom_section_without_paper_dataset_reads_as_null():
     del raw["data"]["custom"]["title"]  # every other key is still required
     with pytest.raises(ConfigError, match=r"missing key\(s\) \['data.custom.title'\]"):
         params_from_dict(raw)
+
+
+def test_params_yaml_is_the_paper_protocol_and_runs_say_where_they_differ():
+    from medfusion.config import PAPER_PROTOCOL, load_params, protocol_differences, protocol_note
+
+    params = load_params(REPO / "params.yaml")
+    assert protocol_differences(params) == {}  # the defaults are METHOD.md's protocol
+    assert "no setting differs" in protocol_note(params)
+    short = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=6))
+    assert protocol_differences(short) == {"train.epochs": (6, PAPER_PROTOCOL["train.epochs"])}
+    assert "train.epochs = 6 (paper: 100)" in protocol_note(short)

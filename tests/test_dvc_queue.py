@@ -141,9 +141,9 @@ def test_two_queued_ablations_run_in_parallel_into_one_mlflow_store(tmp_path):
         parent = parents[0]
         assert parent.data.params["drgo.use_boundary"] == str(extra.endswith("true")), parent.data.params
         assert parent.data.tags["dvc.stage"] == "train_casnet@synthetic-casnet"
-        assert "test_dice_blob" in parent.data.metrics, (
+        assert "test/dice_blob" in parent.data.metrics, (
             f"{name}: evaluate added no test metrics to its parent"
         )
         for child in children:
             assert child.info.status == "FINISHED", (name, child.info.run_name, child.info.status)
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_dice")] == [0]
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val/dice")] == [0]

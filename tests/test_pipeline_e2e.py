@@ -124,10 +124,17 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
     assert len(parents) == 6 and len(children) == 12  # 2 datasets x 3 entries x (1 parent, 2 folds x 1 seed)
     assert {v for r, k, v in tags if k == "dvc.exp_name"} == {"qs-test"}
     metric_keys = {(r, k) for r, k in db.execute("select run_uuid, key from metrics")}
-    assert all((p, "test_dice_organ") in metric_keys or (p, "test_dice_blob") in metric_keys for p in parents)
-    assert all((c, "val_dice") in metric_keys for c in children)
-    volumes = {r for r, k in metric_keys if k == "test_dice_organ"}
-    assert volumes and all((r, "test_global_dice_lesion") in metric_keys for r in volumes)  # pooled Dice
+    # grouped names (train/..., val/..., test/...): the UI's charts come in those groups
+    assert all((p, "test/dice_organ") in metric_keys or (p, "test/dice_blob") in metric_keys for p in parents)
+    assert all((c, "val/dice") in metric_keys and (c, "train/loss") in metric_keys for c in children)
+    volumes = {r for r, k in metric_keys if k == "test/dice_organ"}
+    assert volumes and all((r, "test/global_dice_lesion") in metric_keys for r in volumes)  # pooled Dice
+    assert not any(k in ("val_dice", "train_loss") or k.startswith("test_") for _, k in metric_keys)
+    notes = {v for r, k, v in tags if k == "mlflow.note.content" and r in parents | children}
+    assert len(notes) == 1 and "train.epochs" in notes.pop()  # the quickstart's 6 epochs, not the paper's 100
+    assert {v for r, k, v in tags if k == "mlflow.source.name" and r in parents} == {"pipeline/train.py"}
+    inputs = db.execute("select destination_id from inputs where source_type = 'DATASET'").fetchall()
+    assert parents | children <= {r for (r,) in inputs}  # every run records the processed dataset it saw
     computed = {
         k: v for r, k, v in tags if r in children and k in ("amp_dtype", "precision_reason", "compile")
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from medfusion.training.tracking import Tracker, _experiment_id, resolve_tracking_uri
+from medfusion.training.tracking import Tracker, _experiment_id, mlflow_name, resolve_tracking_uri
 
 WRITERS, FOLDS, STEPS = 8, 2, 20
 METRICS = ("train_loss", "val_loss", "val_dice")
@@ -200,7 +200,8 @@ def _arrived(client, experiment_id: str) -> tuple[dict, dict]:
             continue
         key = (parent.info.run_name, run.info.run_name)
         steps[key] = {
-            m: sorted(x.step for x in client.get_metric_history(run.info.run_id, m)) for m in METRICS
+            m: sorted(x.step for x in client.get_metric_history(run.info.run_id, mlflow_name(m)))
+            for m in METRICS
         }
         assert run.info.status == "FINISHED", f"child run {key} is {run.info.status}, expected FINISHED"
     by_name = {p.info.run_name: p for p in parents.values()}
@@ -252,7 +253,7 @@ def test_eight_concurrent_writers_lose_no_run_and_no_step(tracking_server, tmp_p
     figure.write_bytes(b"\x89PNG fake")
     parent_id = parents["model0"].info.run_id
     Tracker.attach(tracking_server.uri, parent_id).log_test_metrics(None, {"test_dice_blob": 0.9}, [figure])
-    assert client.get_run(parent_id).data.metrics["test_dice_blob"] == 0.9
+    assert client.get_run(parent_id).data.metrics["test/dice_blob"] == 0.9
     assert [a.path for a in client.list_artifacts(parent_id)] == [figure.name]
     assert list((tracking_server.root / "mlartifacts").rglob(figure.name)), (
         "artifact not under --artifacts-destination"
@@ -338,3 +339,38 @@ def test_a_relative_sqlite_uri_lands_in_the_main_repo_not_the_workspace(monkeypa
     assert resolve_tracking_uri("sqlite:///stores/m.db") == f"sqlite:///{tmp_path.resolve() / 'stores/m.db'}"
     assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_metric_names_are_grouped_for_the_mlflow_ui():
+    expected = {"train_loss": "train/loss", "val_loss": "val/loss", "val_dice": "val/dice", "lr": "train/lr",
+                "seconds": "train/epoch_seconds", "drgo_seg": "drgo/seg", "test_dice_polyp": "test/dice_polyp",
+                "test_ensemble_iou_polyp": "test/ensemble_iou_polyp",
+                "transfer_clinic_dice_polyp": "transfer/clinic_dice_polyp", "other": "other"}  # fmt: skip
+    assert {k: mlflow_name(k) for k in expected} == expected
+
+
+def test_runs_record_their_dataset_source_note_and_system_metrics(tmp_path, monkeypatch):
+    """What a run saw and used: the processed dataset as its input, the script as its source, the
+    note of the settings that differ from the paper, and system metrics while a child trains."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    dataset = {"name": "synthetic", "digest": "a" * 36, "source": str(tmp_path / "processed")}
+    tracker = Tracker(uri, EXPERIMENT, "unet", {"train.lr": 0.003}, {"dataset": "synthetic"},
+                      dataset=dataset, note="Differs from the paper protocol in: train.epochs = 2")  # fmt: skip
+    with tracker.child(0, 0, {"fold": 0, "seed": 0}) as log:
+        log({"val_dice": 0.5}, 0)
+        time.sleep(1.5)  # a few samples of the monitor
+    tracker.finish()
+    client = MlflowClient(tracking_uri=uri)
+    child = client.get_run(log.run_id)
+    for run in (client.get_run(tracker.parent_id), child):
+        assert run.data.tags["mlflow.note.content"].endswith("train.epochs = 2")
+        assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"
+        (found,) = run.inputs.dataset_inputs
+        assert (found.dataset.name, found.dataset.digest) == ("synthetic", "a" * 36)
+        assert found.dataset.source == dataset["source"]
+    assert child.data.metrics["val/dice"] == 0.5
+    system = {k for k in child.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system

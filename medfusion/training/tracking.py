@@ -2,8 +2,15 @@
 
 Layout in the store: one experiment per dataset (`<mlflow.experiment_prefix>/<dataset>`), one
 parent run per model and train stage, one nested child run per (fold, seed). Params are logged
-flat; per-epoch metrics with the epoch as step; tags carry the git commit, the DVC stage and the
-DVC experiment name. The evaluate stage adds test metrics to the same runs.
+flat; per-epoch metrics with the epoch as step, under grouped names (`mlflow_name`: train/loss,
+val/dice, drgo/seg, test/dice_<class> ...; history.json and the report keep the flat names, and runs
+logged before the grouping keep theirs); tags carry the git commit, the source (the stage's script),
+the DVC stage and experiment name, and a note (`mlflow.note.content`) of the settings that differ
+from the paper protocol. Each run's input is the processed dataset (name, meta.json's sha256 as
+digest, source), and while a child trains, MLflow's system-metrics monitor logs CPU, memory, disk,
+network and, with the NVIDIA library on a GPU machine, GPU use (system/..., every
+MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds, 10 by default). The evaluate stage adds test metrics
+to the same runs.
 
 Where the store is: `MLFLOW_TRACKING_URI` if set, else `mlflow.tracking_uri` from params.yaml,
 else `sqlite:///<repo root>/mlflow.db`, with the repo root taken from `DVC_ROOT`, which DVC points
@@ -29,6 +36,23 @@ from typing import Any
 from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
 from medfusion.data.io import read_json, write_json
+
+# flat names (history.json, the report) -> MLflow's grouped ones; the charts group by the prefix
+_GROUPS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_dice": "val/dice", "lr": "train/lr",
+           "seconds": "train/epoch_seconds"}  # fmt: skip
+_PREFIXES = (("drgo_", "drgo/"), ("test_", "test/"), ("transfer_", "transfer/"))
+
+
+def mlflow_name(name: str) -> str:
+    """The MLflow metric name of a flat one: train_loss -> train/loss, val_dice -> val/dice,
+    drgo_seg -> drgo/seg, test_dice_polyp -> test/dice_polyp, test_ensemble_iou_polyp ->
+    test/ensemble_iou_polyp, transfer_<target>_... -> transfer/<target>_...; others unchanged."""
+    if name in _GROUPS:
+        return _GROUPS[name]
+    for flat, grouped in _PREFIXES:
+        if name.startswith(flat):
+            return grouped + name[len(flat) :]
+    return name
 
 
 def repo_root() -> Path:
@@ -149,6 +173,29 @@ def _experiment_id(client: Any, name: str, location: str | None) -> str:
     return found.experiment_id
 
 
+def _system_metrics(run_id: str, uri: str) -> Any:
+    """MLflow's system-metrics monitor on `run_id` (a thread; None where it cannot start): CPU and
+    memory through psutil, GPU through the NVIDIA library where there is one. A continued run goes on
+    from its last system step."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:
+        print(f"MLflow: no system metrics for run {run_id} ({err})", file=sys.stderr)
+        return None
+
+
+def _stop(monitor: Any) -> None:
+    if monitor is not None:
+        try:
+            monitor.finish()
+        except Exception as err:
+            print(f"MLflow: the system-metrics monitor did not stop cleanly ({err})", file=sys.stderr)
+
+
 class _RunLogger:
     """The `log(metrics, step)` callback for one run, and `tag(tags)`; `run_id` None when tracking is off."""
 
@@ -174,7 +221,7 @@ class _RunLogger:
         now = int(time.time() * 1000)
         try:  # runs in parallel processes share the store: a locked sqlite file must not end a run
             self.client.log_batch(
-                self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+                self.run_id, metrics=[Metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
             )
         except Exception as err:
             print(
@@ -193,6 +240,9 @@ class Tracker:
         params: flat params of the parent run.
         tags: extra tags (dataset, model).
         state_file: where the parent run id is kept so a resumed stage reuses its parent.
+        dataset: the processed dataset the runs train on, {name, digest, source} (`log_input`).
+        note: the runs' description (`mlflow.note.content`), e.g. `protocol_note`.
+        source: the script the runs come from (the runs table's Source column).
     """
 
     def __init__(
@@ -203,12 +253,18 @@ class Tracker:
         params: dict[str, Any],
         tags: dict[str, str],
         state_file: Path | None = None,
+        dataset: dict[str, str] | None = None,
+        note: str | None = None,
+        source: str = "pipeline/train.py",
     ) -> None:
         self.client, self.parent_id = None, None
-        self.params, self.uri = params, uri
+        self.params, self.uri, self.dataset = params, uri, dataset
         root = repo_root()
         self.tags = {
             **tags,
+            **({"mlflow.note.content": note} if note else {}),
+            "mlflow.source.name": source,
+            "mlflow.source.type": "LOCAL",
             "mlflow.source.git.commit": _git_commit(root),
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
@@ -230,6 +286,7 @@ class Tracker:
                 run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self.tags)
                 self.parent_id = run.info.run_id
                 self._log_params(self.parent_id, params)
+                self._log_input(self.parent_id)
             if state_file:
                 write_json(
                     state_file,
@@ -248,6 +305,7 @@ class Tracker:
         attached one after another may share the first one's `client` (opening a store costs seconds)."""
         self = cls.__new__(cls)
         self.client, self.parent_id, self.params, self.uri, self.tags = None, parent_id, {}, uri, {}
+        self.dataset = None
         if parent_id:
             try:
                 if client is None:
@@ -294,6 +352,20 @@ class Tracker:
         except Exception:
             return False
 
+    def _log_input(self, run_id: str) -> None:
+        """The run's training data as an MLflow dataset input (the runs table's Dataset column)."""
+        if not self.dataset:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = self.dataset
+        dataset = Dataset(d["name"], d["digest"], "local", d["source"])
+        context = InputTag("mlflow.data.context", "training")
+        try:
+            self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
+        except Exception as err:
+            print(f"MLflow: cannot record the dataset of run {run_id} ({err})", file=sys.stderr)
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -323,6 +395,7 @@ class Tracker:
                 run = self.client.create_run(self.experiment_id, run_name=run_name(fold, seed), tags=tags)
                 run_id = run.info.run_id
                 self._log_params(run_id, {**self.params, **run_params})
+                self._log_input(run_id)
             else:
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as err:
@@ -332,11 +405,14 @@ class Tracker:
             )
             yield _RunLogger(None, None)
             return
+        monitor = _system_metrics(run_id, self.uri)
         try:
             yield _RunLogger(self.client, run_id)
         except BaseException:
+            _stop(monitor)
             self.client.set_terminated(run_id, status="FAILED")
             raise
+        _stop(monitor)
         try:  # the run is trained and recorded: a busy store (parallel jobs) must not fail it now
             self.client.set_terminated(run_id, status="FINISHED")
         except Exception as err:
