@@ -47,7 +47,8 @@ def log_to_mlflow(
     generalisation: Path | None = None,
 ) -> None:
     """Test metrics and result files into the MLflow runs of every tracked (dataset, model); the
-    parent also gets its transfer metrics (`transfer_<target>_dice_<class>`) and summaries."""
+    parent also gets its transfer metrics (`transfer_<target>_dice_<class>`) and summaries. The
+    dataset's figures go to one parent only, the first tracked entry's (CASNet's)."""
     tracked = [
         (d, m)
         for d in params.datasets
@@ -59,6 +60,7 @@ def log_to_mlflow(
     from medfusion.training.tracking import Tracker, resolve_tracking_uri
 
     uri, client = resolve_tracking_uri(params.mlflow.tracking_uri), None
+    with_figures: set[str] = set()
     for d, m in tracked:
         tracker = Tracker.attach(
             uri, read_json(runs_dir / d / m / "mlflow.json").get("parent_run_id"), client
@@ -74,7 +76,10 @@ def log_to_mlflow(
         files = [eval_dir / d / m / name for name in ("per_case.csv", "summary.csv", "eval.json")]
         parent = {**parent, **mlflow_transfer_metrics(transfers or [], d, m)}
         table = [generalisation] if generalisation is not None and params.eval.transfer.get(d) else []
-        tracker.log_test_metrics(None, parent, [*files, *figures[d], *table])
+        # the dataset's figures (every entry in them) once, on the first tracked entry's parent (CASNet)
+        shown = figures[d] if d not in with_figures else []
+        with_figures.add(d)
+        tracker.log_test_metrics(None, parent, [*files, *shown, *table])
 
 
 def dataset_figures(

@@ -139,6 +139,20 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
         k: v for r, k, v in tags if r in children and k in ("amp_dtype", "precision_reason", "compile")
     }
     assert computed["compile"] == "off" and computed["precision_reason"]  # how each run computed
+    experiment_kinds = db.execute("select value from experiment_tags where key = 'mlflow.experimentKind'")
+    assert {v for (v,) in experiment_kinds} == {"custom_model_development"}  # the UI opens on the runs
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for child in children:  # each child's own files; its weights by link, not by copy
+        names = {a.path for a in client.list_artifacts(child)}
+        assert {"history.json", "config.json", "checkpoint.json"} <= names and "model.pt" not in names
+    run_names = {r: v for r, k, v in tags if k == "mlflow.runName"}
+    figured = {r for r in parents if any(a.path.endswith(".png") for a in client.list_artifacts(r))}
+    assert figured == {r for r in parents if run_names[r] == "casnet"}  # once per dataset
+    for r in parents:  # every parent has its own per-case table; a dataset's figures are on one parent
+        assert "per_case.csv" in {a.path for a in client.list_artifacts(r)}
 
 
 def test_dvc_sees_the_experiment_and_reruns_only_what_changed(quickstart_repo):

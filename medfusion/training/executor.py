@@ -98,6 +98,9 @@ def train_run(job: RunJob) -> dict:
         tag = getattr(log, "tag", None)
         if tag is not None:  # how the run computed, beside its metrics
             tag({k: v for k, v in result.items() if k in HOW_KEYS})
+        files = getattr(log, "files", None)
+        if files is not None:  # its history, settings and a link to its checkpoint
+            files(job.run_dir, {**job.entry.config(), **run_params})
         write_json(job.run_dir / "result.json", result)
     (job.run_dir / RESUME_FILE).unlink(missing_ok=True)
     return result

@@ -213,6 +213,43 @@ class _RunLogger:
         except Exception as err:
             print(f"MLflow: cannot tag run {self.run_id} ({err})", file=sys.stderr)
 
+    def files(self, run_dir: Path, config: dict[str, Any]) -> None:
+        """The run's own artifacts: history.json, config.json (what it was trained with: the entry's
+        resolved settings, fold, seed, config hash) and checkpoint.json, a link to its weights
+        (path in the repository and on this machine, bytes, sha256) instead of a second copy of
+        model.pt, which DVC already stores (`dvc pull` fetches it)."""
+        if self.run_id is None:
+            return
+        import hashlib
+        import tempfile
+
+        run_dir = Path(run_dir)
+        weights = run_dir / "model.pt"
+        digest = hashlib.sha256()
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        try:
+            in_repo = str(weights.resolve().relative_to(repo_root()))
+        except ValueError:
+            in_repo = None
+        link = {"path": in_repo, "absolute_path": str(weights.resolve()), "bytes": weights.stat().st_size,
+                "sha256": digest.hexdigest()}  # fmt: skip
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_json(Path(tmp) / "config.json", config)
+                write_json(Path(tmp) / "checkpoint.json", link)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for path in (
+                        run_dir / "history.json",
+                        Path(tmp) / "config.json",
+                        Path(tmp) / "checkpoint.json",
+                    ):
+                        self.client.log_artifact(self.run_id, str(path))
+        except Exception as err:
+            print(f"MLflow: cannot log the files of run {self.run_id} ({err})", file=sys.stderr)
+
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:
             return
