@@ -465,21 +465,65 @@ def _save_probabilities(
     tmp.replace(path)
 
 
+def case_mask(
+    ensemble: Ensemble, case: RawCase, postprocess: PostProcess | None, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, probabilities) of one case at its own size: uint8 labels (H, W) or (D, H, W), and the
+    ensemble's probabilities (K, H', W') of an image or (K, D, S, S) of a volume's slices. What
+    `predict_file` writes and the MLflow model (`medfusion.mlflow_model`) returns."""
+    prep = ensemble.preprocessing
+    probs = predict_case_probs(ensemble, model_inputs(case, prep), batch_size)  # (K, n, S, S)
+    if prep.kind == "volume":
+        return _mask_of(probs, case.label.shape, postprocess), probs  # each slice resized in-plane
+    h, w = case.image.shape[:2]
+    if prep.native:  # predicted at its own size: only the padding goes
+        probs = probs[..., :h, :w]
+    probs = probs[:, 0]
+    return _mask_of(probs, (h, w), postprocess), probs  # as evaluation scores: probabilities resized
+
+
+def array_case(array: np.ndarray, prep: Preprocessing, name: str = "array") -> RawCase:
+    """An in-memory input as `read_input` makes a file's: a 2-D image (H, W, 3) or (H, W) uint8, or a
+    volume (D, H, W) (or (M, D, H, W) for M modalities) in its stored units (CT: HU), axial slices
+    first, spacing unknown. The same checks of channels as for files; PredictError names the problem."""
+    array = np.asarray(array)
+    if prep.kind == "image":
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise PredictError(
+                f"{name}: {array.dtype} {array.shape}; expected a uint8 image (H, W, 3) or (H, W)"
+            )
+        if prep.in_channels == 1 and array.ndim == 3:
+            if not (
+                np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
+            ):
+                raise PredictError(f"{name}: a colour image, but the model takes 1 channel (grayscale)")
+            array = array[..., 0]
+        if prep.in_channels == 3 and array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)  # as training reads a grey image for RGB
+        return RawCase(name, name, array, np.zeros(array.shape[:2], np.uint8), None)
+    volume = array[None] if array.ndim == 3 else array
+    if volume.ndim != 4 or volume.shape[0] != prep.in_channels:
+        raise PredictError(
+            f"{name}: shape {array.shape}; expected a volume (D, H, W) or (M, D, H, W) with M = {prep.in_channels}"
+        )
+    if not np.isfinite(volume).all():
+        raise PredictError(f"{name}: volume has NaN or infinite voxels")
+    return RawCase(name, name, volume, np.zeros(volume.shape[1:], np.uint8), None)
+
+
 def predict_file(
     ensemble: Ensemble, path: Path, out_dir: Path, outputs: Outputs = Outputs(), batch_size: int = 16
 ) -> list[Path]:
     """Predict one input and write its mask (and what `outputs` asks) into `out_dir`; -> the files."""
     prep = ensemble.preprocessing
     case = read_input(path, prep)
-    probs = predict_case_probs(ensemble, model_inputs(case, prep), batch_size)  # (K, n, S, S)
+    mask, probs = case_mask(ensemble, case, outputs.postprocess, batch_size)
     stem = output_stem(path)
     written = []
     if prep.kind == "image":
         h, w = case.image.shape[:2]
-        if prep.native:  # predicted at its own size: only the padding goes
-            probs = probs[..., :h, :w]
-        probs = probs[:, 0]
-        mask = _mask_of(probs, (h, w), outputs.postprocess)  # as evaluation scores: probabilities resized
         written.append(out_dir / f"{stem}_mask.png")
         write_png(written[-1], mask)
         if outputs.overlay:
@@ -489,7 +533,6 @@ def predict_file(
             written.append(out_dir / f"{stem}_probs.npy")
             _save_probabilities(written[-1], probs, (h, w))
         return written
-    mask = _mask_of(probs, case.label.shape, outputs.postprocess)  # (D, H, W), each slice resized in-plane
     if outputs.probabilities:
         written.append(out_dir / f"{stem}_probs.npy")
         _save_probabilities(written[-1], probs, case.label.shape, case.affine)

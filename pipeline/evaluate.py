@@ -7,10 +7,13 @@ per run, the scored regions and global Dice) and examples.npz (a few fixed test 
 report's qualitative figure); observer.csv where the dataset has a second observer (CHASE_DB1: its
 labels scored against the first observer's, the human reference row of Table 2). And --metrics-file
 (data/metrics/<dataset>/<model>.json, the stage's DVC metrics: `dvc exp show` has each model's
-numbers as soon as its evaluation ends, before the report): `stage_metrics`. The report stage puts the test metrics and these files into the
+numbers as soon as its evaluation ends, before the report): `stage_metrics`. Where the entry's
+training was tracked, its fold ensemble is logged as an MLflow model on its parent run (and the
+CASNet entry's registered: medfusion/mlflow_model.py), after the files are written. The report stage puts the test metrics and these files into the
 model's MLflow runs (one store connection for all entries; MLflow costs each process seconds).
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +95,41 @@ def main(
     if metrics_file is not None:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, {dataset: {model: stage_metrics(per_case)}})
+    log_model(params, dataset, model, runs_dir, out_dir / "eval.json", examples)
 
     trained = summary[summary["estimate"] == "runs"]
     print(trained[trained["metric"].isin(["dice", "iou", "hd95"])].to_string(index=False))
+
+
+def log_model(params, dataset: str, model: str, runs_dir: Path, eval_json: Path, examples: dict) -> None:
+    """The fold ensemble as an MLflow model on the entry's parent run, registered for the CASNet entry
+    (`<prefix>_<dataset>_casnet`, alias `champion` at the paper protocol); nothing where training was
+    not tracked. A failure is reported and the stage goes on: its outputs are written already."""
+    state = runs_dir / "mlflow.json"
+    if not state.is_file() or not read_json(state).get("parent_run_id"):
+        return
+    from medfusion.config import protocol_differences
+    from medfusion.mlflow_model import log_ensemble_model, model_config
+    from medfusion.training.tracking import _git_commit, repo_root, resolve_tracking_uri
+
+    try:
+        images = examples["images"][:1]  # (1, C, S, S) uint8: a test image as the dataset's files hold it
+        if params.spec(dataset).kind == "image":
+            example = images.transpose(0, 2, 3, 1)
+            example = example[..., 0] if example.shape[-1] == 1 else example
+        else:  # a volume's layout (D, H, W) in its stored units; its values do not matter to the schema
+            example = np.zeros((2, *images.shape[2:]), np.float32)
+        root = repo_root()
+        config = model_config(runs_dir, eval_json, root, _git_commit(root))
+        reference = model == params.model_names[0]
+        uri = log_ensemble_model(
+            read_json(state)["parent_run_id"], resolve_tracking_uri(params.mlflow.tracking_uri), config,
+            example, f"{params.mlflow.experiment_prefix}_{dataset}_{model}" if reference else None,
+            champion=reference and not protocol_differences(params),
+        )  # fmt: skip
+        print(f"MLflow model of {dataset}/{model}: {uri}")
+    except Exception as err:  # the evaluation is written; the model is an extra
+        print(f"MLflow: cannot log the model of {dataset}/{model} ({err})", file=sys.stderr)
 
 
 if __name__ == "__main__":
