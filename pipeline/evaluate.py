@@ -119,8 +119,8 @@ def log_model(params, dataset: str, model: str, runs_dir: Path, eval_json: Path,
             example = example[..., 0] if example.shape[-1] == 1 else example
         else:  # a volume's layout (D, H, W) in its stored units; its values do not matter to the schema
             example = np.zeros((2, *images.shape[2:]), np.float32)
-        root = repo_root()
-        config = model_config(runs_dir, eval_json, root, _git_commit(root))
+        # the folder relative to this workspace (a `dvc exp run --temp` copy or the repository)
+        config = model_config(runs_dir, eval_json, Path.cwd(), _git_commit(repo_root()))
         reference = model == params.model_names[0]
         uri = log_ensemble_model(
             read_json(state)["parent_run_id"], resolve_tracking_uri(params.mlflow.tracking_uri), config,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, copy_repo
@@ -287,3 +288,36 @@ def test_dvc_plots_draw_every_runs_curves_offline(quickstart_repo):
     _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
     page = (repo / "plots_html" / "index.html").read_text()
     assert "vegaEmbed" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
+
+
+def test_mlflow_has_a_model_per_parent_and_the_registered_one_predicts_as_medfusion_predict(
+    quickstart_repo, monkeypatch
+):
+    """Each (dataset, entry) parent logged its fold ensemble; each dataset's CASNet is registered with
+    alias `newest` (no `champion`: the quickstart is not the paper protocol); loaded from the registry,
+    it predicts a synthetic image exactly as `medfusion predict` does."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    repo, env, _ = quickstart_repo
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    models = client.search_logged_models(experiment_ids=experiments, max_results=100)
+    parents = {r.info.run_id for r in client.search_runs(experiments, "tags.mlflow.runName = 'casnet'")}
+    assert len(models) >= 6 and parents <= {m.source_run_id for m in models}  # 2 datasets x 3 entries
+    for dataset in ("synthetic", "synthetic_volumes"):
+        assert client.get_model_version_by_alias(f"medfusion_{dataset}_casnet", "newest").version
+        with pytest.raises(MlflowException):
+            client.get_model_version_by_alias(f"medfusion_{dataset}_casnet", "champion")
+    image_path = sorted((repo / "data" / "raw" / "synthetic" / "images").iterdir())[0]
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    monkeypatch.chdir(repo)  # the weights are the repository's (data/runs), as DVC keeps them
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/medfusion_synthetic_casnet@newest")
+    mask = model.predict(image[None])[0]
+    out = repo / "predicted"
+    _run([sys.executable, "-m", "medfusion.cli", "predict", "--run", "data/runs/synthetic/casnet",
+          str(image_path), "--out", str(out)], repo, env)  # fmt: skip
+    assert np.array_equal(mask, np.asarray(Image.open(out / f"{image_path.stem}_mask.png")))
