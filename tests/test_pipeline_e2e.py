@@ -321,3 +321,28 @@ def test_mlflow_has_a_model_per_parent_and_the_registered_one_predicts_as_medfus
     _run([sys.executable, "-m", "medfusion.cli", "predict", "--run", "data/runs/synthetic/casnet",
           str(image_path), "--out", str(out)], repo, env)  # fmt: skip
     assert np.array_equal(mask, np.asarray(Image.open(out / f"{image_path.stem}_mask.png")))
+
+
+def test_a_colleague_gets_the_experiment_through_git_and_a_dvc_remote(quickstart_repo, tmp_path):
+    """The README's sharing round trip with a local-folder DVC remote: push the experiment, clone,
+    pull it, and get the same checkpoints and metrics, with nothing to rerun."""
+    repo, env, _ = quickstart_repo
+    origin, store, clone = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "clone"
+    _run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    _run(["git", "remote", "add", "origin", str(origin)], repo, env)
+    _run(["dvc", "remote", "add", "-d", "shared", str(store)], repo, env)
+    _run(["git", "commit", "-q", "-m", "DVC remote", "--", ".dvc/config"], repo, env)
+    _run(["git", "push", "-q", "origin", "main"], repo, env)
+    _run(["dvc", "exp", "push", "origin", "qs-test"], repo, env)
+    assert any(store.rglob("*")), "nothing reached the DVC remote"
+
+    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    _run(["dvc", "exp", "pull", "origin", "qs-test"], clone, env)
+    _run(["dvc", "exp", "apply", "qs-test"], clone, env)
+    _run(["dvc", "pull"], clone, env)
+    weights = "data/runs/synthetic/casnet/fold0_seed0/model.pt"
+    assert (clone / weights).read_bytes() == (repo / weights).read_bytes()
+    assert json.loads((clone / "reports" / "metrics.json").read_text()) == json.loads(
+        (repo / "reports" / "metrics.json").read_text()
+    )
+    assert "up to date" in _run(["dvc", "status"], clone, env).stdout
