@@ -1,4 +1,4 @@
-"""MLflow at the edge: the only module that imports mlflow.
+"""MLflow at the edge: with medfusion/mlflow_model.py (the fold ensemble as an MLflow model), the only module that imports mlflow.
 
 Layout in the store: one experiment per dataset (`<mlflow.experiment_prefix>/<dataset>`), one
 parent run per model and train stage, one nested child run per (fold, seed). Params are logged
