@@ -257,7 +257,7 @@ def resolve_entry(params: Params, dataset: str, name: str) -> Entry:
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    from medfusion.models.pretrained import file_sha256
+    from medfusion.data.io import file_sha256
 
     return file_sha256(path)
 

@@ -25,25 +25,18 @@ Registered: the report stage registers each dataset's CASNet ensemble as model
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medfusion.data.io import file_sha256
+
 try:  # the class must be importable where MLflow is installed; it is, with this package
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - mlflow is a dependency
     PythonModel = object
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_run_dir(config: dict[str, Any]) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -367,3 +368,12 @@ def read_history(path: Path) -> list[dict]:
     """The per-epoch rows of a run's history.json (`{"precision": ..., "epochs": [...]}`)."""
     history = read_json(path)
     return history["epochs"] if isinstance(history, dict) else history
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (memory: one block)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,7 +33,6 @@ Memory: the file's state dict, once, beside the model.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -47,15 +46,6 @@ PRETRAINED_ARCHITECTURES = ("deeplabv3", "segnet", "transunet")
 
 class PretrainedError(ValueError):
     """A pretrained file that does not fit the model (missing, unexpected or mis-shaped keys)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """The file's sha256 (what a run's hash records, so that another file at the same path retrains)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path, key: str) -> dict[str, Tensor]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
-from medfusion.data.io import read_json, write_json
+from medfusion.data.io import file_sha256, read_json, write_json
 
 # flat names (history.json, the report) -> MLflow's grouped ones; the charts group by the prefix
 _GROUPS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_dice": "val/dice", "lr": "train/lr",
@@ -220,21 +220,16 @@ class _RunLogger:
         model.pt, which DVC already stores (`dvc pull` fetches it)."""
         if self.run_id is None:
             return
-        import hashlib
         import tempfile
 
         run_dir = Path(run_dir)
         weights = run_dir / "model.pt"
-        digest = hashlib.sha256()
-        with weights.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         try:
             in_repo = str(weights.resolve().relative_to(repo_root()))
         except ValueError:
             in_repo = None
         link = {"path": in_repo, "absolute_path": str(weights.resolve()), "bytes": weights.stat().st_size,
-                "sha256": digest.hexdigest()}  # fmt: skip
+                "sha256": file_sha256(weights)}  # fmt: skip
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 write_json(Path(tmp) / "config.json", config)
