@@ -3,6 +3,7 @@ check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -101,6 +102,26 @@ def quickstart(
     _print_quickstart_results(root, name, (time.perf_counter() - start) / 60)
 
 
+# MLflow 3.17's UI opens every experiment on its GenAI (traces) overview unless the link asks for the
+# training view, whatever the experiment's mlflow.experimentKind tag says; this query asks for it
+MLFLOW_RUNS_VIEW = "workflowType=machine_learning"
+
+
+def _experiment_ids(db: Path) -> list[tuple[str, str]]:
+    """(id, name) of the medfusion experiments in a sqlite MLflow store (read directly: no MLflow
+    import, which costs seconds); [] where there is none."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            rows = con.execute(
+                "select experiment_id, name from experiments where name != 'Default'"
+            ).fetchall()
+    except sqlite3.Error:
+        return []
+    return [(str(i), n) for i, n in sorted(rows)]
+
+
 def _print_quickstart_results(root: Path, name: str, minutes: float) -> None:
     tables = sorted((root / "reports" / "tables").glob("*.md"))
     typer.echo(f"\nquickstart finished in {minutes:.1f} min; experiment {name!r} (see `dvc exp show`).")
@@ -110,9 +131,11 @@ def _print_quickstart_results(root: Path, name: str, minutes: float) -> None:
     typer.echo("Tables:  " + "  ".join(str(t.relative_to(root)) for t in tables))
     typer.echo("Figures: reports/figures/*.png  (`dvc plots show`)   Claims: reports/claims.md")
     typer.echo("Metrics: reports/metrics.json  (`dvc metrics show`, `dvc exp show`)")
-    typer.echo(
-        f"MLflow:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}   then open http://127.0.0.1:5000"
-    )
+    typer.echo(f"MLflow:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}   then open")
+    for experiment_id, title in _experiment_ids(root / "mlflow.db"):
+        typer.echo(
+            f"         {title}: http://127.0.0.1:5000/#/experiments/{experiment_id}?{MLFLOW_RUNS_VIEW}"
+        )
     typer.echo("params.yaml is unchanged (paper protocol): `dvc repro` runs the full protocol.")
 
 

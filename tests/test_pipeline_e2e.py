@@ -50,6 +50,8 @@ def quickstart_repo(tmp_path_factory) -> tuple[Path, dict, str]:
 def test_quickstart_writes_tables_figures_claims_and_keeps_params(quickstart_repo):
     repo, _, stdout = quickstart_repo
     assert "reports/tables/table1.md" in stdout and "mlflow ui --backend-store-uri sqlite:///" in stdout
+    assert "medfusion/synthetic: http://127.0.0.1:5000/#/experiments/" in stdout  # links to the runs table
+    assert "?workflowType=machine_learning" in stdout
     assert (repo / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
     tables = repo / "reports" / "tables"
     table1, table2 = (tables / "table1.md").read_text(), (tables / "table2.md").read_text()
@@ -159,7 +161,7 @@ def test_mlflow_store_has_experiments_parents_children_and_test_metrics(quicksta
 def _find_key(tree, key: str) -> list:
     """Every value of `key` anywhere in a parsed JSON tree."""
     if isinstance(tree, dict):
-        return [tree[key]] * (key in tree) + [v for x in tree.values() for v in _find_key(x, key)]
+        return ([tree[key]] if key in tree else []) + [v for x in tree.values() for v in _find_key(x, key)]
     if isinstance(tree, list):
         return [v for x in tree for v in _find_key(x, key)]
     return []
@@ -278,13 +280,14 @@ def test_dvc_plots_draw_every_runs_curves_offline(quickstart_repo):
     runs = json.loads((repo / "data" / "runs" / "synthetic" / "unet" / "summary.json").read_text())["runs"]
     for model in ("unet", "casnet"):
         for run in runs:
-            name = f"dvc.yaml::data/curves/synthetic/{model}/fold{run['fold']}_seed{run['seed']}.tsv"
+            name = f"data/curves/synthetic/{model}/fold{run['fold']}_seed{run['seed']}.tsv"
             values = data[name][0]["content"]["data"]["values"]
             assert {v["field"] for v in values} == {"train_loss", "val_loss", "val_dice"}
             epochs = sorted({int(v["epoch"]) for v in values})
             assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2  # every epoch, from 1
-    assert any(k.startswith("dvc.yaml::data/drgo_curves/synthetic/casnet/") for k in data)
-    assert not any(k.startswith("dvc.yaml::data/drgo_curves/synthetic/unet/") for k in data)
+    assert any(k.startswith("data/drgo_curves/synthetic/casnet/") for k in data)
+    assert not any(k.startswith("data/drgo_curves/synthetic/unet/") for k in data)
+    assert not shown.get("errors"), shown.get("errors")
     _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
     page = (repo / "plots_html" / "index.html").read_text()
     assert "vegaEmbed" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
