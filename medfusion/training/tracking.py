@@ -147,8 +147,9 @@ def _client(uri: str) -> Any:
     return client
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview; a training
-# experiment set to this kind opens on its runs table, with the metrics columns and charts
+# The experiment kind MLflow 3's UI reads (its kind selector; without it a 3.x UI may open the GenAI
+# traces overview). MLflow 3.17's GenAI / Model-training toggle overrides it in a link that does not
+# ask for the training view: the quickstart prints links with `cli.MLFLOW_RUNS_VIEW`
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -224,13 +225,14 @@ class _RunLogger:
 
         run_dir = Path(run_dir)
         weights = run_dir / "model.pt"
-        try:
-            in_repo = str(weights.resolve().relative_to(repo_root()))
-        except ValueError:
-            in_repo = None
-        link = {"path": in_repo, "absolute_path": str(weights.resolve()), "bytes": weights.stat().st_size,
-                "sha256": file_sha256(weights)}  # fmt: skip
-        try:
+        in_repo = None  # relative to the workspace (a `dvc exp run --temp` copy) or the repository
+        for root in (Path.cwd(), repo_root()):
+            if weights.resolve().is_relative_to(root.resolve()):
+                in_repo = str(weights.resolve().relative_to(root.resolve()))
+                break
+        try:  # the run is trained and recorded: a missing file or a busy store must not fail it now
+            link = {"path": in_repo, "absolute_path": str(weights.resolve()), "bytes": weights.stat().st_size,
+                    "sha256": file_sha256(weights)}  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 write_json(Path(tmp) / "config.json", config)
                 write_json(Path(tmp) / "checkpoint.json", link)
