@@ -727,8 +727,12 @@ def _score_case(scores: _Scores, run, case_id, probs, postprocess, target, spaci
     """Score one run's case raw and post-processed at the target's shape (inside `fov` where there is
     one); returns the post labels."""
     raw = _restricted(labels_at(probs, target.shape), fov)
-    post = raw if postprocess == PostProcess() else apply_postprocess(postprocess, probs, target.shape, fov)
     scores.add(run, "raw", case_id, raw, target, spacing)
+    if postprocess == PostProcess():
+        post = raw
+    else:  # one label map at a time: the raw one goes before the post-processed one is made
+        del raw
+        post = apply_postprocess(postprocess, probs, target.shape, fov)
     scores.add(run, "post", case_id, post, target, spacing)
     return post
 

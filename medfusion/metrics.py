@@ -69,11 +69,24 @@ def overlap_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     }
 
 
+_SURFACE_CHUNK = 32  # slices per erosion: its temporaries stay a chunk's, not a volume's
+
+
 def surface(mask: np.ndarray) -> np.ndarray:
     """The boundary voxels of a binary mask: foreground voxels with a background face-neighbour
-    (the image border counts as background)."""
-    mask = mask.astype(bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    (the image border counts as background). Volumes are eroded in chunks of slices, each with its
+    neighbouring slice on either side, so that memory is the output (1 byte per voxel) and one
+    chunk's temporaries."""
+    mask = mask.astype(bool, copy=False)
+    if mask.ndim < 3 or len(mask) <= _SURFACE_CHUNK:
+        return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    out = np.empty(mask.shape, bool)
+    for z0 in range(0, len(mask), _SURFACE_CHUNK):
+        z1 = min(z0 + _SURFACE_CHUNK, len(mask))
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, len(mask))  # the halo: the chunk's neighbours in z
+        eroded = ndimage.binary_erosion(mask[lo:hi], border_value=0)[z0 - lo : z0 - lo + (z1 - z0)]
+        np.logical_and(mask[z0:z1], ~eroded, out=out[z0:z1])
+    return out
 
 
 def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
@@ -130,7 +143,12 @@ def surface_distances(
     if not has_pred or not has_target:
         return None
     box = _union_box(pred, target)
-    s_pred, s_target = surface(pred[box]), surface(target[box])
+    return _surfaces_distances(surface(pred[box]), surface(target[box]), sampling)
+
+
+def _surfaces_distances(s_pred: np.ndarray, s_target: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """`surface_distances` from the two surfaces (bool, the box's shape, both non-empty); each is
+    inverted in place for its transform and restored (no third box-sized mask)."""
     n_pred = int(np.count_nonzero(s_pred))
     out = np.empty(n_pred + int(np.count_nonzero(s_target)), np.float32)  # the result, filled in place
     out[:n_pred] = _distance_to(s_target, sampling)[s_pred]
@@ -139,10 +157,15 @@ def surface_distances(
 
 
 def _distance_to(surface_mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
-    """float32 distance in mm from every voxel centre to the nearest voxel of `surface_mask` (not empty)."""
+    """float32 distance in mm from every voxel centre to the nearest voxel of `surface_mask` (not
+    empty); the mask is inverted for the transform and put back as it was."""
     import edt
 
-    return edt.edt(~surface_mask, anisotropy=tuple(sampling), black_border=False, parallel=1)
+    np.logical_not(surface_mask, out=surface_mask)
+    try:
+        return edt.edt(surface_mask, anisotropy=tuple(sampling), black_border=False, parallel=1)
+    finally:
+        np.logical_not(surface_mask, out=surface_mask)
 
 
 def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
@@ -211,11 +234,26 @@ def region_metrics(
     and fn are the region's voxel counts, kept for `pooled_dice`."""
     out = {}
     for name, labels in regions.items():
-        p, t = np.isin(pred, labels), np.isin(target, labels)
-        out[name] = overlap_metrics(p, t) | _counts(p, t)
+        masks = [np.isin(pred, labels), np.isin(target, labels)]  # the only references: freed early
+        out[name] = overlap_metrics(*masks) | _counts(*masks)
         if distances:
-            out[name] |= _distance_metrics(surface_distances(p, t, spacing))
+            out[name] |= _distance_metrics(_region_distances(masks, spacing))
+        masks.clear()
     return out
+
+
+def _region_distances(masks: list[np.ndarray], spacing: Sequence[float] | None) -> np.ndarray | None:
+    """`surface_distances(pred, target, spacing)` of masks = [pred, target], emptied once the
+    surfaces are found so that the masks are released (the list holds their only references):
+    memory is the box's two surfaces (1 byte per voxel each) and one transform (4 bytes)."""
+    sampling = _check_spacing(spacing, masks[0].ndim)
+    if not masks[0].any() or not masks[1].any():
+        return surface_distances(masks[0], masks[1], spacing)
+    box = _union_box(masks[0], masks[1])
+    s_pred = surface(masks[0][box])
+    s_target = surface(masks[1][box])
+    masks.clear()
+    return _surfaces_distances(s_pred, s_target, sampling)
 
 
 def _counts(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:

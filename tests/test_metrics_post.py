@@ -434,3 +434,17 @@ def test_global_dice_pools_the_counts_of_all_cases():
     assert pooled_dice([9, 1], [1, 0], [0, 9]) == pytest.approx(20 / 30)  # 2*10 / (2*10 + 1 + 9)
     assert pooled_dice([0, 0], [0, 0], [0, 0]) == 1.0  # empty everywhere, predicted empty
     assert pooled_dice([0], [3], [0]) == 0.0
+
+
+def test_surfaces_of_long_volumes_are_eroded_in_chunks_with_the_same_result():
+    """Volumes longer than a chunk (metrics._SURFACE_CHUNK slices) are eroded chunk by chunk with a
+    one-slice halo: the surface is the whole volume's, at the chunks' seams too."""
+    rng = np.random.default_rng(5)
+    mask = ndimage.binary_dilation(rng.random((metrics._SURFACE_CHUNK * 2 + 7, 20, 24)) > 0.9)
+    assert np.array_equal(surface(mask), _brute_surface(mask))
+    pred = ndimage.binary_dilation(rng.random(mask.shape) > 0.97, iterations=2)
+    spacing = (2.5, 0.8, 0.6)
+    got = metrics.region_metrics(pred.astype(np.uint8), mask.astype(np.uint8), {"fg": [1]}, spacing)["fg"]
+    assert got["hd95"] == pytest.approx(hd95(pred, mask, spacing)) and got["assd"] == pytest.approx(
+        assd(pred, mask, spacing)
+    )

@@ -331,15 +331,16 @@ def test_a_colleague_gets_the_experiment_through_git_and_a_dvc_remote(quickstart
     pull it, and get the same checkpoints and metrics, with nothing to rerun."""
     repo, env, _ = quickstart_repo
     origin, store, clone = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "clone"
-    _run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
     _run(["git", "remote", "add", "origin", str(origin)], repo, env)
-    _run(["dvc", "remote", "add", "-d", "shared", str(store)], repo, env)
-    _run(["git", "commit", "-q", "-m", "DVC remote", "--", ".dvc/config"], repo, env)
+    # --local: the remote applies to every revision, the experiment's too (made before it was added)
+    _run(["dvc", "remote", "add", "--local", "-d", "shared", str(store)], repo, env)
     _run(["git", "push", "-q", "origin", "main"], repo, env)
     _run(["dvc", "exp", "push", "origin", "qs-test"], repo, env)
     assert any(store.rglob("*")), "nothing reached the DVC remote"
 
     _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    _run(["dvc", "remote", "add", "--local", "-d", "shared", str(store)], clone, env)
     _run(["dvc", "exp", "pull", "origin", "qs-test"], clone, env)
     _run(["dvc", "exp", "apply", "qs-test"], clone, env)
     _run(["dvc", "pull"], clone, env)
