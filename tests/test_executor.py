@@ -98,7 +98,7 @@ def test_two_local_processes_write_what_the_serial_loop_writes(
     children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
     assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in parallel}
     assert {c.info.status for c in children} == {"FINISHED"}
-    assert all(len(client.get_metric_history(c.info.run_id, "val_dice")) == 2 for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "val/dice")) == 2 for c in children)
 
     recorder = RecordingTracker()  # a run trained by a job counts as finished for the serial loop, and back
     again = train_cv(tiny_params, "synthetic", "unet", processed, tmp_path / "split.json", tmp_path / "parallel",

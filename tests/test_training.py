@@ -125,7 +125,7 @@ def test_mlflow_parent_children_metrics_and_tags(tiny_params, synthetic_processe
         and child.data.tags["dvc.exp_name"] == "exp-test"
     )
     assert "mlflow.source.git.commit" in child.data.tags and child.data.params["train.lr"] == "0.003"
-    assert len(client.get_metric_history(child.info.run_id, "val_dice")) == 2
+    assert len(client.get_metric_history(child.info.run_id, "val/dice")) == 2
     assert {r["mlflow_run_id"] for r in results} == {c.info.run_id for c in children}
     assert child.data.tags["amp_dtype"] == results[0]["amp_dtype"] and child.data.tags["precision_reason"]
 
@@ -148,7 +148,7 @@ def test_an_interrupted_run_continues_its_mlflow_run(tmp_path, monkeypatch):
         other({"val_dice": 0.1}, 0)
     client = MlflowClient(uri)
     assert log.run_id != other.run_id
-    assert [m.step for m in client.get_metric_history(log.run_id, "val_dice")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(log.run_id, "val/dice")] == [0, 1]
     assert client.get_run(log.run_id).info.status == "FINISHED"
 
 
