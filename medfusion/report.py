@@ -78,6 +78,22 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
     return out
 
 
+STAGE_METRICS = ("dice", "iou")
+
+
+def stage_metrics(per_case) -> dict:
+    """{metric: {class: {post, raw[, ensemble, ensemble_raw][, ensemble_tta]}}} for Dice and IoU: the
+    mean over the trained runs of each run's mean over test cases (post-processed and raw), and the
+    fold ensemble's, as the tables compute them (`summarize_runs`)."""
+    out: dict = {}
+    for kind, suffix in (("post", ""), ("raw", "_raw")):
+        summary = summarize_runs(per_case, kind)
+        for r in summary[summary["metric"].isin(STAGE_METRICS)].itertuples():
+            key = ("post" if kind == "post" else "raw") if r.estimate == "runs" else f"{r.estimate}{suffix}"
+            out.setdefault(r.metric, {}).setdefault(r._3, {})[key] = round(float(r.mean), 6)
+    return out
+
+
 def global_dice_frame(dataset: str, model: str, global_dice: Mapping) -> pd.DataFrame:
     """Long rows (dataset, model, run, class, postprocess, value) of one evaluation's pooled Dice,
     eval.json's `global_dice` {run: {"raw" | "post": {region: value}}}."""

@@ -24,22 +24,7 @@ from medfusion.config import load_params
 from medfusion.data.io import atomic_dir, read_json, write_json
 from medfusion.evaluation import evaluate_model, score_second_observer
 from medfusion.hardware import resolve_precision
-from medfusion.report import summarize_runs
-
-STAGE_METRICS = ("dice", "iou")
-
-
-def stage_metrics(per_case) -> dict:
-    """{metric: {class: {post, raw[, ensemble, ensemble_raw][, ensemble_tta]}}} for Dice and IoU: the
-    mean over the trained runs of each run's mean over test cases (post-processed and raw), and the
-    fold ensemble's, as the tables compute them (`summarize_runs`)."""
-    out: dict = {}
-    for kind, suffix in (("post", ""), ("raw", "_raw")):
-        summary = summarize_runs(per_case, kind)
-        for r in summary[summary["metric"].isin(STAGE_METRICS)].itertuples():
-            key = ("post" if kind == "post" else "raw") if r.estimate == "runs" else f"{r.estimate}{suffix}"
-            out.setdefault(r.metric, {}).setdefault(r._3, {})[key] = round(float(r.mean), 6)
-    return out
+from medfusion.report import stage_metrics, summarize_runs
 
 
 def main(

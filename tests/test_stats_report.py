@@ -506,7 +506,7 @@ def test_the_tta_ensemble_is_its_own_row_and_never_a_run(per_case):
 def test_the_evaluate_stage_metrics_are_the_tables_numbers(per_case):
     """data/metrics/<dataset>/<model>.json (DVC metrics of each evaluate stage): Dice and IoU per class,
     runs post and raw, and the ensemble's, the values of summarize_runs."""
-    from pipeline.evaluate import stage_metrics
+    from medfusion.report import stage_metrics
 
     one = per_case[(per_case["dataset"] == "kvasir_seg") & (per_case["model"] == "unet")]
     out = stage_metrics(one)
