@@ -340,22 +340,37 @@ def read_input(path: Path, prep: Preprocessing) -> RawCase:
     if not is_nifti and prep.kind == "volume":
         raise DataError(f"{path}: a 2-D image, but the model was trained on {trained_on}; give NIfTI")
     if not is_nifti:
-        image = read_image(path)  # (H, W, 3)
-        if prep.in_channels == 1:
-            if not (
-                np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
-            ):
-                raise DataError(f"{path}: a colour image, but the model takes 1 channel (grayscale)")
-            image = image[..., 0]
-        return RawCase(path.name, path.name, image, np.zeros(image.shape[:2], np.uint8), None)
+        return _image_case(read_image(path), prep, path.name, str(path), DataError)  # (H, W, 3) read
     ndim = 3 if prep.in_channels == 1 else 4
     volume, spacing, affine = read_nifti(path, ndim=ndim, with_affine=True)
     volume = volume[None] if ndim == 3 else volume  # (M, D, H, W)
+    return _volume_case(volume, prep, path.name, str(path), DataError, spacing, affine)
+
+
+def _image_case(image: np.ndarray, prep: Preprocessing, case_id: str, where: str, error: type) -> RawCase:
+    """A 2-D image (H, W, 3) or (H, W) in the channels the model takes: one channel only from a grey
+    image (`error` naming `where` for a colour one), a grey image repeated to 3 channels as training
+    reads it."""
+    if prep.in_channels == 1 and image.ndim == 3:
+        if not (
+            np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+        ):
+            raise error(f"{where}: a colour image, but the model takes 1 channel (grayscale)")
+        image = image[..., 0]
+    if prep.in_channels == 3 and image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return RawCase(case_id, case_id, image, np.zeros(image.shape[:2], np.uint8), None)
+
+
+def _volume_case(
+    volume, prep: Preprocessing, case_id: str, where: str, error: type, spacing=None, affine=None
+):
+    """A volume (M, D, H, W) checked against the model's modalities and for non-finite voxels."""
     if volume.shape[0] != prep.in_channels:
-        raise DataError(f"{path}: {volume.shape[0]} modalities; the model takes {prep.in_channels}")
+        raise error(f"{where}: {volume.shape[0]} modalities; the model takes {prep.in_channels}")
     if not np.isfinite(volume).all():
-        raise DataError(f"{path}: volume has NaN or infinite voxels")
-    return RawCase(path.name, path.name, volume, np.zeros(volume.shape[1:], np.uint8), spacing, affine)
+        raise error(f"{where}: volume has NaN or infinite voxels")
+    return RawCase(case_id, case_id, volume, np.zeros(volume.shape[1:], np.uint8), spacing, affine)
 
 
 def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
@@ -494,23 +509,11 @@ def array_case(array: np.ndarray, prep: Preprocessing, name: str = "array") -> R
             raise PredictError(
                 f"{name}: {array.dtype} {array.shape}; expected a uint8 image (H, W, 3) or (H, W)"
             )
-        if prep.in_channels == 1 and array.ndim == 3:
-            if not (
-                np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
-            ):
-                raise PredictError(f"{name}: a colour image, but the model takes 1 channel (grayscale)")
-            array = array[..., 0]
-        if prep.in_channels == 3 and array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=2)  # as training reads a grey image for RGB
-        return RawCase(name, name, array, np.zeros(array.shape[:2], np.uint8), None)
+        return _image_case(array, prep, name, name, PredictError)
     volume = array[None] if array.ndim == 3 else array
-    if volume.ndim != 4 or volume.shape[0] != prep.in_channels:
-        raise PredictError(
-            f"{name}: shape {array.shape}; expected a volume (D, H, W) or (M, D, H, W) with M = {prep.in_channels}"
-        )
-    if not np.isfinite(volume).all():
-        raise PredictError(f"{name}: volume has NaN or infinite voxels")
-    return RawCase(name, name, volume, np.zeros(volume.shape[1:], np.uint8), None)
+    if volume.ndim != 4:
+        raise PredictError(f"{name}: shape {array.shape}; expected a volume (D, H, W) or (M, D, H, W)")
+    return _volume_case(volume, prep, name, name, PredictError)
 
 
 def predict_file(
