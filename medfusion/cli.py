@@ -403,7 +403,7 @@ def predict(
         chosen = (
             ensemble_postprocess(ensemble, chosen_postprocess(ensemble, eval_json)) if postprocess else None
         )
-        paths = expand_inputs(inputs)
+        paths = expand_inputs(inputs, ensemble.preprocessing)
     except (PredictError, TrainingError, DataError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
@@ -468,7 +468,7 @@ def evaluate(
             raise PredictError(
                 f"--mask-threshold binarises masks, but {run} has {ensemble.num_classes} classes"
             )
-        cases = folder_cases(images, masks, ensemble.preprocessing.kind, fov)
+        cases = folder_cases(images, masks, ensemble.preprocessing.kind, fov, ensemble.preprocessing)
         evaluate_folder(ensemble, cases, out, mask_threshold, eval_json, batch_size)
     except (PredictError, TrainingError, DataError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -59,6 +59,9 @@ class CustomDataParams:
     # grey masks (lossy exports: 0/255 plus a few values between) binarised at > threshold; null: a
     # mask that holds neither class indices nor {0, 255} is refused. Optional, as paper_dataset
     mask_threshold: int | None = dataclasses.field(default=None, metadata={"optional": True})
+    # image files per case (nnU-Net's raw layout: <case>_0000, <case>_0001, ..., one per channel of
+    # dataset.json's channel_names); each file is one grey image or one volume. Optional: 1
+    channels: int = dataclasses.field(default=1, metadata={"optional": True})
 
 
 @dataclass(frozen=True)
@@ -646,7 +649,7 @@ def _check_data(p: Params, fail: Fail) -> None:
             fail(
                 f"data.sources.{name}",
                 d.sources.get(name),
-                f"the folder of your data (images/ + masks/) because `datasets` includes {name}",
+                f"the folder of your data (images/ + masks/, or an nnU-Net raw dataset) because `datasets` includes {name}",
             )
 
 
@@ -673,6 +676,18 @@ def _check_custom(c: CustomDataParams, key: str, fail: Fail) -> None:
             )
     if c.paper_dataset is not None and c.paper_dataset not in PAPER_DATASETS:
         fail(f"{key}.paper_dataset", c.paper_dataset, f"null or one of {list(PAPER_DATASETS)}")
+    if isinstance(c.channels, bool) or not isinstance(c.channels, int) or c.channels < 1:
+        fail(
+            f"{key}.channels",
+            c.channels,
+            "an integer >= 1: image files per case (nnU-Net's _0000, _0001, ...)",
+        )
+    if c.channels > 1 and c.modality == "rgb":
+        fail(
+            f"{key}.modality",
+            c.modality,
+            f"gray with {key}.channels = {c.channels}: each channel file is one grey image",
+        )
     if c.mask_threshold is not None:
         if isinstance(c.mask_threshold, bool) or not 0 <= c.mask_threshold <= 254:
             fail(f"{key}.mask_threshold", c.mask_threshold, "null or an integer grey value 0..254")

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from medfusion.common import atomic_write
 from medfusion.data import preprocess
-from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, stem_pairs
+from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, stem_pairs
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
 from medfusion.data.preprocess import label_2d, read_label, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
@@ -49,9 +49,11 @@ from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.predict import (
     Ensemble,
+    Preprocessing,
     chosen_postprocess,
     ensemble_postprocess,
     ensemble_probs,
+    expand_inputs,
     model_dir_of,
     model_inputs,
     read_input,
@@ -75,8 +77,13 @@ class FolderCase:
         return self.case_id or self.image.name
 
 
-def folder_cases(images: Path, masks: Path, kind: str, fov: Path | None = None) -> list[FolderCase]:
-    """The (image, mask[, fov]) triples matched by file stem; `kind` image | volume.
+def folder_cases(
+    images: Path, masks: Path, kind: str, fov: Path | None = None, prep: Preprocessing | None = None
+) -> list[FolderCase]:
+    """The (image, mask[, fov]) triples matched by file stem; `kind` image | volume. For a model of
+    several grey channels or volume channels (`prep`), a case given as nnU-Net channel files
+    <case>_0000<ending>, <case>_0001<ending>, ... is matched by <case> (its mask: <case><ending>, as
+    in nnU-Net's labelsTr/).
 
     Raises:
         DataError: a folder missing or empty, an image without its mask or FOV mask, a file of the
@@ -87,12 +94,21 @@ def folder_cases(images: Path, masks: Path, kind: str, fov: Path | None = None) 
         if folder is not None and not Path(folder).is_dir():
             raise DataError(f"{option} {folder}: no such folder")
     expects = f"a model trained on {'volumes' if kind == 'volume' else '2-D images'}"
+    kept = set(expand_inputs([Path(images)], prep)) if prep is not None else None
     try:
-        pairs = stem_pairs(Path(images), Path(masks), wanted, expects)
-        fovs = dict(stem_pairs(Path(images), Path(fov), wanted, expects, what="FOV mask")) if fov else {}
+        pairs = stem_pairs(Path(images), Path(masks), wanted, expects, keep=kept)
+        fovs = (
+            dict(stem_pairs(Path(images), Path(fov), wanted, expects, what="FOV mask", keep=kept))
+            if fov
+            else {}
+        )
     except FetchError as err:
         raise DataError(str(err)) from None
-    return [FolderCase(image, mask, fovs.get(image)) for image, mask in pairs]
+    # a case of channel files is named by its mask (case.png), as any other by its image file
+    return [
+        FolderCase(image, mask, fovs.get(image), mask.name if channel_case(image) else "")
+        for image, mask in pairs
+    ]
 
 
 def read_fov(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:

@@ -32,6 +32,8 @@ the image and its left-right, up-down and double flips (flipped back).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from medfusion.data.dataset import zscore
-from medfusion.data.fetch import NIFTI_SUFFIXES
+from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, channel_files, file_stem
 from medfusion.data.io import (
     IMAGE_SUFFIXES,
     DataError,
@@ -57,6 +59,8 @@ from medfusion.data.preprocess import (
     PreprocessSettings,
     RawCase,
     case_samples,
+    read_channels_2d,
+    read_channels_3d,
     to_uint8,
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
@@ -88,6 +92,7 @@ class Preprocessing:
     clahe_clip: float | None
     n4: bool
     source: str
+    quantitative: tuple[int, ...] = ()  # channels without N4/CLAHE (DatasetSpec.quantitative_channels)
 
     @property
     def kind(self) -> str:
@@ -251,6 +256,9 @@ def load_ensemble(
                     "an ensemble needs checkpoints of one dataset and model"
                 )
     prep = resolve_preprocessing(first, paths[0], processed_meta)
+    spec = DATASETS.get(str(first.get("dataset")))
+    if spec is not None and spec.quantitative_channels:
+        prep = dataclasses.replace(prep, quantitative=spec.quantitative_channels)
     return Ensemble(
         models,
         paths,
@@ -312,8 +320,34 @@ def _size(value) -> int | str:
 
 
 def output_stem(path: Path) -> str:
+    """The outputs' name of an input: its name without suffix, and without _0000 for a case given as
+    nnU-Net channel files (<case>_0000<ending> with <case>_0001<ending> beside it)."""
     name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    return channel_case(Path(path)) or stem
+
+
+def input_files(path: Path, prep: Preprocessing) -> list[Path]:
+    """The files of one input: [path], or for a model of several channels a case given as nnU-Net
+    channel files: <case>_0000<ending> (the `path` named) with <case>_0001<ending>, ... beside it, one
+    grey image or 3-D volume per channel. A volume model of several channels also takes one 4-D NIfTI.
+
+    Raises:
+        DataError: a grey model of several channels given one file, or a channel file missing."""
+    path = Path(path)
+    if prep.in_channels == 1 or prep.modality == "rgb":
+        return [path]
+    if channel_case(path) is not None:
+        try:
+            return channel_files(path, prep.in_channels)
+        except FetchError as err:
+            raise DataError(str(err)) from None
+    if prep.kind == "image":
+        raise DataError(
+            f"{path}: the model takes {prep.in_channels} grey channels, one file each: give "
+            "<case>_0000<ending> with <case>_0001<ending>, ... beside it (nnU-Net's naming)"
+        )
+    return [path]  # a 4-D NIfTI
 
 
 def read_input(path: Path, prep: Preprocessing) -> RawCase:
@@ -322,6 +356,7 @@ def read_input(path: Path, prep: Preprocessing) -> RawCase:
     2-D: (H, W, 3) RGB, or (H, W) for a 1-channel model (refused when the image has colour: the model
     saw grayscale). A grayscale image for an RGB model is repeated to 3 channels, as training reads it.
     NIfTI: (M, D, H, W) with spacing and affine; 3-D for a 1-channel model, 4-D (x, y, z, M) otherwise.
+    A model of M > 1 grey channels or volumes also takes nnU-Net's channel files (`input_files`).
     """
     path = Path(path)
     name = path.name.lower()
@@ -339,8 +374,13 @@ def read_input(path: Path, prep: Preprocessing) -> RawCase:
         )
     if not is_nifti and prep.kind == "volume":
         raise DataError(f"{path}: a 2-D image, but the model was trained on {trained_on}; give NIfTI")
+    files = len(input_files(path, prep))
     if not is_nifti:
-        return _image_case(read_image(path), prep, path.name, str(path), DataError)  # (H, W, 3) read
+        image = read_image(path) if files == 1 else read_channels_2d(path, True, files)  # (H, W, 3 | M)
+        return _image_case(image, prep, path.name, str(path), DataError)
+    if files > 1:
+        volume, spacing, affine = read_channels_3d(path, files, prep.in_channels, "the model")
+        return _volume_case(volume, prep, path.name, str(path), DataError, spacing, affine)
     ndim = 3 if prep.in_channels == 1 else 4
     volume, spacing, affine = read_nifti(path, ndim=ndim, with_affine=True)
     volume = volume[None] if ndim == 3 else volume  # (M, D, H, W)
@@ -386,6 +426,7 @@ def model_inputs(case: RawCase, prep: Preprocessing) -> np.ndarray:
         checksum=None,
         access="",
         test_rule="",
+        quantitative_channels=prep.quantitative,
     )
     if prep.native:  # the image at its size, padded to a multiple of 16 with the z-scored mean (0)
         h, w = case.image.shape[:2]
@@ -552,8 +593,10 @@ def predict_file(
     return written
 
 
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; a folder gives its image and NIfTI files (sorted, hidden ones left out).
+def expand_inputs(inputs: list[Path], prep: Preprocessing | None = None) -> list[Path]:
+    """Files as given; a folder gives its image and NIfTI files (sorted, hidden ones left out), and
+    for a model of several channels (`prep`) one file per case given as nnU-Net channel files: its
+    <case>_0000 (the others are read beside it, `input_files`).
 
     Raises:
         DataError: a folder with no such file in it."""
@@ -564,6 +607,8 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
                 p for p in path.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
             )  # fmt: skip
+            if prep is not None and prep.in_channels > 1 and prep.modality != "rgb":
+                found = [p for p in found if not _later_channel(p)]
             if not found:
                 raise DataError(
                     f"{path}: a folder with no image or NIfTI file ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)})"
@@ -572,6 +617,13 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         else:
             paths.append(path)
     return paths
+
+
+def _later_channel(path: Path) -> bool:
+    """<case>_NNNN<ending> with NNNN > 0 and its <case>_0000<ending> beside it: read with that one."""
+    m = re.fullmatch(r"(.+)_(\d{4})", file_stem(path))
+    ending = path.name[len(file_stem(path)) :]
+    return m is not None and m.group(2) != "0000" and path.with_name(f"{m.group(1)}_0000{ending}").is_file()
 
 
 def predict_files(

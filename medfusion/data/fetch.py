@@ -73,15 +73,21 @@ def mask_path(spec: DatasetSpec, root: Path, image: Path) -> Path:
     return root / "masks" / name
 
 
-def custom_pairs(root: Path, kind: str) -> list[tuple[Path, Path]]:
+def custom_pairs(root: Path, kind: str, channels: int = 1) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of a custom dataset: images/ + masks/ (or labels/) matched by file stem, or
-    nnU-Net's raw layout (`nnunet_pairs`). The case id is the mask's stem.
+    nnU-Net's raw layout (`nnunet_pairs`, the image being a case's channel 0 file when `channels` > 1).
+    The case id is the mask's stem.
 
     Raises:
         FetchError: no such folders, an image without its mask, or a file of the wrong kind.
     """
     if nnunet_root(root) is not None:
-        return nnunet_pairs(nnunet_root(root), kind)
+        return nnunet_pairs(nnunet_root(root), kind, channels=channels)
+    if channels > 1:
+        raise FetchError(
+            f"{root}: data.custom.channels = {channels} needs nnU-Net's raw layout (dataset.json + "
+            "imagesTr/<case>_0000<ending>, <case>_0001<ending>, ...); images/ + masks/ holds one file per case"
+        )
     image_dir = root / "images"
     mask_dir = next((root / d for d in ("masks", "labels") if (root / d).is_dir()), None)
     if not image_dir.is_dir() or mask_dir is None:
@@ -137,19 +143,29 @@ def nnunet_description(root: Path) -> dict:
     return {"channels": channels, "labels": [by_value[v] for v in range(len(labels))], "ending": ending}
 
 
-def nnunet_pairs(root: Path, kind: str, class_names: list[str] | None = None) -> list[tuple[Path, Path]]:
+def nnunet_pairs(
+    root: Path, kind: str, class_names: list[str] | None = None, channels: int = 1
+) -> list[tuple[Path, Path]]:
     """(imagesTr/<case>_0000<ending>, labelsTr/<case><ending>) of an nnU-Net raw dataset.
 
-    One image file per case: a 2-D RGB or grey file (nnU-Net's natural-image convention: channel_names
-    R, G, B with one file), or one volume (custom volumes take one modality). `class_names` (when
-    given) must be dataset.json's label names in value order.
+    `channels` (data.custom.channels) image files per case, _0000 to _{channels-1} (`channel_files`
+    lists them from the _0000 one). With one: a 2-D RGB or grey file (nnU-Net's natural-image
+    convention: channel_names R, G, B with one file), or one volume. With several, dataset.json must
+    name as many channels; each file is one grey image or one volume. `class_names` (when given) must
+    be dataset.json's label names in value order.
 
     Raises:
-        FetchError: dataset.json malformed or disagreeing with data.custom, a case with several channel
-            files, a missing channel 0000 or label, a file ending of the wrong kind.
+        FetchError: dataset.json malformed or disagreeing with data.custom, a case whose channel files
+            are not _0000.._{channels-1}, a missing label, a file ending of the wrong kind.
     """
     desc = nnunet_description(root)
     ending = desc["ending"]
+    named = len(desc["channels"])
+    if channels > 1 and named != channels:
+        raise FetchError(
+            f"{root / 'dataset.json'}: channel_names {desc['channels']} ({named}); data.custom.channels is "
+            f"{channels}: set data.custom.channels to {named}"
+        )
     wanted = NIFTI_SUFFIXES if kind == "volume" else IMAGE_SUFFIXES
     if not ending.lower().endswith(wanted):
         raise FetchError(
@@ -160,18 +176,25 @@ def nnunet_pairs(root: Path, kind: str, class_names: list[str] | None = None) ->
             f"{root / 'dataset.json'}: labels {desc['labels']}; data.custom.class_names is {list(class_names)}: "
             f"set data.custom.class_names to {desc['labels']}"
         )
-    channels: dict[str, list[str]] = {}
+    files_of: dict[str, list[str]] = {}
     for image in _visible((root / "imagesTr").iterdir()):
         m = re.fullmatch(rf"(.+)_(\d{{4}}){re.escape(ending)}", image.name)
         if m is None:
             raise FetchError(f"{image}: not <case>_NNNN{ending}, as nnU-Net's imagesTr/ names files")
-        channels.setdefault(m.group(1), []).append(m.group(2))
+        files_of.setdefault(m.group(1), []).append(m.group(2))
     pairs = []
-    for case, found in sorted(channels.items()):
-        if found != ["0000"]:
+    wanted_files = [f"{k:04d}" for k in range(channels)]
+    for case, found in sorted(files_of.items()):
+        if sorted(found) != wanted_files:
+            several = (
+                f"set data.custom.channels to {len(found)} (and data.custom.modality to one that fits "
+                "every channel)"
+                if channels == 1 and sorted(found) == [f"{k:04d}" for k in range(len(found))]
+                else f"every case needs _{wanted_files[0]}.._{wanted_files[-1]}{ending}"
+            )
             raise FetchError(
-                f"{root / 'imagesTr'}: case {case!r} has channel files {sorted(found)}; custom data takes one "
-                "image file per case (_0000: an RGB or grey 2-D image, or one volume)"
+                f"{root / 'imagesTr'}: case {case!r} has channel files {sorted(found)}; data.custom.channels "
+                f"= {channels} expects {wanted_files}: {several}"
             )
         label = root / "labelsTr" / f"{case}{ending}"
         if not label.is_file():
@@ -182,6 +205,40 @@ def nnunet_pairs(root: Path, kind: str, class_names: list[str] | None = None) ->
     if not pairs:
         raise FetchError(f"{root / 'imagesTr'}: no images found; layout: {NNUNET_LAYOUT}")
     return pairs
+
+
+def channel_files(image: Path, channels: int) -> list[Path]:
+    """The files of one case's channels, given its first: [image] for one channel; for several, nnU-Net's
+    <case>_0000<ending> followed by <case>_0001<ending>, ... beside it.
+
+    Raises:
+        FetchError: `image` not named <case>_0000<ending>, or a channel file missing (naming it).
+    """
+    image = Path(image)
+    if channels == 1:
+        return [image]
+    m = re.fullmatch(r"(.+)_0000((?:\.[A-Za-z0-9]+)+)", image.name)
+    if m is None:
+        raise FetchError(
+            f"{image}: {channels} channels are read from nnU-Net-named files <case>_0000<ending>, "
+            f"<case>_0001<ending>, ...; this name is not <case>_0000<ending>"
+        )
+    files = [image.with_name(f"{m.group(1)}_{k:04d}{m.group(2)}") for k in range(channels)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FetchError(f"{image}: channel files {missing} missing beside it ({channels} channels per case)")
+    return files
+
+
+def channel_case(image: Path) -> str | None:
+    """<case> of a case given as nnU-Net channel files, named by its first (<case>_0000<ending> with
+    <case>_0001<ending> beside it); None for any other file."""
+    image = Path(image)
+    stem = file_stem(image)
+    if not stem.endswith("_0000"):
+        return None
+    second = image.with_name(stem[:-4] + "0001" + image.name[len(stem) :])
+    return stem[: -len("_0000")] if second.is_file() else None
 
 
 FOV_DIRS = ("fov", "roi")
@@ -213,10 +270,17 @@ def custom_fovs(root: Path, kind: str, pairs: list[tuple[Path, Path]]) -> dict[P
 
 
 def stem_pairs(
-    image_dir: Path, other_dir: Path, wanted: tuple[str, ...], expects: str, what: str = "mask"
+    image_dir: Path,
+    other_dir: Path,
+    wanted: tuple[str, ...],
+    expects: str,
+    what: str = "mask",
+    keep: set[Path] | None = None,
 ) -> list[tuple[Path, Path]]:
     """(image, its `what`) pairs: every file of `image_dir` (of the suffixes `wanted`) with the file of
     `other_dir` that has its stem ('c1.tif' <-> 'c1.png'). `expects` says who asks for `wanted`.
+    `keep`: only these images, and a case given as channel files is matched by its case name
+    (`channel_case`: 'c1_0000.png' <-> 'c1.png').
 
     Raises:
         FetchError: an image of another type, an image without its `what`, or no images.
@@ -224,12 +288,15 @@ def stem_pairs(
     others = {file_stem(m): m for m in _visible(Path(other_dir).iterdir())}
     pairs = []
     for image in _visible(Path(image_dir).iterdir()):
+        if keep is not None and image not in keep:
+            continue
         if not image.name.lower().endswith(wanted):
             kind = "NIfTI volume" if wanted == NIFTI_SUFFIXES else "2-D image"
             raise FetchError(f"{image}: not a {kind} ({', '.join(wanted)}), as {expects} expects")
-        other = others.get(file_stem(image))
+        stem = (channel_case(image) if keep is not None else None) or file_stem(image)
+        other = others.get(stem)
         if other is None:
-            raise FetchError(f"{image}: no {what} with stem {file_stem(image)!r} in {other_dir}")
+            raise FetchError(f"{image}: no {what} with stem {stem!r} in {other_dir}")
         pairs.append((image, other))
     if not pairs:
         raise FetchError(f"{image_dir}: no images found")
@@ -292,10 +359,12 @@ def dataset_files(spec: DatasetSpec, root: Path) -> tuple[Path, list[Path]]:
         files = [f for pair in msd_pairs(root, spec.name.removeprefix("msd_")) for f in pair]
     elif spec.custom and nnunet_root(root) is not None:
         nnunet = nnunet_root(root)
-        pairs = nnunet_pairs(nnunet, spec.kind, list(spec.class_names))
-        files = [nnunet / "dataset.json"] + [f for pair in pairs for f in pair]
+        pairs = nnunet_pairs(nnunet, spec.kind, list(spec.class_names), spec.channel_files)
+        files = [nnunet / "dataset.json"]
+        for image, label in pairs:
+            files += [*channel_files(image, spec.channel_files), label]
     elif spec.custom:
-        pairs = custom_pairs(root, spec.kind)
+        pairs = custom_pairs(root, spec.kind, spec.channel_files)
         files = [f for pair in pairs for f in pair] + list(custom_fovs(root, spec.kind, pairs).values())
     else:
         raise FetchError(f"dataset {spec.name!r} has no file layout")

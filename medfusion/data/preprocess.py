@@ -26,6 +26,11 @@ Intensity (METHOD.md section 3; the z-score per image happens at load time in `S
               channel (ADC, a quantitative map) only the percentile scaling: neither N4 nor CLAHE, which
               would distort its values (our choice; METHOD.md names only T2-type corrections).
     CLAHE: clip data.clahe_clip, 8x8 tiles, on the resized slice.
+Several channel files per case (nnU-Net's <case>_0000, _0001, ...; data.custom.channels): stacked as
+channels in file order, each its own modality for CASNet, and each given the step of `modality` above
+(our choice where METHOD.md names none: every channel of the user's data is taken to be a weighted
+image, N4 and CLAHE included for MRI; only the registry's msd_prostate marks a channel, its ADC, as
+quantitative, `DatasetSpec.quantitative_channels`).
 N4 (our settings; METHOD.md names the method only): Otsu foreground mask, the fit on a copy shrunk 4x
 in-plane, 4 levels x 50 iterations, the bias field then evaluated at full resolution.
 
@@ -59,6 +64,7 @@ from tqdm import tqdm
 
 from medfusion.data.fetch import (
     FetchError,
+    channel_files,
     custom_fovs,
     custom_pairs,
     dataset_files,
@@ -170,7 +176,7 @@ def case_refs(spec: DatasetSpec, raw_dir: Path, group_pattern: str | None = None
         return [CaseRef(file_stem(i), file_stem(i), i, label) for i, label in pairs]
     if spec.custom:
         refs = []
-        pairs = custom_pairs(root, spec.kind)
+        pairs = custom_pairs(root, spec.kind, spec.channel_files)
         fovs = custom_fovs(root, spec.kind, pairs)
         for image, label in pairs:
             stem = file_stem(label)  # the case id: the image's stem, or nnU-Net's <case> of <case>_0000
@@ -311,8 +317,7 @@ def read_label(
 def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     """Read and validate one case."""
     if spec.kind == "image":
-        gray = spec.modality == "gray"
-        image = read_image(ref.image, gray=gray)
+        image = read_channels_2d(ref.image, spec.modality == "gray", spec.channel_files)
         label, grey_fraction = label_2d(ref.label, spec.num_classes, spec.mask_threshold)
         if image.shape[:2] != label.shape:
             raise DataError(
@@ -326,19 +331,7 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
         extra = {} if spec.mask_threshold is None else {"mask_grey_fraction": grey_fraction}
         fov = None if ref.fov is None else read_fov(ref.fov, label.shape, ref.image.name)
         return RawCase(ref.case_id, ref.group, image, label, None, observer2=observer2, extra=extra, fov=fov)
-    affine = None
-    if is_metaimage(ref.image):
-        volume, spacing = read_metaimage(ref.image)
-        volume = volume[None]
-    else:
-        ndim = 4 if spec.in_channels > 1 else 3
-        # integers where the file stores them: a CT volume stays int16 (half of float32) until windowed
-        volume, spacing, affine = read_nifti(ref.image, ndim=ndim, with_affine=True, integers=True)
-        volume = volume if ndim == 4 else volume[None]
-        if volume.shape[0] != spec.in_channels:
-            raise DataError(
-                f"{ref.image}: {volume.shape[0]} modalities; {spec.title} expects {spec.in_channels}"
-            )
+    volume, spacing, affine = read_channels_3d(ref.image, spec.channel_files, spec.in_channels, spec.title)
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         raise DataError(f"{ref.image}: volume has NaN or infinite voxels")
     label = read_volume_label(ref.label, spec.name, spec.class_names)
@@ -349,6 +342,75 @@ def load_case(ref: CaseRef, spec: DatasetSpec) -> RawCase:
     if affine is not None and not is_metaimage(ref.label):
         _check_same_space(ref, np.asarray(affine), nifti_affine(ref.label))
     return RawCase(ref.case_id, ref.group, volume, label, spacing, affine)
+
+
+def read_channels_2d(image: Path, gray: bool, files: int = 1) -> np.ndarray:
+    """A case's 2-D image as `load_case` reads it: (H, W, 3) RGB, (H, W) with `gray`, or from `files`
+    M > 1 channel files (nnU-Net's <case>_0000.. files, `fetch.channel_files`) (H, W, M), one grey
+    file per channel in file order.
+
+    Raises:
+        DataError: unreadable, a channel file missing, or channels of different sizes (naming the file).
+    """
+    try:
+        files = channel_files(image, files)
+    except FetchError as err:
+        raise DataError(str(err)) from None
+    if len(files) == 1:
+        return read_image(image, gray=gray)
+    planes = []
+    for f in files:
+        planes.append(read_image(f, gray=True))
+        if planes[-1].shape != planes[0].shape:
+            raise DataError(
+                f"{f}: a channel of size {planes[-1].shape}; channel 0 ({files[0].name}) is {planes[0].shape}"
+            )
+    return np.stack(planes, axis=-1)
+
+
+def read_channels_3d(
+    image: Path, files: int, in_channels: int, title: str = "the dataset"
+) -> tuple[np.ndarray, tuple | None, list | None]:
+    """A case's volume as `load_case` reads it: (M, D, H, W) with its spacing and NIfTI affine (None for
+    MetaImage). M = `in_channels` channels come from one 3-D file (M = 1), a 4-D NIfTI (msd_prostate's
+    T2 + ADC), or `files` = M nnU-Net files <case>_0000.., one 3-D volume each, which must share shape
+    and affine. `title` names who expects M in the error. Integers stay integers where the file stores them (a CT volume stays int16, half
+    of float32, until windowed). Memory: the M channels of the case.
+
+    Raises:
+        DataError: unreadable, a channel file missing, or channels in different spaces (naming the file).
+    """
+    if is_metaimage(image):
+        if files > 1:
+            raise DataError(f"{image}: MetaImage channel files are not read; give NIfTI (.nii.gz) channels")
+        volume, spacing = read_metaimage(image)
+        return volume[None], spacing, None
+    try:
+        files = channel_files(image, files)
+    except FetchError as err:
+        raise DataError(str(err)) from None
+    if len(files) > 1:
+        channels, spacing, affine = [], None, None
+        for f in files:
+            volume, spacing_f, affine_f = read_nifti(f, ndim=3, with_affine=True, integers=True)
+            if channels and (
+                volume.shape != channels[0].shape or not np.allclose(affine_f, affine, atol=1e-3)
+            ):
+                raise DataError(
+                    f"{f}: a channel of shape {volume.shape} and affine {np.round(affine_f, 3).tolist()}; "
+                    f"channel 0 ({files[0].name}) has {channels[0].shape} and {np.round(affine, 3).tolist()}: "
+                    "every channel of a case must lie in one space"
+                )
+            if not channels:
+                spacing, affine = spacing_f, affine_f
+            channels.append(volume)
+        return np.stack(channels), spacing, affine
+    ndim = 4 if in_channels > 1 else 3
+    volume, spacing, affine = read_nifti(image, ndim=ndim, with_affine=True, integers=True)
+    volume = volume if ndim == 4 else volume[None]
+    if volume.shape[0] != in_channels:
+        raise DataError(f"{image}: {volume.shape[0]} modalities; {title} expects {in_channels}")
+    return volume, spacing, affine
 
 
 def _check_same_space(ref: CaseRef, image_affine: np.ndarray, label_affine: np.ndarray) -> None:
@@ -413,16 +475,14 @@ def case_samples(
         return _native_samples(case, spec, settings, clahe)
     if spec.kind == "image":
         image = _resize(case.image, size, nearest=False)
-        if spec.modality == "gray":
-            image = (
-                clahe.apply(image)[..., None] if image.ndim == 2 else clahe.apply(image[..., 0])[..., None]
-            )
         image = image if image.ndim == 3 else image[..., None]
+        if spec.modality == "gray":
+            image = _clahe_channels(image, clahe, spec.in_channels)
         second = None if case.observer2 is None else _resize(case.observer2, size, nearest=True)[None]
         return image.transpose(2, 0, 1)[None], _resize(case.label, size, nearest=True)[None], second
     channels = []
     for m, volume in enumerate(case.image):
-        first = m == 0  # T2 (or the only channel); msd_prostate's ADC is channel 1
+        first = m not in spec.quantitative_channels  # a weighted image, not msd_prostate's ADC (channel 1)
         if spec.modality == "mri" and settings.n4 and first:
             volume = n4_correct(volume, case.spacing or (1.0, 1.0, 1.0))
         window = intensity_window(volume, spec.modality, settings.ct_window)
@@ -441,7 +501,7 @@ def _native_samples(case: RawCase, spec: DatasetSpec, settings: PreprocessSettin
         raise DataError(f"{case.case_id}: data.image_size native is for 2-D images; {spec.title} has volumes")
     image = case.image if case.image.ndim == 3 else case.image[..., None]
     if spec.modality == "gray":
-        image = clahe.apply(image[..., 0])[..., None]
+        image = _clahe_channels(image, clahe, spec.in_channels)
     h, w = image.shape[:2]
     ch, cw = settings.canvas
     if h > ch or w > cw:
@@ -454,6 +514,12 @@ def _native_samples(case: RawCase, spec: DatasetSpec, settings: PreprocessSettin
 
     second = None if case.observer2 is None else pad(case.observer2)[None]
     return pad(image).transpose(2, 0, 1)[None], pad(case.label)[None], second
+
+
+def _clahe_channels(image: np.ndarray, clahe, channels: int) -> np.ndarray:
+    """CLAHE of each of the first `channels` planes of a grey (H, W, C) image (C = 3 for a grey file
+    read as RGB: its first plane stands for all) -> (H, W, channels) uint8."""
+    return np.stack([clahe.apply(np.ascontiguousarray(image[..., c])) for c in range(channels)], axis=-1)
 
 
 def native_canvas(refs: list[CaseRef]) -> tuple[int, int]:
@@ -599,6 +665,7 @@ def _meta(
         "in_channels": spec.in_channels,
         "modalities": spec.modalities,
         "modality": spec.modality,
+        **({"channel_files": spec.channel_files} if spec.channel_files > 1 else {}),
         "class_names": list(spec.class_names),
         "regions": spec.scored_regions(),  # what evaluation scores (LiTS: liver = labels 1-2, tumour = 2)
         "num_samples": len(cases),

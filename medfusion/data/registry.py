@@ -37,6 +37,11 @@ class DatasetSpec:
         note: what a reader of the results must know (printed under the dataset's table).
         mask_threshold: 2-D grey masks are binarised at > this value (`custom`'s data.custom.mask_threshold);
             None: masks must hold class indices or {0, 255} (JPEG masks: see preprocess.read_label_2d).
+        channel_files: image files per case (a custom nnU-Net raw dataset's <case>_0000, _0001, ...:
+            one grey image or one volume per channel, stacked in that order); 1 elsewhere.
+        quantitative_channels: channels of quantitative maps (msd_prostate's ADC): scaled to their
+            percentiles only, without N4 or CLAHE. Every other channel of a volume is a weighted
+            image (N4 for MRI, CLAHE after the window).
         regions: what is scored, as (name, labels) pairs: a region is the union of its labels in both
             the prediction and the ground truth. Empty (the default): each foreground class alone.
             LiTS is scored as the field scores it: liver = labels 1 and 2 (the whole liver, tumour
@@ -61,6 +66,8 @@ class DatasetSpec:
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     mask_threshold: int | None = None
     custom: bool = False  # the user's own data (data.custom), read by the custom layouts
+    channel_files: int = 1
+    quantitative_channels: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -155,6 +162,7 @@ DATASETS: dict[str, DatasetSpec] = {
         access="public download (Medical Segmentation Decathlon, CC BY-SA 4.0); page http://medicaldecathlon.com/",
         test_rule="fraction",
         modalities=2,
+        quantitative_channels=(1,),  # ADC
         layout="Task05_Prostate/imagesTr/prostate_NN.nii.gz (4-D: T2, ADC) + labelsTr/prostate_NN.nii.gz",
         cases=32,
         note=(
@@ -211,7 +219,8 @@ DATASETS: dict[str, DatasetSpec] = {
 CUSTOM_LAYOUT = (
     "images/ + masks/ (or labels/) with matching file stems: 2-D PNG/JPEG/TIFF/BMP/GIF/PPM/PGM images and masks "
     "(data.custom.kind: image), or NIfTI image/label volumes (kind: volume); or nnU-Net's raw layout "
-    "(dataset.json + imagesTr/<case>_0000<ending> + labelsTr/<case><ending>)"
+    "(dataset.json + imagesTr/<case>_0000<ending>[, <case>_0001<ending>, ... with data.custom.channels] + "
+    "labelsTr/<case><ending>)"
 )
 
 # What each intensity family means for a custom dataset: channels and the `modality` preprocessing key.
@@ -223,14 +232,17 @@ def custom_spec(custom: dict, name: str = "custom") -> DatasetSpec:
 
     Keys: kind (image | volume), modality (rgb | gray for 2-D; ct | mri for volumes; gray also for
     2-D slices of CT or MRI already windowed), class_names (index 0 is background), title,
-    mask_threshold (optional: grey 2-D masks binarised at > it).
+    mask_threshold (optional: grey 2-D masks binarised at > it), channels (optional, 1: image files
+    per case in nnU-Net's raw layout; M files give M channels, each its own modality for CASNet, each
+    preprocessed as `modality` says: CT windowed, MRI N4-corrected, grey images CLAHE'd).
     """
     modality, channels = CUSTOM_MODALITIES[custom["modality"]]
+    files = int(custom.get("channels", 1))
     return DatasetSpec(
         name=name,
         title=custom.get("title") or name,
         kind=custom["kind"],
-        in_channels=channels,
+        in_channels=channels * files,
         class_names=tuple(custom["class_names"]),
         modality=modality,
         url=None,
@@ -240,6 +252,8 @@ def custom_spec(custom: dict, name: str = "custom") -> DatasetSpec:
         layout=CUSTOM_LAYOUT,
         mask_threshold=custom.get("mask_threshold"),
         custom=True,
+        modalities=files,
+        channel_files=files,
     )
 
 
