@@ -399,6 +399,10 @@ def _image_case(image: np.ndarray, prep: Preprocessing, case_id: str, where: str
         image = image[..., 0]
     if prep.in_channels == 3 and image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
+    if prep.in_channels not in (1, 3) and (image.ndim != 3 or image.shape[-1] != prep.in_channels):
+        raise error(
+            f"{where}: {image.shape[-1] if image.ndim == 3 else 1} channels; the model takes {prep.in_channels}"
+        )
     return RawCase(case_id, case_id, image, np.zeros(image.shape[:2], np.uint8), None)
 
 
@@ -539,16 +543,23 @@ def case_mask(
 
 
 def array_case(array: np.ndarray, prep: Preprocessing, name: str = "array") -> RawCase:
-    """An in-memory input as `read_input` makes a file's: a 2-D image (H, W, 3) or (H, W) uint8, or a
+    """An in-memory input as `read_input` makes a file's: a 2-D image (H, W, 3) or (H, W) uint8 (or
+    (H, W, M) for a model of M grey channels), or a
     volume (D, H, W) (or (M, D, H, W) for M modalities) in its stored units (CT: HU), axial slices
     first, spacing unknown. The same checks of channels as for files; PredictError names the problem."""
     array = np.asarray(array)
     if prep.kind == "image":
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
-        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        planes = {3, prep.in_channels}  # RGB, or a grey model's channels (H, W, M)
+        if (
+            array.dtype != np.uint8
+            or array.ndim not in (2, 3)
+            or (array.ndim == 3 and array.shape[-1] not in planes)
+        ):
             raise PredictError(
                 f"{name}: {array.dtype} {array.shape}; expected a uint8 image (H, W, 3) or (H, W)"
+                + (f" or (H, W, {prep.in_channels}) channels" if prep.in_channels not in (1, 3) else "")
             )
         return _image_case(array, prep, name, name, PredictError)
     volume = array[None] if array.ndim == 3 else array

@@ -168,6 +168,11 @@ def test_read_input_stacks_channel_files_as_preprocessing_reads_them(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(lone)
     with pytest.raises(DataError, match=r"lone.png: the model takes 2 grey channels, one file each"):
         read_input(lone, grey)
+    from medfusion.predict import PredictError, array_case  # the MLflow model's input: (H, W, M)
+
+    assert array_case(np.zeros((8, 9, 2), np.uint8), grey).image.shape == (8, 9, 2)
+    with pytest.raises(PredictError, match=r"array: 3 channels; the model takes 2"):
+        array_case(np.zeros((8, 9, 3), np.uint8), grey)
 
 
 def test_a_model_trained_on_channel_files_predicts_and_is_scored_from_them(tmp_path):
