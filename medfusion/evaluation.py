@@ -10,10 +10,15 @@ in mm where the spacing is known and in original pixels otherwise, post-processi
 pixels/voxels; "processed" scores at data.image_size against the resized masks.
 
 Memory (`evaluate_model`): the weights of the runs (all loaded for the test pass, so the fold
-ensemble is built case by case), one case's probabilities per run plus the ensemble's at the model's
-resolution (K x D x S x S, float16 per run and float32 for the ensemble), one case's original-size ground truth and label maps, and
-per-candidate sums for the choice of post-processing. Nothing grows with the number of cases except
-the metric rows (a few per case).
+ensemble is built case by case) and one test case at a time, in two steps (`_score_test`): while the
+ensemble is summed, its sum (K x D x S x S float32) and one run's probabilities (float16); each
+run's probabilities are then set aside (in memory up to 256 MB for the case, else in a temporary
+file) and read back one at a time after the ensemble is scored. While one is scored: its raw and
+post-processed label maps and the ground truth at the original size (1 byte per voxel each), and
+the surface distances of one region (`metrics.surface_distances`: about 9 bytes per voxel of the
+masks' bounding box for a noisy prediction), the probabilities released first. A 987 x 512 x 512
+LiTS volume: `benchmarks/case_memory.py`. Choosing post-processing holds per-candidate sums. Nothing
+grows with the number of cases except the metric rows (a few per case).
 """
 
 from __future__ import annotations
@@ -620,10 +625,13 @@ def _choose_on_validation(
 def _score_test(
     loaded, chosen, test_set, batch_size, precision, targets, scores, pictures, tta="none"
 ) -> None:
-    """Every test case, one at a time: each run's probabilities scored raw and post-processed, added
-    into the fold ensemble's (float32, summed in place: one case-sized float32 array, no temporaries),
-    which is then scored too; with `tta` "flip", then the ensemble of the runs' flip-averaged
-    probabilities (one more case-sized array, after the first is released)."""
+    """Every test case, one at a time, in two steps so that no run's probabilities are held while
+    another array of the case's size is scored: (1) each run's probabilities are added into the fold
+    ensemble's (float32, summed in place) and set aside (`_CaseStore`: kept in memory when small,
+    else written to a temporary file); the ensemble is scored, its sum released before its metrics;
+    (2) each run's probabilities are read back and scored the same way. With `tta` "flip", then the
+    ensemble of the runs' flip-averaged probabilities (another case-sized sum, after the first is
+    released). The order of the rows does not depend on the store."""
     settings = {name: postprocess_of(record) for name, record in chosen.items()}
     streams = {
         name: iter_case_probs(model, test_set, batch_size, precision, patch)
@@ -634,23 +642,92 @@ def _score_test(
         for name, (model, patch) in loaded.items()
         if tta == "flip"
     }
-    for case_id, positions in pictures.positions.items():
-        rows = [test_set.indices[i] for i in positions]
-        (target, fov), spacing = targets.scored(case_id, rows), targets.spacing(case_id)
-        ensemble = _case_ensemble(streams, case_id, scores, settings, target, spacing, fov)
-        post = _score_case(scores, "ensemble", case_id, ensemble, settings["ensemble"], target, spacing, fov)
-        pictures.add(case_id, rows, post)
-        del ensemble, post
-        if flipped:
-            ensemble = _case_ensemble(flipped, case_id)
-            _score_case(scores, "ensemble_tta", case_id, ensemble, settings["ensemble"], target, spacing, fov)
-            del ensemble
-        del target  # this case's arrays, gone before the next case is read
+    with _CaseStore() as store:
+        for case_id, positions in pictures.positions.items():
+            rows = [test_set.indices[i] for i in positions]
+            case = _Case(case_id, *targets.scored(case_id, rows), targets.spacing(case_id))
+            post = case.score(
+                scores, "ensemble", _case_ensemble(streams, case_id, store), settings["ensemble"]
+            )
+            pictures.add(case_id, rows, post)
+            del post
+            for name in streams:  # each run's own probabilities, read back one at a time
+                case.score(scores, name, store.take(name), settings[name])
+            if flipped:
+                case.score(scores, "ensemble_tta", _case_ensemble(flipped, case_id), settings["ensemble"])
+            del case  # this case's arrays, gone before the next case is read
 
 
-def _case_ensemble(streams, case_id, scores=None, settings=None, target=None, spacing=None, fov=None):
-    """The runs' mean probabilities (float32) of `case_id`, the next case of every stream; with
-    `scores`, each run's own probabilities are scored on the way."""
+@dataclasses.dataclass
+class _Case:
+    """One test case being scored: its id, ground truth, field of view and spacing."""
+
+    case_id: str
+    target: np.ndarray
+    fov: np.ndarray | None
+    spacing: tuple | None
+
+    def score(self, scores: _Scores, run: str, probs: np.ndarray, postprocess: PostProcess) -> np.ndarray:
+        """Score `run`'s probabilities raw and post-processed; returns the post labels. The caller
+        hands `probs` over (keeps no reference): both label maps are made first, then the
+        probabilities are released before the metrics (whose distance transforms are the peak)."""
+        raw, post = _case_labels(probs, postprocess, self.target.shape, self.fov)
+        del probs
+        scores.add(run, "raw", self.case_id, raw, self.target, self.spacing)
+        del raw
+        scores.add(run, "post", self.case_id, post, self.target, self.spacing)
+        return post
+
+
+def _case_labels(probs, postprocess, shape, fov) -> tuple[np.ndarray, np.ndarray]:
+    """(raw argmax, post-processed) labels at `shape`, inside `fov`; one array when they are equal."""
+    raw = _restricted(labels_at(probs, shape), fov)
+    post = raw if postprocess == PostProcess() else apply_postprocess(postprocess, probs, shape, fov)
+    return raw, post
+
+
+class _CaseStore:
+    """Each run's probabilities of the current test case, set aside while the ensemble is scored:
+    in memory up to `in_memory` bytes in all, beyond that in files of a temporary folder (removed on
+    exit, also when interrupted), each read back once. Memory: at most `in_memory` bytes."""
+
+    def __init__(self, in_memory: int = 256 << 20) -> None:
+        self.in_memory, self.held, self.kept, self.files, self.folder = in_memory, 0, {}, {}, None
+
+    def __enter__(self) -> _CaseStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kept.clear()
+        if self.folder is not None:
+            self.folder.cleanup()
+
+    def put(self, name: str, probs: np.ndarray) -> None:
+        if self.held + probs.nbytes <= self.in_memory:
+            self.kept[name], self.held = probs, self.held + probs.nbytes
+            return
+        if self.folder is None:
+            import tempfile
+
+            self.folder = tempfile.TemporaryDirectory(prefix="medfusion-eval-")
+        path = Path(self.folder.name) / f"{len(self.files)}.npy"
+        np.save(path, probs)
+        self.files[name] = path
+
+    def take(self, name: str) -> np.ndarray:
+        if name in self.kept:
+            probs = self.kept.pop(name)
+            self.held -= probs.nbytes
+            return probs
+        path = self.files.pop(name)
+        probs = np.load(path)
+        path.unlink()
+        return probs
+
+
+def _case_ensemble(streams, case_id, store: _CaseStore | None = None) -> np.ndarray:
+    """The runs' mean probabilities (float32) of `case_id`, the next case of every stream; each run's
+    own probabilities go to `store` (when given) to be scored after the ensemble."""
     ensemble = None
     for name, stream in streams.items():
         got, probs = next(stream)
@@ -660,8 +737,8 @@ def _case_ensemble(streams, case_id, scores=None, settings=None, target=None, sp
             ensemble = probs.astype(np.float32)
         else:
             np.add(ensemble, probs, out=ensemble)
-        if scores is not None:
-            _score_case(scores, name, case_id, probs, settings[name], target, spacing, fov)
+        if store is not None:
+            store.put(name, probs)
         del probs  # before the next run's case arrives
     ensemble /= len(streams)  # the runs' mean
     return ensemble
@@ -725,16 +802,8 @@ def _restricted(labels: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
 
 def _score_case(scores: _Scores, run, case_id, probs, postprocess, target, spacing, fov=None) -> np.ndarray:
     """Score one run's case raw and post-processed at the target's shape (inside `fov` where there is
-    one); returns the post labels."""
-    raw = _restricted(labels_at(probs, target.shape), fov)
-    scores.add(run, "raw", case_id, raw, target, spacing)
-    if postprocess == PostProcess():
-        post = raw
-    else:  # one label map at a time: the raw one goes before the post-processed one is made
-        del raw
-        post = apply_postprocess(postprocess, probs, target.shape, fov)
-    scores.add(run, "post", case_id, post, target, spacing)
-    return post
+    one); returns the post labels (`_Case.score`)."""
+    return _Case(case_id, target, fov, spacing).score(scores, run, probs, postprocess)
 
 
 class _Pictures:

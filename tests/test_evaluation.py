@@ -1,5 +1,7 @@
 """evaluate_model: every run and the fold ensemble, raw and post-processed, per test case; 2-D and volumes."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import fp32, replace, tiny_raw_params, train_fold, train_folds
@@ -15,7 +17,7 @@ FP32 = fp32()
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "synthetic_volumes"])
-def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
+def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset, monkeypatch):
     params = params_from_dict(tiny_raw_params())
     params = replace(params, "train", epochs=1)
     fetch_dataset(dataset, tmp_path / "raw", None, params.data.synthetic)
@@ -44,6 +46,21 @@ def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset):
     for kinds in info["global_dice"].values():
         assert set(kinds) == {"raw", "post"} and set(kinds["post"]) == set(regions)
         assert all(0 <= v <= 1 for v in kinds["post"].values())
+    # the runs' probabilities set aside in files instead of memory (a large case): the same rows
+    from medfusion import evaluation
+
+    stores = []
+
+    class Spilling(evaluation._CaseStore):
+        def __init__(self):
+            super().__init__(in_memory=0)
+            stores.append(self)
+
+    monkeypatch.setattr(evaluation, "_CaseStore", Spilling)
+    spilled, _, _ = evaluate_model(runs, tmp_path / "runs", tmp_path / "proc", split, 8, FP32)
+    assert stores and stores[0].folder is not None and not stores[0].files  # written, read back
+    assert not Path(stores[0].folder.name).exists()  # and removed
+    assert spilled.equals(per_case)
     n = min(4, len(split["test"]))
     assert examples["images"].shape[0] == examples["targets"].shape[0] == examples["preds"].shape[0] == n
     assert (
