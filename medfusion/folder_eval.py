@@ -57,6 +57,7 @@ from medfusion.predict import (
     model_dir_of,
     model_inputs,
     read_input,
+    takes_channel_files,
 )
 from medfusion.resample import labels_at
 from medfusion.training.loop import out_of_memory_explained
@@ -94,7 +95,7 @@ def folder_cases(
         if folder is not None and not Path(folder).is_dir():
             raise DataError(f"{option} {folder}: no such folder")
     expects = f"a model trained on {'volumes' if kind == 'volume' else '2-D images'}"
-    kept = set(expand_inputs([Path(images)], prep)) if prep is not None else None
+    kept = set(expand_inputs([Path(images)], prep)) if takes_channel_files(prep) else None
     try:
         pairs = stem_pairs(Path(images), Path(masks), wanted, expects, keep=kept)
         fovs = (
@@ -106,7 +107,9 @@ def folder_cases(
         raise DataError(str(err)) from None
     # a case of channel files is named by its mask (case.png), as any other by its image file
     return [
-        FolderCase(image, mask, fovs.get(image), mask.name if channel_case(image) else "")
+        FolderCase(
+            image, mask, fovs.get(image), mask.name if kept is not None and channel_case(image) else ""
+        )
         for image, mask in pairs
     ]
 

@@ -319,12 +319,18 @@ def _size(value) -> int | str:
     return value if value == "native" else int(value)
 
 
-def output_stem(path: Path) -> str:
+def takes_channel_files(prep: Preprocessing | None) -> bool:
+    """Whether a model's inputs may come as nnU-Net channel files: several grey or volume channels
+    (an RGB model's image is one file, whatever its name)."""
+    return prep is not None and prep.in_channels > 1 and prep.modality != "rgb"
+
+
+def output_stem(path: Path, prep: Preprocessing | None = None) -> str:
     """The outputs' name of an input: its name without suffix, and without _0000 for a case given as
     nnU-Net channel files (<case>_0000<ending> with <case>_0001<ending> beside it)."""
     name = Path(path).name
     stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-    return channel_case(Path(path)) or stem
+    return (channel_case(Path(path)) if takes_channel_files(prep) else None) or stem
 
 
 def input_files(path: Path, prep: Preprocessing) -> list[Path]:
@@ -335,7 +341,7 @@ def input_files(path: Path, prep: Preprocessing) -> list[Path]:
     Raises:
         DataError: a grey model of several channels given one file, or a channel file missing."""
     path = Path(path)
-    if prep.in_channels == 1 or prep.modality == "rgb":
+    if not takes_channel_files(prep):
         return [path]
     if channel_case(path) is not None:
         try:
@@ -575,7 +581,7 @@ def predict_file(
     prep = ensemble.preprocessing
     case = read_input(path, prep)
     mask, probs = case_mask(ensemble, case, outputs.postprocess, batch_size)
-    stem = output_stem(path)
+    stem = output_stem(path, prep)
     written = []
     if prep.kind == "image":
         h, w = case.image.shape[:2]
@@ -618,7 +624,7 @@ def expand_inputs(inputs: list[Path], prep: Preprocessing | None = None) -> list
                 p for p in path.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES + NIFTI_SUFFIXES)
             )  # fmt: skip
-            if prep is not None and prep.in_channels > 1 and prep.modality != "rgb":
+            if takes_channel_files(prep):
                 found = [p for p in found if not _later_channel(p)]
             if not found:
                 raise DataError(
@@ -651,7 +657,7 @@ def predict_files(
     owner: dict[str, Path] = {}  # output stem -> the input that writes it
     for path in tqdm(paths, desc="predict", unit="input"):
         path = Path(path)
-        stem = output_stem(path)
+        stem = output_stem(path, ensemble.preprocessing)
         try:
             if stem in owner:
                 raise DataError(f"{path}: its outputs ({stem}_mask.*) would overwrite those of {owner[stem]}")

@@ -159,7 +159,11 @@ def test_read_input_stacks_channel_files_as_preprocessing_reads_them(tmp_path):
     for c in (0, 1):
         alone, _, _ = read_nifti(src / "imagesTr" / f"case_001_{c:04d}.nii.gz", ndim=3, with_affine=True)
         assert np.allclose(case.image[c], alone)
-    assert output_stem(first) == "case_001" and [p.name for p in expand_inputs([src / "imagesTr"], prep)] == [
+    rgb = Preprocessing(16, "rgb", 3, None, None, False, "test")
+    assert output_stem(first, rgb) == "case_001_0000"  # an RGB model's input is one file, whatever its name
+    assert output_stem(first, prep) == "case_001" and [
+        p.name for p in expand_inputs([src / "imagesTr"], prep)
+    ] == [
         "case_000_0000.nii.gz",
         "case_001_0000.nii.gz",
     ]
