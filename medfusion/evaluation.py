@@ -24,6 +24,7 @@ grows with the number of cases except the metric rows (a few per case).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -707,8 +708,6 @@ class _CaseStore:
             self.kept[name], self.held = probs, self.held + probs.nbytes
             return
         if self.folder is None:
-            import tempfile
-
             self.folder = tempfile.TemporaryDirectory(prefix="medfusion-eval-")
         path = Path(self.folder.name) / f"{len(self.files)}.npy"
         np.save(path, probs)

@@ -193,7 +193,19 @@ def preprocessing_from_meta(meta_path: Path, checkpoint: dict) -> Preprocessing:
 def resolve_preprocessing(
     checkpoint: dict, checkpoint_path: Path, processed_meta: Path | None = None
 ) -> Preprocessing:
-    """The training preprocessing of `checkpoint` (see the module docstring for the order)."""
+    """The training preprocessing of `checkpoint` (see the module docstring for the order), with the
+    registry's quantitative channels of its dataset (msd_prostate's ADC: no N4 or CLAHE)."""
+    prep = _recorded_preprocessing(checkpoint, checkpoint_path, processed_meta)
+    spec = DATASETS.get(str(checkpoint.get("dataset")))
+    if spec is not None and spec.quantitative_channels:
+        prep = dataclasses.replace(prep, quantitative=spec.quantitative_channels)
+    return prep
+
+
+def _recorded_preprocessing(
+    checkpoint: dict, checkpoint_path: Path, processed_meta: Path | None = None
+) -> Preprocessing:
+    """The preprocessing the checkpoint, its processed meta.json or the registry records."""
     if processed_meta is not None:
         return preprocessing_from_meta(Path(processed_meta), checkpoint)
     if "preprocess" in checkpoint:
@@ -256,9 +268,6 @@ def load_ensemble(
                     "an ensemble needs checkpoints of one dataset and model"
                 )
     prep = resolve_preprocessing(first, paths[0], processed_meta)
-    spec = DATASETS.get(str(first.get("dataset")))
-    if spec is not None and spec.quantitative_channels:
-        prep = dataclasses.replace(prep, quantitative=spec.quantitative_channels)
     return Ensemble(
         models,
         paths,

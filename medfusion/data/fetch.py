@@ -217,13 +217,14 @@ def channel_files(image: Path, channels: int) -> list[Path]:
     image = Path(image)
     if channels == 1:
         return [image]
-    m = re.fullmatch(r"(.+)_0000((?:\.[A-Za-z0-9]+)+)", image.name)
-    if m is None:
+    stem = file_stem(image)
+    if not stem.endswith("_0000"):
         raise FetchError(
             f"{image}: {channels} channels are read from nnU-Net-named files <case>_0000<ending>, "
             f"<case>_0001<ending>, ...; this name is not <case>_0000<ending>"
         )
-    files = [image.with_name(f"{m.group(1)}_{k:04d}{m.group(2)}") for k in range(channels)]
+    case, ending = stem[: -len("_0000")], image.name[len(stem) :]
+    files = [image.with_name(f"{case}_{k:04d}{ending}") for k in range(channels)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FetchError(f"{image}: channel files {missing} missing beside it ({channels} channels per case)")
