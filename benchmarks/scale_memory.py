@@ -23,7 +23,9 @@ vfork would count the parent's peak too):
                  loader in-process; with --train-batches N each epoch stops after N batches (the
                  benchmark's shuffled sampler is cut short; validation stays the whole fold): what a
                  step holds does not depend on how many steps an epoch has, and a full-size epoch
-                 of 36k slices takes hours on 2 cores
+                 of 36k slices takes hours on 2 cores); --precision auto (the default) computes as
+                 the pipeline does on this CPU (bf16 autocast + channels_last where the CPU has AMX,
+                 fp32 elsewhere: medfusion.hardware), fp32 / bf16 force one
     evaluate     every run and the fold ensemble at eval.resolution original (ground truth read
                  from the generated raw copy), post-processing chosen on validation
     report       summary, Tables 1-4 and the statistics of that one entry
@@ -109,7 +111,14 @@ def generate(raw: Path, fraction: float, jobs: int = 1) -> dict:
     return {"volumes": len(counts), "slices": sum(counts), "largest": max(counts)}
 
 
-def _params(image_size: int, seeds: int = 3):
+def _precision(name: str):
+    """The CPU precision of --precision: "auto" (the pipeline's default here), "fp32" or "bf16"."""
+    from medfusion.hardware import AUTO, resolve_precision
+
+    return resolve_precision("cpu", {"auto": AUTO, "fp32": False, "bf16": True}[name], AUTO)
+
+
+def _params(image_size: int, seeds: int = 3, precision: str = "auto"):
     from medfusion.config import params_from_dict, read_yaml
 
     raw = read_yaml(REPO / "params.yaml")
@@ -119,7 +128,13 @@ def _params(image_size: int, seeds: int = 3):
     raw["unet"]["base_channels"] = 4
     # no augmentation: memory is the point, and albumentations' elastic field costs 2 s a batch here
     raw["train"].update(
-        epochs=1, batch_size=16, num_workers=0, compile="off", device="cpu", cpu_bf16=False, augment=False
+        epochs=1,
+        batch_size=16,
+        num_workers=0,
+        compile="off",
+        device="cpu",
+        augment=False,
+        cpu_bf16={"auto": "auto", "fp32": False, "bf16": True}[precision],
     )
     raw["cv"].update(n_folds=5, seeds=list(range(seeds)))
     raw["eval"]["batch_size"] = 16
@@ -160,12 +175,13 @@ def _cut_epochs(batches: int, batch_size: int) -> None:
 
 
 def run_stage(
-    stage: str, work: Path, fraction: float, image_size: int, seeds: int = 3, train_batches: int | None = None
-) -> None:
+    stage: str, work: Path, fraction: float, image_size: int, seeds: int = 3, train_batches: int | None = None,
+    precision: str = "auto",
+) -> None:  # fmt: skip
     """One stage, in this process (the parent measures its peak RSS)."""
     from medfusion.data.io import read_json, write_json
 
-    params = _params(image_size, seeds)
+    params = _params(image_size, seeds, precision)
     raw, proc, runs_dir = work / "raw", work / "processed", work / "runs"
     if stage == "preprocess":
         from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
@@ -179,28 +195,25 @@ def run_stage(
         write_json(work / "split.json", largest_in_test(make_split(groups, f"count:{test}", 5, 0, 0.2)))
     elif stage == "train":
         from medfusion.entries import resolve_entry, resources
-        from medfusion.hardware import resolve_precision
         from medfusion.training.fold import run_fold
 
         entry = resolve_entry(params, "lits17", "unet")
         split = read_json(work / "split.json")
-        precision = resolve_precision("cpu", False, False)
         if train_batches:
             _cut_epochs(train_batches, params.train.batch_size)
         runs = []
         for fold in range(5):
             for seed in params.cv.seeds:
                 run_fold(entry, proc, split, fold, seed, runs_dir / f"fold{fold}_seed{seed}",
-                         lambda metrics, step: None, resources(params), precision)  # fmt: skip
+                         lambda metrics, step: None, resources(params), _precision(precision))  # fmt: skip
                 runs.append({"fold": fold, "seed": seed})
         write_json(runs_dir / "summary.json", {"runs": runs})
     elif stage == "evaluate":
         from medfusion.evaluation import evaluate_model
-        from medfusion.hardware import resolve_precision
 
         per_case, info, _ = evaluate_model(
             read_json(runs_dir / "summary.json")["runs"], runs_dir, proc, read_json(work / "split.json"), 16,
-            resolve_precision("cpu", False, False), resolution="original", raw_dir=raw,
+            _precision(precision), resolution="original", raw_dir=raw,
         )  # fmt: skip
         per_case.assign(dataset="lits17", model="unet").to_csv(work / "per_case.csv", index=False)
         write_json(work / "eval.json", info)
@@ -229,11 +242,12 @@ def _high_water_mark() -> int:
 
 
 def measure(
-    stage: str, work: Path, fraction: float, image_size: int, seeds: int, train_batches: int | None
-) -> tuple[int, float]:
+    stage: str, work: Path, fraction: float, image_size: int, seeds: int, train_batches: int | None,
+    precision: str = "auto",
+) -> tuple[int, float]:  # fmt: skip
     """(peak RSS in bytes, seconds) of `stage` in a child process."""
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--fraction", str(fraction),
-           "--image-size", str(image_size), "--seeds", str(seeds)]  # fmt: skip
+           "--image-size", str(image_size), "--seeds", str(seeds), "--precision", precision]  # fmt: skip
     if train_batches:
         cmd += ["--train-batches", str(train_batches)]
     start = time.perf_counter()
@@ -250,6 +264,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per fold (the protocol: 3)")
     ap.add_argument("--train-batches", type=int, help="stop each training epoch after this many batches")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="CPU precision of train and evaluate (auto: the pipeline's default on this CPU)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="processes writing the generated volumes")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="the stages to measure")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
@@ -259,7 +275,8 @@ def main() -> None:
         {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
     )
     if args.stage:
-        run_stage(args.stage, args.work, args.fraction[0], args.image_size, args.seeds, args.train_batches)
+        run_stage(args.stage, args.work, args.fraction[0], args.image_size, args.seeds, args.train_batches,
+                  args.precision)  # fmt: skip
         return
     from medfusion.hardware import machine_summary
 
@@ -271,7 +288,9 @@ def main() -> None:
         generated = time.perf_counter() - t0
         row = {"fraction": fraction, **data, "generate_s": generated}
         for stage in args.stages:
-            row[stage] = measure(stage, work, fraction, args.image_size, args.seeds, args.train_batches)
+            row[stage] = measure(
+                stage, work, fraction, args.image_size, args.seeds, args.train_batches, args.precision
+            )
             print(
                 f"fraction {fraction:g} {stage}: {row[stage][0] / 2**30:.2f} GiB, {row[stage][1]:.0f} s",
                 flush=True,
@@ -279,9 +298,10 @@ def main() -> None:
         results.append(row)
     lines = [
         f"Peak RSS per stage (GiB) and wall time, LiTS17-shaped generated data at {args.image_size}x{args.image_size}, "
-        f"5 folds x {args.seeds} seed(s), on {machine_summary()}; `python benchmarks/scale_memory.py --fraction "
+        f"5 folds x {args.seeds} seed(s), {_precision(args.precision).reason}, on {machine_summary()}; "
+        f"`python benchmarks/scale_memory.py --fraction "
         f"{' '.join(f'{f:g}' for f in args.fraction)} --image-size {args.image_size} --seeds {args.seeds}"
-        f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
+        f" --precision {args.precision}{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
         f"{'' if args.stages == list(STAGES) else ' --stages ' + ' '.join(args.stages)}`.",
         "",
         "| fraction | volumes | slices | largest volume | " + " | ".join(args.stages) + " |",

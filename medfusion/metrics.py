@@ -27,6 +27,7 @@ counted (`mean_defined`), never replaced by a made-up maximum distance.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -126,7 +127,7 @@ def surface_distances(
     same surfaces there as on the full image. Each distance, from a surface voxel's centre to the
     nearest surface voxel centre of the other mask in mm, is read from an exact anisotropic Euclidean
     distance transform of that other surface over the box (medpy's and MONAI's way; the `edt`
-    package's separable transform, float32, whose time and memory grow with the box, not with how
+    package's separable transform, float32, threaded over the process's cores, whose time and memory grow with the box, not with how
     many surface voxels there are: a noisy prediction costs what a clean one costs).
     Memory: per voxel of the box, the two surfaces (1 byte each, each inverted in place for its
     transform) and one transform at a time (4 bytes, and 1 byte the transform holds while it runs);
@@ -161,6 +162,15 @@ def _gather(values: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
         filled += part.size
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on: the distance transform's threads (its result does not
+    depend on how many: each thread takes whole rows of the separable passes)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _distance_to(surface_mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
     """float32 distance in mm from every voxel centre to the nearest voxel of `surface_mask` (not
     empty); the mask is inverted for the transform and put back as it was."""
@@ -168,7 +178,7 @@ def _distance_to(surface_mask: np.ndarray, sampling: Sequence[float]) -> np.ndar
 
     np.logical_not(surface_mask, out=surface_mask)
     try:
-        return edt.edt(surface_mask, anisotropy=tuple(sampling), black_border=False, parallel=1)
+        return edt.edt(surface_mask, anisotropy=tuple(sampling), black_border=False, parallel=_cores())
     finally:
         np.logical_not(surface_mask, out=surface_mask)
 

@@ -228,6 +228,18 @@ def test_surface_distances_equal_those_of_a_distance_transform():
     assert np.allclose(np.sort(found), np.sort(np.concatenate([to_target, to_pred])))
 
 
+def test_surface_distances_do_not_depend_on_the_transform_threads(monkeypatch):
+    """The distance transform runs on every core; one thread gives the same distances, bit for bit."""
+    rng = np.random.default_rng(5)
+    pred = ndimage.binary_dilation(rng.random((9, 64, 48)) > 0.98, iterations=2)
+    target = ndimage.binary_dilation(rng.random((9, 64, 48)) > 0.98, iterations=2)
+    found = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(metrics, "_cores", lambda n=threads: n)
+        found[threads] = metrics.surface_distances(pred, target, (3.0, 0.7, 0.9))
+    assert found[1].size > 100 and np.array_equal(found[1], found[4])
+
+
 def test_mean_defined_excludes_and_counts_undefined():
     assert mean_defined([1.0, NAN, 3.0]) == (2.0, 1)
     mean, undefined = mean_defined([NAN, NAN])
