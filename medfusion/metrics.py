@@ -127,8 +127,9 @@ def surface_distances(
     same surfaces there as on the full image. Each distance, from a surface voxel's centre to the
     nearest surface voxel centre of the other mask in mm, is read from an exact anisotropic Euclidean
     distance transform of that other surface over the box (medpy's and MONAI's way; the `edt`
-    package's separable transform, float32, threaded over the process's cores, whose time and memory grow with the box, not with how
-    many surface voxels there are: a noisy prediction costs what a clean one costs).
+    package's separable transform, float32, threaded over the process's cores, whose time and memory
+    grow with the box, not with how many surface voxels there are: a noisy prediction costs what a
+    clean one costs).
     Memory: per voxel of the box, the two surfaces (1 byte each, each inverted in place for its
     transform) and one transform at a time (4 bytes, and 1 byte the transform holds while it runs);
     per surface voxel, its distance (4 bytes), gathered 32 slices at a time. A 987 x 512 x 512 case
