@@ -189,8 +189,10 @@ def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
         return {"hd95": float("nan"), "assd": float("nan")}
     if distances.size == 0:
         return {"hd95": 0.0, "assd": 0.0}
-    # float64 for the mean: a float32 sum of 10^8 distances would lose digits
-    return {"hd95": float(np.percentile(distances, 95)), "assd": float(distances.mean(dtype=np.float64))}
+    # float64 for the mean: a float32 sum of 10^8 distances would lose digits; the mean first, then the
+    # percentile partitions the array in place (the distances are discarded after: no second copy)
+    assd = float(distances.mean(dtype=np.float64))
+    return {"hd95": float(np.percentile(distances, 95, overwrite_input=True)), "assd": assd}
 
 
 def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
@@ -238,6 +240,24 @@ def case_metrics(
     return out
 
 
+def label_mask(labels_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """bool mask of the voxels whose label is one of `labels`, without `np.isin`'s temporaries
+    (about 9 bytes per voxel: 2.2 GB on a 987 x 512 x 512 volume). Memory: the mask (1 byte per
+    voxel); uint8 maps through a 256-entry lookup table, others one label and 32 slices at a time."""
+    labels = [int(v) for v in labels]
+    if labels_map.dtype == np.uint8:
+        table = np.zeros(256, bool)
+        table[[v for v in labels if 0 <= v < 256]] = True
+        return table[labels_map]
+    out = np.zeros(labels_map.shape, bool)
+    step = _SURFACE_CHUNK if labels_map.ndim >= 3 else len(labels_map) or 1
+    for z0 in range(0, len(labels_map), step):
+        part = labels_map[z0 : z0 + step]
+        for v in labels:
+            out[z0 : z0 + step] |= part == v
+    return out
+
+
 def region_metrics(
     pred: np.ndarray,
     target: np.ndarray,
@@ -250,7 +270,7 @@ def region_metrics(
     and fn are the region's voxel counts, kept for `pooled_dice`."""
     out = {}
     for name, labels in regions.items():
-        masks = [np.isin(pred, labels), np.isin(target, labels)]  # the only references: freed early
+        masks = [label_mask(pred, labels), label_mask(target, labels)]  # the only references: freed early
         out[name] = overlap_metrics(*masks) | _counts(*masks)
         if distances:
             out[name] |= _distance_metrics(_region_distances(masks, spacing))

@@ -1,5 +1,6 @@
 import json
 import math
+import tracemalloc
 from dataclasses import asdict
 
 import numpy as np
@@ -238,6 +239,25 @@ def test_surface_distances_do_not_depend_on_the_transform_threads(monkeypatch):
         monkeypatch.setattr(metrics, "_cores", lambda n=threads: n)
         found[threads] = metrics.surface_distances(pred, target, (3.0, 0.7, 0.9))
     assert found[1].size > 100 and np.array_equal(found[1], found[4])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_label_mask_is_isin_and_holds_one_byte_per_voxel(dtype):
+    """label_mask gives np.isin's mask; on a volume it allocates the mask and little more (np.isin
+    allocates about 9 bytes per voxel)."""
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 4, (80, 128, 128)).astype(dtype)
+    for labels in ([1], [1, 2], [2, 3], [7]):
+        assert np.array_equal(metrics.label_mask(volume, labels), np.isin(volume, labels))
+    assert np.array_equal(metrics.label_mask(volume[0], [1, 3]), np.isin(volume[0], [1, 3]))  # 2-D
+    tracemalloc.start()
+    try:
+        mask = metrics.label_mask(volume, [1, 2])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    chunk = 32 * 128 * 128  # the comparisons of 32 slices (int64); a lookup table's buffers (uint8)
+    assert mask.sum() > 0 and peak < volume.size + chunk + (1 << 17)
 
 
 def test_mean_defined_excludes_and_counts_undefined():
