@@ -83,9 +83,9 @@ def main() -> None:
     base, start = peak_rss(), time.perf_counter()
     with evaluation._CaseStore() as store:
         case = evaluation._Case("case", target, None, spacing)
-        case.score(scores, "ensemble", evaluation._case_ensemble(streams, "case", store), post)
+        case.score(scores, "ensemble", evaluation._case_ensemble(streams, "case", store), post, store)
         for name in streams:
-            case.score(scores, name, store.take(name), post)
+            case.score(scores, name, store.take(name), post, store)
     seconds = time.perf_counter() - start
     voxels = target.size
     peak = peak_rss()

@@ -630,7 +630,8 @@ def _score_test(
     another array of the case's size is scored: (1) each run's probabilities are added into the fold
     ensemble's (float32, summed in place) and set aside (`_CaseStore`: kept in memory when small,
     else written to a temporary file); the ensemble is scored, its sum released before its metrics;
-    (2) each run's probabilities are read back and scored the same way. With `tta` "flip", then the
+    (2) each run's probabilities are read back and scored the same way; each post-processed label map
+    waits in the store while its raw one is scored. With `tta` "flip", then the
     ensemble of the runs' flip-averaged probabilities (another case-sized sum, after the first is
     released). The order of the rows does not depend on the store."""
     settings = {name: postprocess_of(record) for name, record in chosen.items()}
@@ -648,14 +649,16 @@ def _score_test(
             rows = [test_set.indices[i] for i in positions]
             case = _Case(case_id, *targets.scored(case_id, rows), targets.spacing(case_id))
             post = case.score(
-                scores, "ensemble", _case_ensemble(streams, case_id, store), settings["ensemble"]
+                scores, "ensemble", _case_ensemble(streams, case_id, store), settings["ensemble"], store
             )
             pictures.add(case_id, rows, post)
             del post
             for name in streams:  # each run's own probabilities, read back one at a time
-                case.score(scores, name, store.take(name), settings[name])
+                case.score(scores, name, store.take(name), settings[name], store)
             if flipped:
-                case.score(scores, "ensemble_tta", _case_ensemble(flipped, case_id), settings["ensemble"])
+                case.score(
+                    scores, "ensemble_tta", _case_ensemble(flipped, case_id), settings["ensemble"], store
+                )
             del case  # this case's arrays, gone before the next case is read
 
 
@@ -668,14 +671,28 @@ class _Case:
     fov: np.ndarray | None
     spacing: tuple | None
 
-    def score(self, scores: _Scores, run: str, probs: np.ndarray, postprocess: PostProcess) -> np.ndarray:
+    def score(
+        self,
+        scores: _Scores,
+        run: str,
+        probs: np.ndarray,
+        postprocess: PostProcess,
+        store: _CaseStore | None = None,
+    ) -> np.ndarray:
         """Score `run`'s probabilities raw and post-processed; returns the post labels. The caller
         hands `probs` over (keeps no reference): both label maps are made first, then the
-        probabilities are released before the metrics (whose distance transforms are the peak)."""
+        probabilities are released before the metrics (whose distance transforms are the peak);
+        with a `store`, the post-processed map waits there while the raw one is scored."""
         raw, post = _case_labels(probs, postprocess, self.target.shape, self.fov)
         del probs
+        aside = store is not None and post is not raw
+        if aside:
+            store.put(f"{run} post", post)
+            del post
         scores.add(run, "raw", self.case_id, raw, self.target, self.spacing)
         del raw
+        if aside:
+            post = store.take(f"{run} post")
         scores.add(run, "post", self.case_id, post, self.target, self.spacing)
         return post
 

@@ -130,35 +130,72 @@ def surface_distances(
     package's separable transform, float32, threaded over the process's cores, whose time and memory
     grow with the box, not with how many surface voxels there are: a noisy prediction costs what a
     clean one costs).
-    Memory: per voxel of the box, the two surfaces (1 byte each, each inverted in place for its
-    transform) and one transform at a time (4 bytes, and 1 byte the transform holds while it runs);
-    per surface voxel, its distance (4 bytes), gathered 32 slices at a time. A 987 x 512 x 512 case
-    whose box is the whole volume, with a noisy prediction (half its voxels surface): about 9 bytes
-    per voxel, 2.3 GB, besides the masks (benchmarks/case_memory.py measures a whole case).
+    Memory: per voxel of the box, the surface being transformed (1 byte, inverted in place for its
+    transform), the other one bit-packed (1 bit: volumes; it is only where distances are read) and
+    one transform at a time (4 bytes, and 1 byte the transform holds while it runs); per surface
+    voxel, its distance (4 bytes), gathered 32 slices at a time. A 987 x 512 x 512 case whose box is
+    the whole volume, with a noisy prediction (half its voxels surface): about 8 bytes per voxel,
+    2.1 GB, besides the masks (benchmarks/case_memory.py measures a whole case).
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
     return _region_distances([pred.astype(bool, copy=False), target.astype(bool, copy=False)], spacing)
 
 
-def _surfaces_distances(s_pred: np.ndarray, s_target: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
-    """`surface_distances` from the two surfaces (bool, the box's shape, both non-empty); each is
-    inverted in place for its transform and restored (no third box-sized mask)."""
+def _surfaces_distances(surfaces: list[np.ndarray], sampling: Sequence[float]) -> np.ndarray:
+    """`surface_distances` from surfaces = [pred's, target's] (bool, the box's shape, both non-empty;
+    the list is emptied, so that it holds the only references). Each surface is inverted in place for
+    its transform; a volume's other surface is kept bit-packed meanwhile (`_Bits`), being only where
+    the distances are read."""
+    s_pred, s_target = surfaces
+    surfaces.clear()
     n_pred = int(np.count_nonzero(s_pred))
     out = np.empty(n_pred + int(np.count_nonzero(s_target)), np.float32)  # the result, filled in place
-    _gather(_distance_to(s_target, sampling), s_pred, out[:n_pred])
-    _gather(_distance_to(s_pred, sampling), s_target, out[n_pred:])
+    if s_pred.ndim < 3:  # an image: small enough as it is
+        _gather(_distance_to(s_target, sampling), s_pred, out[:n_pred])
+        _gather(_distance_to(s_pred, sampling), s_target, out[n_pred:])
+        return out
+    where = _Bits(s_pred)
+    del s_pred
+    _gather(_distance_to(s_target, sampling), where, out[:n_pred])
+    s_pred, where = where.unpack(), _Bits(s_target)
+    del s_target
+    _gather(_distance_to(s_pred, sampling), where, out[n_pred:])
     return out
 
 
-def _gather(values: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
+class _Bits:
+    """A bool volume (D, H, W) kept bit-packed (1 bit per voxel), read back a slab of slices at a
+    time; slabs start at multiples of _SURFACE_CHUNK slices, so on a byte (32 planes are 4 bytes per
+    pixel of a plane)."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.shape, self.plane = mask.shape, int(np.prod(mask.shape[1:]))
+        self.bits = np.packbits(np.ascontiguousarray(mask), axis=None)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def slab(self, z0: int, z1: int) -> np.ndarray:
+        start, stop = z0 * self.plane, z1 * self.plane
+        assert start % 8 == 0, "slabs start on a byte"
+        part = np.unpackbits(self.bits[start // 8 : -(-stop // 8)], count=stop - start)
+        return part.view(bool).reshape(z1 - z0, *self.shape[1:])
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=len(self) * self.plane).view(bool).reshape(self.shape)
+
+
+def _gather(values: np.ndarray, where: np.ndarray | _Bits, out: np.ndarray) -> None:
     """out[:] = values[where], gathered _SURFACE_CHUNK slices at a time (no surface-sized temporary)."""
     if values.ndim < 3:
         out[:] = values[where]
         return
     filled = 0
     for z0 in range(0, len(values), _SURFACE_CHUNK):
-        part = values[z0 : z0 + _SURFACE_CHUNK][where[z0 : z0 + _SURFACE_CHUNK]]
+        z1 = min(z0 + _SURFACE_CHUNK, len(values))
+        mask = where.slab(z0, z1) if isinstance(where, _Bits) else where[z0:z1]
+        part = values[z0:z1][mask]
         out[filled : filled + part.size] = part
         filled += part.size
 
@@ -288,10 +325,9 @@ def _region_distances(masks: list[np.ndarray], spacing: Sequence[float] | None) 
     if not has_pred or not has_target:
         return None
     box = _union_box(masks[0], masks[1])
-    s_pred = surface(masks[0][box])
-    s_target = surface(masks[1][box])
+    surfaces = [surface(masks[0][box]), surface(masks[1][box])]
     masks.clear()
-    return _surfaces_distances(s_pred, s_target, sampling)
+    return _surfaces_distances(surfaces, sampling)
 
 
 def _counts(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:

@@ -125,3 +125,34 @@ def test_eval_tta_scores_the_flipped_ensemble_as_its_own_row(tmp_path, synthetic
     named = {"dataset": "synthetic", "model": "unet"}
     means, before = case_means(per_case.assign(**named)), case_means(plain.assign(**named))
     assert means.equals(before)  # the trained runs only, as before
+
+
+def test_post_labels_wait_in_the_store_while_the_raw_ones_are_scored():
+    """A case whose post-processing changes its labels (a 2-voxel speck removed): scored with a store
+    that writes everything to files, the rows are those of scoring without one, and nothing is left."""
+    from medfusion import evaluation
+    from medfusion.postprocess import PostProcess
+
+    target = np.zeros((6, 16, 16), np.uint8)
+    target[1:5, 4:12, 4:12] = 1
+    probs = np.zeros((2, 6, 8, 8), np.float32)
+    probs[0] = 1.0
+    probs[1, 1:5, 2:6, 2:6] = 2.0  # the organ, at half the in-plane size
+    probs[1, 0, 7, 7] = 2.0  # a speck far from it: 2 x 2 voxels once resized, removed by min_size 10
+    post = PostProcess(min_size=10)
+    rows = {}
+    for name, store in (("plain", None), ("store", evaluation._CaseStore(in_memory=0))):
+        scores = evaluation._Scores({"organ": [1]})
+        case = evaluation._Case("c", target, None, (2.0, 1.0, 1.0))
+        labels = case.score(scores, "r", probs.copy(), post, store)
+        if store is not None:
+            assert store.folder is not None and not store.files  # written and read back
+            store.__exit__(None, None, None)
+        rows[name] = scores.rows
+        assert labels[0, 7, 7] == 0 and labels[2, 8, 8] == 1
+    assert rows["plain"] == rows["store"]
+    dice = {
+        kind: next(r["value"] for r in rows["plain"][("r", kind)] if r["metric"] == "dice")
+        for kind in ("raw", "post")
+    }
+    assert dice["post"] > dice["raw"]

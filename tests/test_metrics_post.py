@@ -260,6 +260,22 @@ def test_label_mask_is_isin_and_holds_one_byte_per_voxel(dtype):
     assert mask.sum() > 0 and peak < volume.size + chunk + (1 << 17)
 
 
+def test_surface_distances_of_a_volume_beyond_one_chunk_with_packed_surfaces():
+    """Over 32 slices with planes of an odd size (13 x 11 = 143 pixels, so slabs start inside a byte
+    unless they start at multiples of 32 slices): the bit-packed surface reads back exactly."""
+    rng = np.random.default_rng(8)
+    pred = ndimage.binary_dilation(rng.random((70, 13, 11)) > 0.97, iterations=1)
+    target = ndimage.binary_dilation(rng.random((70, 13, 11)) > 0.97, iterations=1)
+    spacing = (2.0, 0.7, 0.9)
+    found = metrics.surface_distances(pred, target, spacing)
+    expected = _full_transform_distances(pred, target, spacing)
+    assert found.size == expected.size > 100
+    assert np.allclose(np.sort(found), np.sort(expected), atol=1e-5)
+    bits = metrics._Bits(pred)
+    assert np.array_equal(bits.unpack(), pred) and np.array_equal(bits.slab(32, 64), pred[32:64])
+    assert np.array_equal(bits.slab(64, 70), pred[64:])
+
+
 def test_mean_defined_excludes_and_counts_undefined():
     assert mean_defined([1.0, NAN, 3.0]) == (2.0, 1)
     mean, undefined = mean_defined([NAN, NAN])
