@@ -13,12 +13,14 @@ Memory (`evaluate_model`): the weights of the runs (all loaded for the test pass
 ensemble is built case by case) and one test case at a time, in two steps (`_score_test`): while the
 ensemble is summed, its sum (K x D x S x S float32) and one run's probabilities (float16); each
 run's probabilities are then set aside (in memory up to 256 MB for the case, else in a temporary
-file) and read back one at a time after the ensemble is scored. While one is scored: its raw and
-post-processed label maps and the ground truth at the original size (1 byte per voxel each), and
-the surface distances of one region (`metrics.surface_distances`: about 9 bytes per voxel of the
-masks' bounding box for a noisy prediction), the probabilities released first. A 987 x 512 x 512
-LiTS volume: `benchmarks/case_memory.py`. Choosing post-processing holds per-candidate sums. Nothing
-grows with the number of cases except the metric rows (a few per case).
+file) and read back one at a time after the ensemble is scored. While one is scored: the ground
+truth and the label map being scored at the original size (1 byte per voxel each; the
+post-processed map waits in the same store while the raw one is scored), one region's two masks
+(`metrics.label_mask`, 1 byte each) until their surfaces are found, and the surface distances of
+that region (`metrics.surface_distances`: about 8 bytes per voxel of the masks' bounding box for a
+noisy prediction), the probabilities released first. A 987 x 512 x 512 LiTS volume:
+`benchmarks/case_memory.py`. Choosing post-processing holds per-candidate sums. Nothing grows with
+the number of cases except the metric rows (a few per case).
 """
 
 from __future__ import annotations
