@@ -19,9 +19,12 @@ entry x fold x seed) and:
     memory      the largest stage's expected peak, estimated (not measured): training holds the
                 model, its gradients and Adam's moments (16 bytes per parameter) plus activations
                 (measured: the growth of this process's peak RSS during the entry's calibration,
-                scaled to the batch); evaluation holds every run's weights plus one case's
-                probabilities at S x S (K x D x S x S float32, twice) and its original-size ground
-                truth and labels (5 bytes per voxel); preprocessing one case's float32 voxels per worker.
+                scaled to the batch); evaluation holds every run's weights plus the larger of one
+                case's two steps (medfusion.evaluation): the fold ensemble's sum and one run's
+                probabilities at S x S (K x D x S x S, 4 + 2 bytes) beside the original-size ground
+                truth (1 byte per voxel), or scoring at the original size, about 10 bytes per voxel
+                (ground truth, labels and the surface distances of a noisy prediction, measured by
+                benchmarks/case_memory.py); preprocessing one case's float32 voxels per worker.
 
 Dataset sizes: the processed meta.json where preprocessing has run, else the published size of the
 dataset (`PUBLISHED`), else (custom data not yet preprocessed) the plan says it cannot tell.
@@ -252,7 +255,8 @@ def _dataset_row(
         hours += (runs_per_entry * per_run + evaluation) / 3600
         params_bytes = 4 * c["parameters"]
         peak["train"] = max(peak["train"], 4 * params_bytes + c["activation_bytes"])
-        case = classes * size.depth * s * s * 4 * 2 + size.depth * size.size[0] * size.size[1] * 5
+        voxels = size.depth * size.size[0] * size.size[1]  # the largest case at its original size
+        case = max(classes * size.depth * s * s * (4 + 2) + voxels, 10 * voxels)
         peak["evaluate"] = max(peak["evaluate"], runs_per_entry * params_bytes + case)
         disk += runs_per_entry * params_bytes
     pixels = s * s
