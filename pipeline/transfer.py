@@ -1,5 +1,6 @@
 """Stage transfer@<dataset>: every entry trained on <dataset> scored on each target of
-eval.transfer[<dataset>] without retraining (medfusion/transfer.py).
+eval.transfer[<dataset>] without retraining (medfusion/transfer.py). Every target is checked first
+(classes, channels, no case of <dataset>'s data/raw: `check_overlap`), before any model is loaded.
 
 Writes data/eval/transfer/<dataset>/<target>/<entry>/ (per_case.csv, summary.csv, summary.md,
 transfer.json) and <target>/stats.csv (CASNet against every other entry on that target). The report
@@ -17,6 +18,7 @@ from medfusion.data.io import DataError, atomic_dir
 from medfusion.hardware import resolve_precision
 from medfusion.transfer import (
     TransferError,
+    check_overlap,
     check_target,
     target_cases,
     target_raw,
@@ -39,11 +41,16 @@ def main(
     params = load_params(params_file)
     precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
     trained, models = params.spec(dataset), params.model_names
+    targets = params.eval.transfer.get(dataset, [])
     try:
+        for target in targets:  # every target checked before the first model is loaded
+            check_target(target, params.spec(target), trained)
+            custom, source = params.custom_description(target), params.data.sources.get(target)
+            with target_raw(target, raw_root, source, params.data.synthetic, custom) as raw:
+                check_overlap(target, params.spec(target), raw, trained, raw_root / dataset)
         with atomic_dir(out_dir) as tmp:
-            for target in params.eval.transfer.get(dataset, []):
+            for target in targets:
                 spec = params.spec(target)
-                check_target(target, spec, trained)
                 custom = params.custom_description(target)
                 source = params.data.sources.get(target)
                 with target_raw(target, raw_root, source, params.data.synthetic, custom) as raw:

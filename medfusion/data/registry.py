@@ -46,6 +46,10 @@ class DatasetSpec:
             the prediction and the ground truth. Empty (the default): each foreground class alone.
             LiTS is scored as the field scores it: liver = labels 1 and 2 (the whole liver, tumour
             included), tumour = label 2.
+        collection: (name, case pattern) of the source collection the cases are drawn from, where it is
+            known: datasets of one collection share cases, matched by the collection's case number (the
+            pattern's group 1 in the case id: lits17's volume-N and msd_liver's liver_N are LiTS volume
+            N). None: unknown (eval.transfer then compares the raw image files, `medfusion.transfer`).
     """
 
     name: str
@@ -68,6 +72,7 @@ class DatasetSpec:
     custom: bool = False  # the user's own data (data.custom), read by the custom layouts
     channel_files: int = 1
     quantitative_channels: tuple[int, ...] = ()
+    collection: tuple[str, str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -149,6 +154,7 @@ DATASETS: dict[str, DatasetSpec] = {
         cases=131,
         note="30 test volumes of the 131 labelled ones, seeded; the other 101 train (the paper says 100/30).",
         regions=LITS_REGIONS,
+        collection=("LiTS", r"volume-(\d+)"),
     ),
     "msd_prostate": DatasetSpec(
         name="msd_prostate",
@@ -188,6 +194,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "seeded) is ours, the paper's is not published."
         ),
         regions=LITS_REGIONS,
+        collection=("LiTS", r"liver_(\d+)"),  # liver_N is LiTS volume-N
     ),
     "synthetic": DatasetSpec(
         name="synthetic",
