@@ -44,7 +44,7 @@ from medfusion.data.registry import dataset_spec, scored_regions
 from medfusion.hardware import Precision
 from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
 from medfusion.models import build_model
-from medfusion.postprocess import PostProcess, Selector
+from medfusion.postprocess import PostProcess, Selector, nesting
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.resample import labels_at
 from medfusion.training.loop import infer_probs, out_of_memory_explained, predict_probs
@@ -561,8 +561,8 @@ def evaluate_model(
             chosen per run with its validation Dice, the scored regions and the global Dice;
         examples: for the first `examples` test cases (sorted ids): images (n, C, S, S) uint8, targets and
             the ensemble's post-processed predictions (n, S, S) at the processed size (the prediction
-            made at the scored resolution and resized back, nearest), the slice with the largest ground
-            truth for volumes, and case_ids.
+            made at the scored resolution and resized back, nearest with pixel centres aligned), the
+            slice with the largest ground truth for volumes, and case_ids.
     """
     processed_dir = Path(processed_dir)
     meta = read_json(processed_dir / "meta.json")
@@ -605,13 +605,15 @@ def _choose_on_validation(
     meta = targets.meta
     loaded: dict[str, tuple[torch.nn.Module, int | None]] = {}
     chosen: dict[str, dict] = {}
-    pooled = Selector(len(meta["class_names"]))
+    k = len(meta["class_names"])
+    parents = nesting(case_regions(meta), k)  # LiTS: thresholds chosen on liver = 1+2 and tumour = 2
+    pooled = Selector(k, parents=parents)
     for run in runs:
         name = run_name(run["fold"], run["seed"])
         model, checkpoint = load_checkpoint(runs_dir / name / "model.pt", precision)
         check_fits_data(runs_dir / name / "model.pt", checkpoint, meta, processed_dir)
         val_set = SegDataset(processed_dir, split["folds"][run["fold"]]["val"])
-        positions, selector = case_positions(val_set), Selector(len(meta["class_names"]))
+        positions, selector = case_positions(val_set), Selector(k, parents=parents)
         patch = checkpoint.get("patch_size")  # native images: the run's sliding-window side
         for case_id, probs in iter_case_probs(model, val_set, batch_size, precision, patch):
             target, fov = targets.scored(case_id, [val_set.indices[i] for i in positions[case_id]])
@@ -806,10 +808,16 @@ def _selection_record(selection) -> dict:
 
 
 def postprocess_of(record: dict) -> PostProcess:
-    """The PostProcess of one eval.json `postprocess` record (`_selection_record`'s keys)."""
-    thresholds = record["thresholds"]
+    """The PostProcess of one eval.json `postprocess` record (`_selection_record`'s keys; records
+    written before relative sizes, largest-component and nested thresholds existed have none)."""
+    thresholds, parents = record["thresholds"], record.get("parents")
     return PostProcess(
-        record["min_size"], record["fill_holes"], None if thresholds is None else tuple(thresholds)
+        record["min_size"],
+        record["fill_holes"],
+        None if thresholds is None else tuple(thresholds),
+        float(record.get("min_fraction", 0.0)),
+        bool(record.get("largest", False)),
+        None if parents is None else tuple(int(p) for p in parents),
     )
 
 
@@ -844,10 +852,10 @@ class _Pictures:
             image = np.stack(
                 [cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in image[:, :h, :w]]
             )
-            mask = cv2.resize(mask[:h, :w], (side, side), interpolation=cv2.INTER_NEAREST)
+            mask = cv2.resize(mask[:h, :w], (side, side), interpolation=cv2.INTER_NEAREST_EXACT)
         size = mask.shape[-1]
         if pred.shape != (size, size):
-            pred = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
+            pred = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
         self.images.append(image)
         self.masks.append(mask)
         self.preds.append(pred)

@@ -44,7 +44,7 @@ from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, stem_
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
 from medfusion.data.preprocess import label_2d, read_label, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
-from medfusion.metrics import COUNTS, pooled_dice, region_metrics
+from medfusion.metrics import COUNTS, FLAGS, PENALISED, PRESENT, pooled_dice, region_metrics
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.predict import (
@@ -221,11 +221,12 @@ def score_case(
 
 
 def summarise(per_case: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
-    """mean, std, n per (run, postprocess, class, metric), plus the pooled Dice per region ("global_dice")."""
+    """mean, std, n per (run, postprocess, class, metric), plus the pooled Dice per region ("global_dice").
+    No value is skipped (a NaN makes the mean NaN); the indicator rows (`metrics.FLAGS`) give, as their
+    mean, the share of cases penalised (HD95/ASSD = the case's diagonal) and with the structure."""
     summary = (
         per_case.groupby(["run", "postprocess", "class", "metric"])["value"]
-        .agg(["mean", "std", "count"])
-        .rename(columns={"count": "n"})
+        .agg(mean=lambda v: v.mean(skipna=False), std="std", n="size")
         .reset_index()
     )
     pooled = []
@@ -293,12 +294,12 @@ def summary_markdown(ensemble, summary: pd.DataFrame, n_cases: int, roi: str, ma
             else "raw argmax, no post-processing."
         ),
         "",
-        "| postprocess | class | " + " | ".join(METRICS_SHOWN) + " | global Dice |",
-        "|" + "---|" * (len(METRICS_SHOWN) + 3),
+        "| postprocess | class | " + " | ".join(METRICS_SHOWN) + " | penalised | without it | global Dice |",
+        "|" + "---|" * (len(METRICS_SHOWN) + 5),
     ]
     table = summary[summary["run"] == run]
     for (kind_, region), group in table.groupby(["postprocess", "class"]):
-        value = {m: group.loc[group["metric"] == m] for m in [*METRICS_SHOWN, "global_dice"]}
+        value = {m: group.loc[group["metric"] == m] for m in [*METRICS_SHOWN, *FLAGS, "global_dice"]}
         cells = []
         for m in METRICS_SHOWN:
             v = value[m]
@@ -308,10 +309,24 @@ def summary_markdown(ensemble, summary: pd.DataFrame, n_cases: int, roi: str, ma
                 if len(v)
                 else "-"
             )
+        for flag, share in ((PENALISED, False), (PRESENT, True)):  # counts of cases: share x n
+            v = value[flag]
+            count = (
+                round((1 - v["mean"].iloc[0] if share else v["mean"].iloc[0]) * v["n"].iloc[0])
+                if len(v)
+                else None
+            )
+            cells.append("-" if count is None else f"{count}/{int(v['n'].iloc[0])}")
         pooled = value["global_dice"]
         cells.append(f"{100 * pooled['mean'].iloc[0]:.2f}" if len(pooled) else "-")
         lines.append(f"| {kind_} | {region} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nDice, IoU, precision, recall in %; per_case.csv holds every case.\n"
+    return "\n".join(lines) + (
+        "\n\nDice, IoU, precision, recall in %; per_case.csv holds every case. HD95 (95th percentile of the "
+        "surface distances of both directions pooled) and ASSD over every case: a missed or spurious structure "
+        "(one mask empty, the other not) scores the case's diagonal (the BraTS convention); 'penalised' counts "
+        "those cases. 'without it': cases whose ground truth lacks the structure (Dice 1 when predicted empty, "
+        "else 0).\n"
+    )
 
 
 METRICS_SHOWN = ("dice", "iou", "precision", "recall", "hd95", "assd")

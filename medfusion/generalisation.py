@@ -11,6 +11,8 @@ import pandas as pd
 
 from medfusion.common import ENSEMBLE_RUNS
 from medfusion.data.io import read_json
+from medfusion.metrics import PENALISED
+from medfusion.report import delta_text
 
 
 def load_results(transfer_dir: Path) -> list[dict]:
@@ -42,8 +44,11 @@ def _kind(frame: pd.DataFrame) -> str:
 
 def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, pd.DataFrame]:
     """reports/tables/generalisation: per (training dataset -> target, class, entry) the Dice over runs
-    (each run's mean over the target's cases: mean ± std), the fold ensemble's Dice and HD95, and
-    CASNet's paired per-case difference (Holm-corrected t-test). -> (markdown, the rows as a frame)."""
+    (each run's mean over the target's cases: mean ± std), the fold ensemble's Dice and HD95 (every
+    case: a missed structure has the case's diagonal, `medfusion.metrics`; a NaN makes the mean NaN)
+    with the number of cases given that penalty, and Δ Dice = the entry - CASNet per case
+    (`stats.compare_models`' delta, one direction in every table) with its CI and Holm-corrected
+    t-test. -> (markdown, the rows as a frame)."""
     rows = []
     for result in results:
         stats = result["stats"]
@@ -52,7 +57,7 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
             frame = frame[frame["postprocess"] == _kind(frame)]
             for region, by_class in frame.groupby("class"):
                 dice = by_class[by_class["metric"] == "dice"]
-                per_run = dice[~dice["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean()
+                per_run = dice[~dice["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean(skipna=False)
                 ens = by_class[
                     by_class["run"]
                     == ("ensemble" if "ensemble" in set(by_class["run"]) else per_run.index[0])
@@ -66,11 +71,12 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
                     "model": entry, "postprocess": _kind(frame), "runs": len(per_run),
                     "cases": dice["case_id"].nunique(), "roi": result["info"].get("roi", "image"),
                     "dice_mean": per_run.mean(), "dice_std": per_run.std(ddof=1) if len(per_run) > 1 else float("nan"),
-                    "ensemble_dice": ens[ens["metric"] == "dice"]["value"].mean(),
-                    "ensemble_hd95": ens[ens["metric"] == "hd95"]["value"].mean(),
-                    "diff_vs_reference": test["mean_diff"].iloc[0] if len(test) else float("nan"),
-                    "ci_low": test["ci_low"].iloc[0] if len(test) else float("nan"),
-                    "ci_high": test["ci_high"].iloc[0] if len(test) else float("nan"),
+                    "ensemble_dice": ens[ens["metric"] == "dice"]["value"].mean(skipna=False),
+                    "ensemble_hd95": ens[ens["metric"] == "hd95"]["value"].mean(skipna=False),
+                    "ensemble_penalised": int(ens[ens["metric"] == PENALISED]["value"].sum()),
+                    "delta": test["delta"].iloc[0] if len(test) else float("nan"),
+                    "delta_ci_low": test["delta_ci_low"].iloc[0] if len(test) else float("nan"),
+                    "delta_ci_high": test["delta_ci_high"].iloc[0] if len(test) else float("nan"),
                     "p_holm": test["p_t_holm"].iloc[0] if len(test) else float("nan"),
                 })  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -91,25 +97,24 @@ def _generalisation_markdown(frame: pd.DataFrame, reference: str) -> str:
         "truth (inside its field of view where it has one), with the post-processing chosen on the "
         'training dataset\'s validation folds. Dice (%) per case; "runs": mean ± std over runs of each '
         f"run's mean over the cases; Δ: the entry minus `{reference}` per case (each case averaged over "
-        "the runs), 95% CI, paired t-test Holm-corrected over the entries.",
+        "the runs; negative: the entry is worse), 95% CI, paired t-test Holm-corrected over the entries. "
+        "HD95 over every case: a missed or spurious structure scores the case's diagonal (the BraTS "
+        "convention); 'penalised': how many of the cases got that penalty.",
         "",
         "| trained on → target | class | entry | cases | Dice, runs | Dice, ensemble | HD95 ensemble (px/mm) "
-        f"| Δ Dice vs `{reference}` [95% CI] | p (Holm) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| penalised | Δ Dice vs `{reference}` [95% CI] | p (Holm) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in frame.to_dict("records"):
         spread = "" if pd.isna(r["dice_std"]) else f" ± {100 * r['dice_std']:.2f}"
-        delta = (
-            "-" if pd.isna(r["diff_vs_reference"])
-            else f"{100 * r['diff_vs_reference']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-        )  # fmt: skip
+        delta = delta_text("dice", r["delta"], r["delta_ci_low"], r["delta_ci_high"])
         p = "-" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.2g}"
         where = " (FOV)" if r["roi"] == "fov" else ""
         hd95 = "-" if pd.isna(r["ensemble_hd95"]) else f"{r['ensemble_hd95']:.2f}"
         lines.append(
             f"| `{r['trained_on']}` → `{r['target']}`{where} | {r['class']} | `{r['model']}` | {r['cases']} "
             f"| {_pct(r['dice_mean'])}{spread} ({r['runs']} runs) | {_pct(r['ensemble_dice'])} "
-            f"| {hd95} | {delta} | {p} |"
+            f"| {hd95} | {r['ensemble_penalised']}/{r['cases']} | {delta} | {p} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -124,7 +129,7 @@ def mlflow_transfer_metrics(results: list[dict], trained_on: str, entry: str) ->
             continue
         frame = frame[(frame["postprocess"] == _kind(frame)) & (frame["metric"] == "dice")]
         for region, by_class in frame.groupby("class"):
-            runs = by_class[~by_class["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean()
+            runs = by_class[~by_class["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean(skipna=False)
             ens = by_class[by_class["run"] == "ensemble"]["value"]
             metrics[f"transfer_{result['target']}_dice_runs_{region}"] = float(runs.mean())
             if len(ens):

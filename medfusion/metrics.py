@@ -15,14 +15,20 @@ Distance metrics, on the surfaces (foreground voxels with a background face-neig
     pooled (every surface voxel of each mask to the nearest surface voxel of the other), in the
     units of `spacing` (mm where it is known, pixels when None).
 
-Empty-mask rule (stated once here, tested in tests/test_metrics_post.py):
+Empty-mask rule (stated once here, METHOD.md section 3 "Rules for the hard cases", tested in
+tests/test_metrics_post.py and tests/test_hard_cases.py):
     both empty          dice = iou = precision = recall = f1 = 1.0; hd95 = assd = 0.0
-    empty target only   (foreground predicted on an empty target) all overlap metrics 0.0;
-                        hd95 = assd = NaN
-    empty prediction    (target missed) all overlap metrics 0.0; hd95 = assd = NaN
+    empty target only   (foreground predicted on an empty target: a spurious structure) all overlap
+                        metrics 0.0; hd95 = assd = the case's diagonal
+    empty prediction    (target missed) all overlap metrics 0.0; hd95 = assd = the case's diagonal
 In general an overlap ratio whose denominator is 0 is 1.0 when the prediction agrees with the
-target for that class and 0.0 otherwise. A NaN distance is undefined: it is excluded from means and
-counted (`mean_defined`), never replaced by a made-up maximum distance.
+target for that class and 0.0 otherwise. The diagonal (`diagonal`) is the largest distance the case
+can have: sqrt(sum((n_i * s_i)^2)) over its axes (the image's extent, in mm where the spacing is
+known, else in pixels; the BraTS challenges' convention, e.g. 373.13 mm for 240 x 240 x 155 at 1 mm).
+So a missed or spurious structure counts against the model with the worst distance, never vanishes
+from a mean. `region_metrics` also gives two indicators per case and region (`FLAGS`, 0.0 or 1.0):
+`penalised` (the distances are that penalty) and `present` (the region is in the ground truth), so
+that every table can say how many cases were penalised and how many lack the structure.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ METRICS = ("dice", "iou", "precision", "recall")  # the overlap metrics of the r
 OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "f1")
 DISTANCE_METRICS = ("hd95", "assd")
 COUNTS = ("tp", "fp", "fn")  # voxel counts per case and region, for pooled_dice
+PENALISED, PRESENT = "penalised", "present"
+FLAGS = (
+    PENALISED,
+    PRESENT,
+)  # per case and region indicators (0.0 / 1.0), not metrics: see the module docstring
 
 
 def _ratio(num: int, den: int, perfect: bool) -> float:
@@ -221,9 +232,18 @@ def _distance_to(surface_mask: np.ndarray, sampling: Sequence[float]) -> np.ndar
         np.logical_not(surface_mask, out=surface_mask)
 
 
-def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
+def diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The diagonal of a case of `shape` ((H, W) or (D, H, W)): sqrt(sum((n_i * s_i)^2)), in the
+    units of `spacing` (pixels if None): the HD95/ASSD of a missed or spurious structure."""
+    sampling = _check_spacing(spacing, len(shape))
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, sampling, strict=True))))
+
+
+def _distance_metrics(distances: np.ndarray | None, worst: float) -> dict[str, float]:
+    """hd95 and assd of pooled distances; None (exactly one mask empty) gives `worst` (the case's
+    diagonal) for both."""
     if distances is None:
-        return {"hd95": float("nan"), "assd": float("nan")}
+        return {"hd95": worst, "assd": worst}
     if distances.size == 0:
         return {"hd95": 0.0, "assd": 0.0}
     # float64 for the mean: a float32 sum of 10^8 distances would lose digits; the mean first, then the
@@ -235,17 +255,21 @@ def _distance_metrics(distances: np.ndarray | None) -> dict[str, float]:
 def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """95th percentile of the pooled symmetric surface distances (`surface_distances`).
 
-    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: NaN.
+    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: the case's diagonal.
     """
-    return _distance_metrics(surface_distances(pred, target, spacing))["hd95"]
+    return _distance_metrics(surface_distances(pred, target, spacing), diagonal(target.shape, spacing))[
+        "hd95"
+    ]
 
 
 def assd(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Average symmetric surface distance: the mean of the pooled distances of both directions.
 
-    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: NaN.
+    In units of `spacing` (pixels if None). Both empty: 0.0. Exactly one empty: the case's diagonal.
     """
-    return _distance_metrics(surface_distances(pred, target, spacing))["assd"]
+    return _distance_metrics(surface_distances(pred, target, spacing), diagonal(target.shape, spacing))[
+        "assd"
+    ]
 
 
 def case_metrics(
@@ -273,7 +297,7 @@ def case_metrics(
         p, t = pred == c, target == c
         out[c] = overlap_metrics(p, t)
         if distances:
-            out[c] |= _distance_metrics(surface_distances(p, t, spacing))
+            out[c] |= _distance_metrics(surface_distances(p, t, spacing), diagonal(t.shape, spacing))
     return out
 
 
@@ -303,14 +327,18 @@ def region_metrics(
     distances: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics per scored region of one test case: {region: {dice, iou, precision, recall, f1, tp, fp,
-    fn[, hd95, assd]}}, a region being the union of its labels (`regions`: name -> labels). tp, fp
-    and fn are the region's voxel counts, kept for `pooled_dice`."""
+    fn, present[, hd95, assd, penalised]}}, a region being the union of its labels (`regions`: name ->
+    labels). tp, fp and fn are the region's voxel counts, kept for `pooled_dice`; present and
+    penalised are the indicators of the module docstring (`FLAGS`)."""
     out = {}
+    worst = diagonal(target.shape, spacing)
     for name, labels in regions.items():
         masks = [label_mask(pred, labels), label_mask(target, labels)]  # the only references: freed early
-        out[name] = overlap_metrics(*masks) | _counts(*masks)
+        counts = _counts(*masks)
+        out[name] = overlap_metrics(*masks) | counts | {PRESENT: float(counts["tp"] + counts["fn"] > 0)}
         if distances:
-            out[name] |= _distance_metrics(_region_distances(masks, spacing))
+            found = _region_distances(masks, spacing)
+            out[name] |= _distance_metrics(found, worst) | {PENALISED: float(found is None)}
         masks.clear()
     return out
 
@@ -352,18 +380,6 @@ def pooled_dice(tp: Iterable[float], fp: Iterable[float], fn: Iterable[float]) -
     sum(fn)); 1.0 when every case is empty in both prediction and target (the empty-mask rule)."""
     tp_, fp_, fn_ = (float(np.sum(list(x))) for x in (tp, fp, fn))
     return float(dice_from_counts(tp_, tp_ + fp_, tp_ + fn_))
-
-
-def mean_defined(values: Iterable[float]) -> tuple[float, int]:
-    """Mean over the defined (non-NaN) values and the number of undefined ones.
-
-    Returns:
-        (mean, n_undefined); the mean is NaN when no value is defined.
-    """
-    arr = np.asarray(list(values), dtype=float)
-    undefined = int(np.isnan(arr).sum())
-    defined = arr[~np.isnan(arr)]
-    return (float(defined.mean()) if defined.size else float("nan")), undefined
 
 
 def processed_spacing(

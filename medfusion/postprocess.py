@@ -9,6 +9,10 @@ Rules (a case is a 2-D image (H, W) or a whole volume (D, H, W)):
     components    `remove_small_components` labels the mask in its own dimension with full
                   connectivity (8-connected in 2-D, 26-connected in 3-D, so a diagonal line is one
                   component) and removes every component of fewer than `min_size` pixels (voxels).
+                  The smallest size kept can also be relative to the case, `min_fraction` of its
+                  pixels (voxels): 500 px is tiny in a 1920 x 1072 Kvasir image and large in a
+                  256 x 256 one; the size used is the larger of the two. `largest` keeps the largest
+                  component only (nnU-Net's candidate; ties: the lowest component label).
     holes         `fill_holes` fills background regions that are not connected (4-connectivity, the
                   dual of the 8-connected foreground) to the border of their 2-D image or slice;
                   volumes are filled slice by slice, as the models predict them, which also fills
@@ -17,34 +21,48 @@ Rules (a case is a 2-D image (H, W) or a whole volume (D, H, W)):
     thresholds    with probabilities (K, ...), a voxel's candidate is its most probable foreground
                   class c = argmax_{k >= 1} p_k (the lowest index on ties); it takes c when
                   p_c >= t_c and is background otherwise. A threshold None keeps the argmax rule for
-                  that class: c when p_c > p_0. All None is exactly the plain argmax. A threshold
-                  only moves voxels between its class and background, so each class's Dice depends
-                  on its own threshold alone and the per-class choice is exact.
+                  that class: c when p_c > p_0. All None is exactly the plain argmax. Without nested
+                  regions a threshold only moves voxels between its class and background, so each
+                  class's Dice depends on its own threshold alone and the per-class choice is exact.
+    nested        where scored regions nest (LiTS: liver = labels 1+2 encloses tumour = label 2;
+                  `nesting`), the thresholds are chosen on the regions that are scored and applied to
+                  them (METHOD.md section 3): t_c to the probability of c's region (its classes'
+                  probabilities summed), and a voxel whose inner class is rejected by its threshold
+                  falls back to the enclosing class where that region beats background (its threshold,
+                  or p_region > p_0 without one), never to background through a hole in the liver
+                  (`medfusion.resample.ThresholdRule`). An inner region's Dice depends only on the
+                  thresholds inside it, so the choice goes from the innermost region outward: each
+                  region's threshold is the best for that region given the ones already chosen inside.
     resolution    `apply` and `Selector` take probabilities at the model's resolution and a case's
                   shape: the label map is made at that shape (`medfusion.resample`: the probabilities
                   are resized in-plane first), so min_size counts pixels (voxels) of the resolution
                   scored, the original one by default.
-    selection     the setting with the highest mean validation Dice (per case, foreground classes,
+    selection     the setting with the highest mean validation Dice (per case, per scored region,
                   empty masks as in medfusion.metrics); ties go to the smallest change: for binary
-                  the smallest min_size, then no fill; for thresholds None (argmax), then the value
-                  closest to 0.5. So a setting that cannot help is never chosen.
+                  no change, then the absolute sizes from the smallest, then the relative ones from
+                  the smallest, then the largest component, each without then with filling; for
+                  thresholds None (argmax), then the value closest to 0.5. So a setting that cannot
+                  help is never chosen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from medfusion.metrics import dice_from_counts, overlap_metrics
-from medfusion.resample import apply_thresholds, labels_at, slices_at
+from medfusion.resample import ThresholdRule, apply_thresholds, labels_at, slices_at
 
 __all__ = ["apply_thresholds"]  # re-exported: the rule lives with the resampling that applies it
 
 MIN_SIZE_GRID = (0, 10, 25, 50, 100, 200, 500)  # pixels (voxels for volumes)
+MIN_FRACTION_GRID = (0.001, 0.005, 0.01, 0.02)  # of the case's pixels (voxels)
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+_MAX_COMBINATIONS = 4096  # threshold settings tried at once for one nested region
 _TOLERANCE = 1e-12  # a gain below this is float noise, not a reason to change anything
 
 
@@ -57,11 +75,61 @@ class PostProcess:
         fill_holes: binary only: fill enclosed holes (per 2-D image or slice).
         thresholds: per foreground class 1..K-1, a probability threshold or None (argmax rule);
             None altogether for the plain argmax.
+        min_fraction: binary only: components smaller than this share of the case's pixels (voxels)
+            are removed too (the larger of the two sizes applies); 0 for none.
+        largest: binary only: keep the largest component only.
+        parents: with thresholds on nested regions, per class 1..K-1 the class enclosing it (0: none;
+            `nesting`); None when no region nests.
     """
 
     min_size: int = 0
     fill_holes: bool = False
     thresholds: tuple[float | None, ...] | None = None
+    min_fraction: float = 0.0
+    largest: bool = False
+    parents: tuple[int, ...] | None = None
+
+    def size_for(self, voxels: int) -> int:
+        """The smallest component kept in a case of `voxels` pixels (voxels)."""
+        return max(int(self.min_size), int(np.ceil(self.min_fraction * voxels)))
+
+
+def nesting(regions: Mapping[str, Sequence[int]], num_classes: int) -> tuple[int, ...] | None:
+    """Per class 1..K-1 the class whose scored region encloses it (0: none), or None when no region
+    nests. A class's region is the smallest scored region holding it; the regions nest when each
+    class's region is the class and every class whose region lies inside it (LiTS: liver = [1, 2],
+    tumour = [2] gives (0, 1)). Regions that overlap without nesting give None (per-class rule)."""
+    own = {}
+    for c in range(1, num_classes):
+        holding = [frozenset(labels) for labels in regions.values() if c in labels]
+        if not holding:
+            return None
+        own[c] = min(holding, key=len)
+    parents = []
+    for c in range(1, num_classes):
+        outer = [own[a] for a in own if a != c and own[c] < own[a]]
+        if not outer:
+            parents.append(0)
+            continue
+        enclosing = min(outer, key=len)
+        owners = [a for a in own if own[a] == enclosing and a not in own[c]]
+        if len(owners) != 1:
+            return None
+        parents.append(owners[0])
+    for c in range(1, num_classes):  # a region is its class and the classes nested in it, nothing else
+        inside = {d for d in range(1, num_classes) if _encloses(parents, c, d)}
+        if own[c] != frozenset(inside):
+            return None
+    return tuple(parents) if any(parents) else None
+
+
+def _encloses(parents: Sequence[int], c: int, d: int) -> bool:
+    """Whether class c is d or encloses d (parents: per class 1..K-1, 0 for none)."""
+    while d:
+        if d == c:
+            return True
+        d = parents[d - 1]
+    return False
 
 
 @dataclass(frozen=True)
@@ -101,6 +169,16 @@ def _keep_large(labels: np.ndarray, sizes: np.ndarray, min_size: int) -> np.ndar
     return keep[labels]
 
 
+def keep_largest(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (full connectivity; ties: the lowest label)."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return mask
+    labels, sizes = _components(mask)
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of a binary (H, W) mask, or of each slice of a (D, H, W) mask.
 
@@ -113,9 +191,10 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(s) for s in mask])
 
 
-def apply_binary(mask: np.ndarray, min_size: int, fill: bool) -> np.ndarray:
-    """Small components removed (below `min_size`), then holes filled if `fill`; bool mask."""
-    mask = remove_small_components(mask, min_size)
+def apply_binary(mask: np.ndarray, min_size: int, fill: bool, largest: bool = False) -> np.ndarray:
+    """Small components removed (below `min_size`; only the largest with `largest`), then holes filled
+    if `fill`; bool mask."""
+    mask = keep_largest(mask) if largest else remove_small_components(mask, min_size)
     return fill_holes(mask) if fill else mask
 
 
@@ -135,23 +214,28 @@ def apply(
     it (a tumour inside the liver).
     """
     shape = tuple(probs.shape[1:]) if shape is None else tuple(shape)
-    labels = labels_at(probs, shape, postprocess.thresholds)
+    labels = labels_at(probs, shape, postprocess.thresholds, postprocess.parents)
     if fov is not None:
         labels[~fov] = 0
-    if postprocess.min_size <= 1 and not postprocess.fill_holes:
+    min_size = postprocess.size_for(labels.size)
+    if min_size <= 1 and not postprocess.fill_holes and not postprocess.largest:
         return labels
     if probs.shape[0] != 2:
-        raise ValueError(f"min_size and fill_holes are for binary tasks, got {probs.shape[0]} classes")
-    return apply_binary(labels == 1, postprocess.min_size, postprocess.fill_holes).astype(np.uint8)
+        raise ValueError(f"component and hole rules are for binary tasks, got {probs.shape[0]} classes")
+    mask = apply_binary(labels == 1, min_size, postprocess.fill_holes, postprocess.largest)
+    return mask.astype(np.uint8)
 
 
 class Selector:
     """`choose_postprocess` one validation case at a time: memory is the per-candidate sums of Dice
-    (candidates x classes floats) and one case's arrays while it is added, whatever the number of cases.
+    (candidates x regions floats; for a nested region, one per combination of the thresholds inside
+    it) and one case's arrays while it is added, whatever the number of cases.
 
     Args:
-        num_classes: K; binary (K = 2) chooses min_size and fill, K > 2 per-class thresholds.
-        min_sizes, grid: the candidate sizes (binary) and thresholds (multi-class).
+        num_classes: K; binary (K = 2) chooses the component rule and fill, K > 2 per-class thresholds.
+        min_sizes, min_fractions, grid: the candidate sizes (absolute, relative: binary) and thresholds
+            (multi-class).
+        parents: nested regions (`nesting`): thresholds chosen on the scored regions, innermost first.
     """
 
     def __init__(
@@ -159,14 +243,33 @@ class Selector:
         num_classes: int,
         min_sizes: Sequence[int] = MIN_SIZE_GRID,
         grid: Sequence[float] = THRESHOLD_GRID,
+        min_fractions: Sequence[float] = MIN_FRACTION_GRID,
+        parents: Sequence[int] | None = None,
     ) -> None:
         self.num_classes, self.cases = num_classes, 0
-        self.min_sizes = sorted(min_sizes)  # from the smallest change up: only a real gain moves the choice
+        # from the smallest change up: only a real gain moves the choice
+        self.rules = [
+            *(("size", int(m)) for m in sorted(min_sizes)),
+            *(("fraction", float(f)) for f in sorted(min_fractions)),
+            ("largest", None),
+        ]
         self.candidates = [None, *sorted(grid, key=lambda t: (abs(t - 0.5), t))]
+        self.parents = tuple(parents) if parents is not None and any(parents) else None
         if num_classes == 2:
-            self.before, self.sums = 0.0, np.zeros((len(self.min_sizes), 2))
-        else:
-            self.sums = np.zeros((num_classes - 1, len(self.candidates)))
+            self.before, self.sums = 0.0, np.zeros((len(self.rules), 2))
+            return
+        links = self.parents or (0,) * (num_classes - 1)
+        # per class c, the classes of its region (c and those nested in it), whose thresholds set its Dice
+        self.inside = {
+            c: [d for d in range(1, num_classes) if _encloses(links, c, d)] for c in range(1, num_classes)
+        }
+        for c, inside in self.inside.items():
+            if len(self.candidates) ** len(inside) > _MAX_COMBINATIONS:
+                raise ValueError(
+                    f"class {c}'s region nests {len(inside)} classes: {len(self.candidates)}^{len(inside)} "
+                    f"threshold settings to try; give fewer candidate thresholds"
+                )
+        self.sums = {c: np.zeros(len(self.candidates) ** len(inside)) for c, inside in self.inside.items()}
 
     def add(self, pred: np.ndarray, target: np.ndarray) -> None:
         """One case: `pred` its probabilities (K, [D,] h, w) at any in-plane size (made into labels at
@@ -190,76 +293,108 @@ class Selector:
             self.before += before
             self.sums += dice
         else:
-            self.sums += score
+            for c, dice in score.items():
+                self.sums[c] += dice
         self.cases += 1
 
     def _score_binary(self, mask: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-        """Dice of (min_size, fill) candidates from per-component counts: the mask is labelled once;
-        each size keeps the components at least that large, so its Dice without filling is a sum
-        over components, and holes are filled only when the kept set differs from the last size's."""
-        labels, sizes = _components(mask)  # labelled once per case, not once per size
+        """Dice of (component rule, fill) candidates from per-component counts: the mask is labelled
+        once; each rule keeps a set of components, so its Dice without filling is a sum over
+        components, and holes are filled once per distinct kept set."""
+        labels, sizes = _components(mask)  # labelled once per case, not once per rule
         tp = np.bincount(labels[target], minlength=len(sizes)).astype(np.float64)  # per component
         actual = float(np.count_nonzero(target))
-        dice, last, filled = np.zeros((len(self.min_sizes), 2)), None, 0.0
-        for i, min_size in enumerate(self.min_sizes):
-            keep = sizes >= min_size
-            keep[0] = False  # background
+        dice, filled = np.zeros((len(self.rules), 2)), {}
+        for i, (kind, value) in enumerate(self.rules):
+            if kind == "largest":
+                keep = np.zeros(len(sizes), bool)
+                if len(sizes) > 1:
+                    keep[1 + int(np.argmax(sizes[1:]))] = True
+            else:
+                least = value if kind == "size" else int(np.ceil(value * mask.size))
+                keep = sizes >= least
+                keep[0] = False  # background
             dice[i, 0] = dice_from_counts(tp[keep].sum(), sizes[keep].sum(), actual)
-            kept = int(np.count_nonzero(keep))  # sizes ascend: the kept sets are nested
-            if kept != last:
-                filled, last = overlap_metrics(fill_holes(keep[labels]), target)["dice"], kept
-            dice[i, 1] = filled
+            key = keep.tobytes()
+            if key not in filled:
+                filled[key] = overlap_metrics(fill_holes(keep[labels]), target)["dice"]
+            dice[i, 1] = filled[key]
         return overlap_metrics(mask, target)["dice"], dice
 
     def _score_thresholds(
         self, probs: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None
-    ) -> np.ndarray:
+    ) -> dict[int, np.ndarray]:
+        """Per class c, the Dice of c's scored region (c alone, or c and the classes nested in it) under
+        every combination of the thresholds inside that region (product over `self.inside[c]`)."""
         if probs.shape[0] != self.num_classes:
             raise ValueError(f"probabilities of {probs.shape[0]} classes for a {self.num_classes}-class task")
-        k, n = self.num_classes - 1, len(self.candidates)
-        tp, predicted, actual = np.zeros((k, n)), np.zeros((k, n)), np.zeros((k, 1))
+        n = len(self.candidates)
+        counts = {c: np.zeros((3, n ** len(inside))) for c, inside in self.inside.items()}  # tp, pred, truth
         slices = [target] if target.ndim == 2 else target
         fovs = [None] * len(slices) if fov is None else ([fov] if fov.ndim == 2 else fov)
-        for p, t, inside in zip(slices_at(probs, target.shape), slices, fovs, strict=True):
-            # the candidate class and its probability per pixel do not depend on the thresholds
-            candidate = p[1:].argmax(0) + 1
-            if inside is not None:
-                candidate[~inside] = 0  # background outside the field of view: no class is a candidate
-            for c in range(1, self.num_classes):
-                here, truth = candidate == c, t == c
-                actual[c - 1] += np.count_nonzero(truth)
-                for j, thr in enumerate(self.candidates):
-                    pred = here & (p[c] > p[0] if thr is None else p[c] >= thr)
-                    predicted[c - 1, j] += np.count_nonzero(pred)
-                    tp[c - 1, j] += np.count_nonzero(pred & truth)
-        return dice_from_counts(tp, predicted, actual)
+        for p, t, inside_fov in zip(slices_at(probs, target.shape), slices, fovs, strict=True):
+            rule = ThresholdRule(p, self.parents)
+            if inside_fov is not None:
+                rule.candidate[~inside_fov] = 0  # background outside the field of view: no candidate
+            for c, inside in self.inside.items():
+                table = np.zeros(self.num_classes, bool)
+                table[inside] = True
+                truth = table[t]
+                counts[c][2] += np.count_nonzero(truth)
+                for j, combo in enumerate(itertools.product(self.candidates, repeat=len(inside))):
+                    thresholds = [None] * (self.num_classes - 1)
+                    for d, value in zip(inside, combo, strict=True):
+                        thresholds[d - 1] = value
+                    pred = table[rule.labels(thresholds)]
+                    counts[c][0, j] += np.count_nonzero(pred & truth)
+                    counts[c][1, j] += np.count_nonzero(pred)
+        return {c: dice_from_counts(tp, predicted, actual) for c, (tp, predicted, actual) in counts.items()}
 
     def result(self) -> Selection:
         """The choice (METHOD.md's rule, ties to the smallest change) and the mean Dice before/after."""
         if self.cases == 0:
             raise ValueError("no validation case to choose post-processing on")
-        means = self.sums / self.cases
         if self.num_classes == 2:
+            means = self.sums / self.cases
             before = self.before / self.cases
             best, best_dice = PostProcess(), before
-            for i, min_size in enumerate(self.min_sizes):
+            for i, (kind, value) in enumerate(self.rules):
                 for fill in (False, True):
                     if means[i, int(fill)] > best_dice + _TOLERANCE:
-                        best, best_dice = (
-                            PostProcess(min_size=min_size, fill_holes=fill),
-                            float(means[i, int(fill)]),
+                        best_dice = float(means[i, int(fill)])
+                        best = PostProcess(
+                            min_size=value if kind == "size" else 0,
+                            fill_holes=fill,
+                            min_fraction=value if kind == "fraction" else 0.0,
+                            largest=kind == "largest",
                         )
             return Selection(best, float(before), float(best_dice))
-        chosen, after = [], []
-        for scores in means:
-            best = 0
-            for i in range(1, len(scores)):
-                if scores[i] > scores[best] + _TOLERANCE:
-                    best = i
-            chosen.append(self.candidates[best])
-            after.append(scores[best])
-        thresholds = None if all(t is None for t in chosen) else tuple(chosen)
-        return Selection(PostProcess(thresholds=thresholds), float(means[:, 0].mean()), float(np.mean(after)))
+        chosen: dict[int, int] = {}  # class -> index into self.candidates
+        after = {}
+        for c in sorted(self.inside, key=lambda c: len(self.inside[c])):  # innermost regions first
+            means = self.sums[c] / self.cases
+            inside = self.inside[c]
+            best, best_dice = 0, -np.inf
+            for i in range(len(self.candidates)):
+                combo = tuple(i if d == c else chosen[d] for d in inside)
+                dice = means[_combo_index(combo, len(self.candidates))]
+                if dice > best_dice + _TOLERANCE:
+                    best, best_dice = i, dice
+            chosen[c], after[c] = best, best_dice
+        before = np.mean([self.sums[c][0] / self.cases for c in self.inside])  # every threshold None
+        thresholds = tuple(self.candidates[chosen[c]] for c in range(1, self.num_classes))
+        if all(t is None for t in thresholds):
+            return Selection(PostProcess(), float(before), float(before))
+        settings = PostProcess(thresholds=thresholds, parents=self.parents)
+        return Selection(settings, float(before), float(np.mean(list(after.values()))))
+
+
+def _combo_index(combo: Sequence[int], n: int) -> int:
+    """The position of a combination of candidate indices in itertools.product order."""
+    index = 0
+    for i in combo:
+        index = index * n + i
+    return index
 
 
 def _binary_mask(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -280,23 +415,30 @@ def _choose(preds, targets, num_classes: int, **grids) -> Selection:
 
 
 def choose_binary(
-    preds: Sequence[np.ndarray], targets: Sequence[np.ndarray], min_sizes: Sequence[int] = MIN_SIZE_GRID
+    preds: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    min_sizes: Sequence[int] = MIN_SIZE_GRID,
+    min_fractions: Sequence[float] = MIN_FRACTION_GRID,
 ) -> Selection:
-    """min_size and fill with the best mean validation Dice over cases (ties: the smallest change).
+    """The component rule (absolute size, relative size, largest only) and fill with the best mean
+    validation Dice over cases (ties: the smallest change).
 
     Args:
         preds: per validation case, probabilities (2, ...) or a binary mask / label map (...).
         targets: per case, the binary mask or label map (foreground = 1), same order.
-        min_sizes: the candidate sizes; every size is tried with and without hole filling.
+        min_sizes, min_fractions: the candidate sizes; every rule is tried with and without filling.
 
     Returns:
-        Selection(PostProcess(min_size, fill_holes), dice_before, dice_after).
+        Selection(PostProcess(min_size | min_fraction | largest, fill_holes), dice_before, dice_after).
     """
-    return _choose(preds, targets, 2, min_sizes=min_sizes)
+    return _choose(preds, targets, 2, min_sizes=min_sizes, min_fractions=min_fractions)
 
 
 def choose_thresholds(
-    probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], grid: Sequence[float] = THRESHOLD_GRID
+    probs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    grid: Sequence[float] = THRESHOLD_GRID,
+    parents: Sequence[int] | None = None,
 ) -> Selection:
     """Per-class thresholds with the best mean validation Dice of each class (ties: the smallest change).
 
@@ -304,14 +446,18 @@ def choose_thresholds(
         probs: per validation case, probabilities (K, ...).
         targets: per case, the label map (...), same order.
         grid: candidate thresholds; None (the argmax rule) is always a candidate and wins ties.
+        parents: nested regions (`nesting`), chosen on the regions scored.
 
     Returns:
-        Selection(PostProcess(thresholds=...), dice_before, dice_after); Dice means are over cases and
-        foreground classes. thresholds is None when no class changes.
+        Selection(PostProcess(thresholds=..., parents=...), dice_before, dice_after); Dice means are
+        over cases and scored regions (each foreground class alone without nesting). thresholds is None
+        when no class changes.
     """
-    return _choose(probs, targets, probs[0].shape[0], grid=grid)
+    return _choose(probs, targets, probs[0].shape[0], grid=grid, parents=parents)
 
 
-def choose_postprocess(probs: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> Selection:
+def choose_postprocess(
+    probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], parents: Sequence[int] | None = None
+) -> Selection:
     """The METHOD.md choice on validation cases: `choose_binary` for K = 2, `choose_thresholds` for K > 2."""
-    return _choose(probs, targets, probs[0].shape[0])
+    return _choose(probs, targets, probs[0].shape[0], parents=parents)

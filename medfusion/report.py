@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from medfusion.common import ENSEMBLE_RUNS, run_name
+from medfusion.metrics import DISTANCE_METRICS, FLAGS, PENALISED, PRESENT
 
 HEADLINE = ("dice", "iou", "hd95")
 TABLE_METRICS = ("dice", "iou", "precision", "recall")  # the paper's columns, in %
-DISTANCE_METRICS = ("hd95", "assd")
 # the rows of Tables 1-2 per model: the trained runs, the fold ensemble and, with eval.tta, the same with TTA
 ESTIMATE_LABELS = {
     "runs": "mean ± std over runs",
@@ -49,32 +49,68 @@ NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Reca
 def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
     """Per dataset, model, class and metric: mean ± std over runs of each run's mean over test cases.
 
-    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). A run's mean
-    skips the cases where the metric is undefined (NaN: HD95/ASSD with one empty mask); `undefined`
-    counts those (case, run) pairs. std has ddof=1 (0 for one run). The "ensemble" run (and
-    "ensemble_tta", eval.tta) is summarised on its own, as one value (estimate = the run, std NaN).
+    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). No value is
+    skipped: a NaN makes its run's mean NaN and is counted in `missing` (the pipeline's own tables have
+    none: a missed or spurious structure has HD95/ASSD = the case's diagonal, `medfusion.metrics`).
+    From the per-case indicator rows (`metrics.FLAGS`, where the table has them): `penalised` counts
+    the (case, run) pairs whose HD95/ASSD is that penalty (0 for the other metrics), `absent` the
+    test cases without the structure in the ground truth, and `mean_present` / `std_present` are the
+    same mean ± std over the cases that contain it (NaN where every case does). std has ddof=1 (0 for
+    one run). The "ensemble" run (and "ensemble_tta", eval.tta) is summarised on its own, as one
+    value (estimate = the run, std NaN).
 
     Returns:
-        Columns dataset, model, class, metric, estimate ("runs" | "ensemble" | "ensemble_tta"), mean, std, runs,
-        cases, undefined.
+        Columns dataset, model, class, metric, estimate ("runs" | "ensemble" | "ensemble_tta"), mean,
+        std, runs, cases, missing, penalised, absent, mean_present, std_present.
     """
     rows = per_case[per_case["postprocess"] == postprocess] if "postprocess" in per_case else per_case
     keys = ["dataset", "model", "class", "metric"]
-    per_run = rows.groupby([*keys, "run"], as_index=False, sort=False).agg(
-        value=("value", "mean"),
-        cases=("case_id", "nunique"),
-        undefined=("value", lambda v: int(v.isna().sum())),
+    flags = rows[rows["metric"].isin(FLAGS)]
+    rows = rows[~rows["metric"].isin(FLAGS)]
+    where = ["dataset", "model", "class", "run", "case_id"]
+    present = flags.loc[flags["metric"] == PRESENT, [*where, "value"]].rename(columns={"value": "present"})
+    penalised = (
+        flags[flags["metric"] == PENALISED]
+        .groupby(where[:-1], as_index=False, sort=False)["value"]
+        .sum()
+        .rename(columns={"value": "pen"})
     )
+    rows = rows.merge(present, on=where, how="left", validate="many_to_one")
+    with_it = rows["value"].where(rows["present"] == 1)
+    per_run = (
+        rows.assign(with_it=with_it, missing=rows["value"].isna(), absent=rows["present"] == 0)
+        .groupby([*keys, "run"], as_index=False, sort=False)
+        .agg(
+            value=("value", lambda v: v.mean(skipna=False)),
+            cases=("case_id", "nunique"),
+            missing=("missing", "sum"),
+            absent=("absent", "sum"),
+            with_it=("with_it", "mean"),
+        )
+    )
+    per_run = per_run.merge(penalised, on=where[:-1], how="left", validate="many_to_one")
+    per_run["penalised"] = np.where(per_run["metric"].isin(DISTANCE_METRICS), per_run["pen"].fillna(0), 0)
+    per_run.loc[per_run["absent"] == 0, "with_it"] = np.nan  # every case has it: the plain mean says it all
     per_run["estimate"] = np.where(per_run["run"].isin(ENSEMBLE_RUNS), per_run["run"], "runs")
     out = per_run.groupby([*keys, "estimate"], as_index=False, sort=False).agg(
-        mean=("value", "mean"),
+        mean=("value", lambda v: v.mean(skipna=False)),
         std=("value", "std"),
         runs=("run", "nunique"),
         cases=("cases", "max"),
-        undefined=("undefined", "sum"),
+        missing=("missing", "sum"),
+        penalised=("penalised", "sum"),
+        absent=("absent", "max"),
+        mean_present=("with_it", "mean"),
+        std_present=("with_it", "std"),
     )
-    out.loc[out["estimate"] == "runs", "std"] = out.loc[out["estimate"] == "runs", "std"].fillna(0.0)
-    out.loc[out["estimate"].isin(ENSEMBLE_RUNS), "std"] = np.nan
+    for column in ("missing", "penalised", "absent"):
+        out[column] = out[column].astype(int)
+    runs = out["estimate"] == "runs"
+    out.loc[runs, "std"] = out.loc[runs, "std"].fillna(0.0)
+    out.loc[runs & out["mean_present"].notna(), "std_present"] = out.loc[
+        runs & out["mean_present"].notna(), "std_present"
+    ].fillna(0.0)
+    out.loc[~runs, ["std", "std_present"]] = np.nan
     return out
 
 
@@ -140,7 +176,7 @@ def metrics_json(summary: pd.DataFrame) -> dict:
 
     `summary` is `summarize_runs(per_case)` (post-processed; only its "runs" rows are used) or the
     older summary without `estimate`. Means over runs of each run's mean over test cases; Dice and
-    IoU in [0, 1], HD95 in the dataset's distance unit; undefined values are left out. The stds, the
+    IoU in [0, 1], HD95 in the dataset's distance unit; a NaN mean (a NaN value in the table) is left out. The stds, the
     other metrics and the ensemble are in the tables; keeping them out keeps `dvc exp show` readable.
     """
     if "estimate" in summary:
@@ -168,14 +204,17 @@ def mlflow_test_metrics(
     for run in runs:
         if run.get("mlflow_run_id"):
             name = run_name(run["fold"], run["seed"])
-            rows = post[post["run"] == name]
-            means = rows.groupby(["class", "metric"])["value"].mean()
+            rows = post[(post["run"] == name) & ~post["metric"].isin(FLAGS)]
+            means = rows.groupby(["class", "metric"])["value"].mean(skipna=False)
             children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
             for r in pooled[pooled["run"] == name].itertuples():
                 children[run["mlflow_run_id"]][f"test_global_dice_{r._4}"] = r.value
     trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
     parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
     parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
+    parent |= {
+        f"test_penalised_{r._3}": r.penalised for r in trained[trained["metric"] == "hd95"].itertuples()
+    }
     parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
     tta = summary[summary["estimate"] == "ensemble_tta"]
     parent |= {f"test_ensemble_tta_{r.metric}_{r._3}": r.mean for r in tta.itertuples()}
@@ -201,12 +240,25 @@ def _pct(mean: float, std: float = math.nan) -> str:
     return f"{100 * mean:.2f}" if std is None or math.isnan(std) else _fmt(mean, std)
 
 
-def _dist(mean: float, std: float = math.nan, undefined: int = 0, total: int = 0) -> str:
+def _dist(mean: float, std: float = math.nan) -> str:
     if mean is None or math.isnan(mean):
-        text = "n/a"
-    else:
-        text = f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
-    return text + (f" ({undefined}/{total} undef.)" if undefined else "")
+        return "n/a"
+    return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _penalised(penalised: int, total: int) -> str:
+    """'k/N': the case x run pairs whose HD95/ASSD is the diagonal penalty, of all scored."""
+    return f"{int(penalised)}/{int(total)}" if total else "-"
+
+
+def delta_text(metric: str, delta: float, low: float, high: float, unit: str = "") -> str:
+    """'Δ [low, high]' in table units, signed: the one formatter of every table's Δ (`stats`:
+    Δ = model - reference, in that one direction everywhere)."""
+    if delta is None or math.isnan(delta):
+        return "-"
+    scale = 1 if metric in DISTANCE_METRICS else 100
+    bounds = "" if math.isnan(low) else f" [{scale * low:+.2f}, {scale * high:+.2f}]"
+    return f"{scale * delta:+.2f}{bounds}"
 
 
 def _p(p: float) -> str:
@@ -214,7 +266,7 @@ def _p(p: float) -> str:
 
 
 def _value(metric: str, x: float, unit: str) -> str:
-    """A difference or mean in table units: percentage points for overlap metrics, `unit` for distances."""
+    """A mean in table units: percent for overlap metrics, `unit` for distances."""
     if math.isnan(x):
         return "n/a"
     return f"{x:.2f}" if metric in DISTANCE_METRICS else f"{100 * x:.2f}"
@@ -264,9 +316,36 @@ def _how(dataset: str, info: Mapping, summary: pd.DataFrame, with_ensemble: bool
     return (
         f"Per test case = {unit}, {where}; foreground classes ({classes}); "
         f"mean ± std over {runs} runs (folds x seeds) of each run's mean over {cases} test cases; {processing}"
-        f"{pooled}Dice, IoU, precision, recall in %; HD95 and ASSD in {info.get('distance_unit', 'px')}, "
-        "averaged over the cases where defined ('undef.' counts case x run pairs with one empty mask)."
+        f"{pooled}Dice, IoU, precision, recall in %; HD95 (the 95th percentile of the surface distances of "
+        f"both directions pooled, medpy's definition) and ASSD in {info.get('distance_unit', 'px')}. "
+        f"{HARD_CASES_NOTE}"
     )
+
+
+HARD_CASES_NOTE = (
+    "A missed or spurious structure (one mask empty, the other not) has HD95 = ASSD = the diagonal of "
+    "the case's image (the largest distance it can have; the BraTS convention), so it counts against the "
+    "model in every mean; 'penalised' = the case x run pairs given that penalty, of all. Both empty: "
+    "Dice 1, HD95 0."
+)
+
+
+def _absent_note(summary: pd.DataFrame, dataset: str, unit_name: str) -> list[str]:
+    """Where some test cases lack a structure (tumour-free volumes): how many, how they are scored, and
+    that 'Dice (with it)' is the mean over the others."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["metric"] == "dice") & (summary["absent"] > 0)]
+    if rows.empty:
+        return []
+    parts = [
+        f"{cls}: {int(g['absent'].max())} of {int(g['cases'].max())} test {unit_name}s have none"
+        for cls, g in rows.groupby("class", sort=False)
+    ]
+    return [
+        f"Cases without the structure ({'; '.join(parts)}) score Dice 1 when predicted empty and 0 otherwise "
+        "(the LiTS challenge's per-case score), which moves the mean by 1/n per such case; 'Dice (with it)' "
+        "is the same mean ± std over the test cases that contain the structure only.",
+        "",
+    ]
 
 
 def _section_head(
@@ -321,11 +400,13 @@ def _model_row(summary: pd.DataFrame, raw: pd.DataFrame, estimate: str, unit: st
         cell = _cell(summary, metric, estimate)
         row[f"{metric}_mean"] = np.nan if cell is None else float(cell["mean"])
         row[f"{metric}_std"] = np.nan if cell is None else float(cell["std"])
-        if metric in DISTANCE_METRICS:
-            row[f"{metric}_undefined"] = 0 if cell is None else int(cell["undefined"])
-    dice = _cell(summary, "dice", estimate)
+    dice, hd95 = _cell(summary, "dice", estimate), _cell(summary, "hd95", estimate)
     row["runs"] = 0 if dice is None else int(dice["runs"])
     row["cases"] = 0 if dice is None else int(dice["cases"])
+    row["penalised"] = 0 if hd95 is None else int(hd95["penalised"])
+    row["absent"] = 0 if dice is None else int(dice["absent"])
+    row["dice_present_mean"] = np.nan if dice is None else float(dice["mean_present"])
+    row["dice_present_std"] = np.nan if dice is None else float(dice["std_present"])
     raw_dice = _cell(raw, "dice", estimate)
     row["dice_raw_mean"] = np.nan if raw_dice is None else float(raw_dice["mean"])
     row["dice_raw_std"] = np.nan if raw_dice is None else float(raw_dice["std"])
@@ -333,12 +414,14 @@ def _model_row(summary: pd.DataFrame, raw: pd.DataFrame, estimate: str, unit: st
     return row
 
 
-def _model_md(r: dict, label: str, with_global: bool = False) -> str:
+def _model_md(r: dict, label: str, with_global: bool = False, with_present: bool = False) -> str:
     overlap = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS]
     if with_global:
         overlap.insert(1, _pct(r["dice_global_mean"], r["dice_global_std"]))
-    total = r["runs"] * r["cases"]
-    dist = [_dist(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_undefined"], total) for m in DISTANCE_METRICS]
+    if with_present:
+        overlap.insert(1, _pct(r["dice_present_mean"], r["dice_present_std"]))
+    dist = [_dist(r[f"{m}_mean"], r[f"{m}_std"]) for m in DISTANCE_METRICS]
+    dist.append(_penalised(r["penalised"], r["runs"] * r["cases"]))
     cells = [r["model"], r["class"], label, *overlap, *dist, _pct(r["dice_raw_mean"], r["dice_raw_std"])]
     return "| " + " | ".join([*cells, _p(r["p_dice_t_holm"]), _p(r["p_dice_wilcoxon_holm"])]) + " |"
 
@@ -370,15 +453,18 @@ def comparison_table(
         info = infos.get(dataset, {})
         unit = info.get("distance_unit", "px")
         with_global = info.get("kind") == "volume"
+        absent = _absent_note(summary, dataset, "volume" if with_global else "image")
         lines += _section_head(dataset, info, summary)
         lines += [
+            *absent,
             f"p = CASNet (`{reference}`) vs the model on per-case Dice averaged over runs, paired t-test and "
             "Wilcoxon signed-rank, Holm-corrected over every entry compared with CASNet (see statistics.md).",
             *_observer_note(observers, dataset),
             "",
-            f"| model | class | estimate | Dice |{' Dice global |' if with_global else ''} IoU | Precision "
-            f"| Recall | HD95 ({unit}) | ASSD ({unit}) | Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_global else ""),
+            f"| model | class | estimate | Dice |{' Dice (with it) |' if absent else ''}"
+            f"{' Dice global |' if with_global else ''} IoU | Precision | Recall | HD95 ({unit}) | ASSD ({unit}) "
+            "| penalised | Dice raw | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (with_global + bool(absent)),
         ]
         rows = summary[summary["dataset"] == dataset]
         raw = raw_summary[raw_summary["dataset"] == dataset]
@@ -399,11 +485,13 @@ def comparison_table(
                     r["p_dice_t_holm"] = float(test["p_t_holm"]) if on_runs else np.nan
                     r["p_dice_wilcoxon_holm"] = float(test["p_wilcoxon_holm"]) if on_runs else np.nan
                     records.append(r)
-                    lines.append(_model_md(r, label, with_global))
+                    lines.append(_model_md(r, label, with_global, bool(absent)))
             human = _observer_record(observers, dataset, cls, unit)
             if human is not None:
                 records.append({"table": table, **human})
-                lines.append(_model_md(human, "over test images (human reference)", with_global))
+                lines.append(
+                    _model_md(human, "over test images (human reference)", with_global, bool(absent))
+                )
         lines.append("")
     frame = pd.DataFrame(records, columns=_COMPARISON_COLUMNS)
     frame.attrs["how"] = "\n".join(line for line in lines if not line.startswith("|"))
@@ -431,11 +519,11 @@ def _observer_record(observers: pd.DataFrame | None, dataset: str, cls: str, uni
     r: dict = {"dataset": dataset, "class": cls, "model": "second_observer", "estimate": "human"}
     for metric in (*TABLE_METRICS, *DISTANCE_METRICS):
         values = rows.loc[rows["metric"] == metric, "value"]
-        r[f"{metric}_mean"], r[f"{metric}_std"] = float(values.mean()), float(values.std())
-        if metric in DISTANCE_METRICS:
-            r[f"{metric}_undefined"] = int(values.isna().sum())
-    r.update(runs=1, cases=int(rows["case_id"].nunique()), distance_unit=unit)
+        r[f"{metric}_mean"], r[f"{metric}_std"] = float(values.mean(skipna=False)), float(values.std())
+    flag = rows.loc[rows["metric"] == PENALISED, "value"]
+    r.update(runs=1, cases=int(rows["case_id"].nunique()), distance_unit=unit, penalised=int(flag.sum()))
     nan = float("nan")
+    r.update(absent=0, dice_present_mean=nan, dice_present_std=nan)
     r.update(dice_raw_mean=nan, dice_raw_std=nan, dice_global_mean=nan, dice_global_std=nan)
     r.update(p_dice_t_holm=nan, p_dice_wilcoxon_holm=nan)
     return r
@@ -444,8 +532,8 @@ def _observer_record(observers: pd.DataFrame | None, dataset: str, cls: str, uni
 _COMPARISON_COLUMNS = [
     "table", "dataset", "class", "model", "estimate", "runs", "cases",
     *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")),
-    *(f"{m}_{s}" for m in DISTANCE_METRICS for s in ("mean", "std", "undefined")),
-    "distance_unit", "dice_raw_mean", "dice_raw_std", "dice_global_mean", "dice_global_std",
+    *(f"{m}_{s}" for m in DISTANCE_METRICS for s in ("mean", "std")),
+    "penalised", "absent", "dice_present_mean", "dice_present_std", "distance_unit", "dice_raw_mean", "dice_raw_std", "dice_global_mean", "dice_global_std",
     "p_dice_t_holm", "p_dice_wilcoxon_holm",
 ]  # fmt: skip
 
@@ -470,8 +558,8 @@ def ablation_section_table(
     lines = [f"# {TABLE_TITLES[table]}", ""]
     lines += [
         "Each variant is CASNet with one part switched off (its override of the `model` section in "
-        "params.yaml), trained under the same protocol. Δ Dice = variant - full model in points, with "
-        "the 95% CI of the paired per-case differences; p = full model vs variant, Holm-corrected over "
+        "params.yaml), trained under the same protocol. Δ Dice = variant - full model in points (negative: "
+        "the variant is worse), with the 95% CI of the paired per-case differences; p = full model vs variant, Holm-corrected over "
         "every entry compared with CASNet (statistics.md).",
         "",
     ]
@@ -485,11 +573,14 @@ def ablation_section_table(
         info = infos.get(dataset, {})
         unit = info.get("distance_unit", "px")
         with_global = info.get("kind") == "volume"
+        absent = _absent_note(summary, dataset, "volume" if with_global else "image")
         lines += _section_head(dataset, info, summary, with_ensemble=False)
         lines += [
-            f"| model | switched off | class | Dice |{' Dice global |' if with_global else ''} IoU | Precision "
-            f"| Recall | HD95 ({unit}) | Δ Dice (pts) [95% CI] | p (t, Holm) | p (Wilcoxon, Holm) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_global else ""),
+            *absent,
+            f"| model | switched off | class | Dice |{' Dice (with it) |' if absent else ''}"
+            f"{' Dice global |' if with_global else ''} IoU | Precision | Recall | HD95 ({unit}) | penalised "
+            "| Δ Dice (pts) [95% CI] | p (t, Holm) | p (Wilcoxon, Holm) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (with_global + bool(absent)),
         ]
         rows = summary[(summary["dataset"] == dataset) & (summary["estimate"] == "runs")]
         for cls in dict.fromkeys(rows["class"]):
@@ -500,30 +591,25 @@ def ablation_section_table(
                 off = ", ".join(f"{k}={v}" for k, v in settings.get(entry, {}).items()) or "(full model)"
                 r = {"table": table, "dataset": dataset, "class": cls, "model": entry, "switched_off": off,
                      "runs": int(here["runs"].max()), "cases": int(here["cases"].max())}  # fmt: skip
-                for metric in (*TABLE_METRICS, "hd95"):
-                    cell = _cell(here, metric)
-                    r[f"{metric}_mean"] = np.nan if cell is None else float(cell["mean"])
-                    r[f"{metric}_std"] = np.nan if cell is None else float(cell["std"])
+                row = _model_row(here, here.iloc[:0], "runs", unit)
+                r |= {k: row[k] for k in _ABLATION_COLUMNS if k in row}
                 r["dice_global_mean"], r["dice_global_std"] = _global_cell(
                     global_summary, dataset, cls, entry, "runs"
                 )
                 test = _stat(stats, dataset, cls, "dice", entry)
-                r["delta_dice"] = np.nan if test is None else -float(test["mean_diff"])
-                r["delta_ci_low"] = np.nan if test is None else -float(test["ci_high"])
-                r["delta_ci_high"] = np.nan if test is None else -float(test["ci_low"])
-                r["p_t_holm"] = np.nan if test is None else float(test["p_t_holm"])
-                r["p_wilcoxon_holm"] = np.nan if test is None else float(test["p_wilcoxon_holm"])
-                r["distance_unit"] = unit
+                for key in ("delta", "delta_ci_low", "delta_ci_high", "p_t_holm", "p_wilcoxon_holm"):
+                    r[key if key.startswith("p_") else key.replace("delta", "delta_dice", 1)] = (
+                        np.nan if test is None else float(test[key])
+                    )
                 records.append(r)
-                delta = "-" if test is None else (
-                    f"{100 * r['delta_dice']:.2f} [{_value('dice', r['delta_ci_low'], unit)}, "
-                    f"{_value('dice', r['delta_ci_high'], unit)}]"
-                )  # fmt: skip
+                delta = delta_text("dice", r["delta_dice"], r["delta_dice_ci_low"], r["delta_dice_ci_high"])
                 overlap = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS]
                 if with_global:
                     overlap.insert(1, _pct(r["dice_global_mean"], r["dice_global_std"]))
-                cells = [entry, off, cls, *overlap,
-                         _dist(r["hd95_mean"], r["hd95_std"]), delta,
+                if absent:
+                    overlap.insert(1, _pct(r["dice_present_mean"], r["dice_present_std"]))
+                cells = [entry, off, cls, *overlap, _dist(r["hd95_mean"], r["hd95_std"]),
+                         _penalised(r["penalised"], r["runs"] * r["cases"]), delta,
                          "-" if test is None else _p(r["p_t_holm"]),
                          "-" if test is None else _p(r["p_wilcoxon_holm"])]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
@@ -536,8 +622,8 @@ def ablation_section_table(
 _ABLATION_COLUMNS = [
     "table", "dataset", "class", "model", "switched_off", "runs", "cases",
     *(f"{m}_{s}" for m in (*TABLE_METRICS, "hd95") for s in ("mean", "std")),
-    "dice_global_mean", "dice_global_std",
-    "delta_dice", "delta_ci_low", "delta_ci_high", "p_t_holm", "p_wilcoxon_holm", "distance_unit",
+    "penalised", "absent", "dice_present_mean", "dice_present_std", "dice_global_mean", "dice_global_std",
+    "delta_dice", "delta_dice_ci_low", "delta_dice_ci_high", "p_t_holm", "p_wilcoxon_holm", "distance_unit",
 ]  # fmt: skip
 
 
@@ -546,15 +632,30 @@ _ABLATION_COLUMNS = [
 
 PATIENT_NOTE = (
     "Patients: where one patient gives several test cases (CHASE_DB1: two eyes of a child), the "
-    "per-case test treats them as independent. The patient columns resample patients instead: "
-    "the 95% interval of the same mean per-case difference under a cluster bootstrap over patients "
-    "(10,000 draws, percentile) and a t-test on the per-patient mean differences. Datasets where "
-    "every case is its own patient have no patient columns: their per-case test is the patient test."
+    "per-case test treats them as independent. The patient columns take patients as the unit: with "
+    "fewer than 10 patients a t-interval on the per-patient mean differences (df = patients - 1; 't'), "
+    "from 10 on a cluster bootstrap of the mean per-case difference over patients (10,000 draws, "
+    "percentile; 'bootstrap'): a bootstrap of a handful of patients has few distinct resamples and covers "
+    "too rarely. p (t, patients): a t-test on the per-patient mean differences. Datasets where every case "
+    "is its own patient have no patient columns: their per-case test is the patient test."
 )
 RUNS_NOTE = (
     "Over runs (training variance): each trained run's (fold x seed) mean Dice over the test cases, "
     "CASNet against the model's run of the same fold and seed; paired t-test and Wilcoxon over those "
-    "runs, Holm-corrected per dataset x class, diff = CASNet - model in points with its t-based 95% CI."
+    "runs, Holm-corrected per dataset x class, Δ = model - CASNet in points with its t-based 95% CI. "
+    "The runs' training sets overlap (folds of one training part, the same test set), so these runs "
+    "are not independent and this test understates the variance (Nadeau and Bengio, 2003): read it as "
+    "a description of training variance, not as the paper's test, which is the per-case one above."
+)
+STATISTICS_HOW = (
+    "Post-processed test predictions of the trained runs (the fold ensemble left out); each test case's "
+    "value averaged over all runs (none dropped: a missed or spurious structure has HD95 = ASSD = the "
+    "case's diagonal; 'penalised' = the case x run pairs given that penalty, CASNet / model; n = cases "
+    "paired). Paired t-test (scipy ttest_rel, the paper's test) and Wilcoxon signed-rank (scipy wilcoxon, "
+    "zero differences dropped), Holm-corrected within each dataset x class x metric over every entry "
+    "compared with CASNet. Δ = model - CASNet (points for Dice/IoU, where negative: the model is worse; "
+    "distance unit for HD95/ASSD, where positive: the model is worse) with the t-based 95% CI of the "
+    "paired differences."
 )
 
 
@@ -564,24 +665,13 @@ def statistics_table(
     """Markdown of `medfusion.stats.compare_models`'s output per dataset (the per-case test, and the
     patient-level interval and test where patients give several cases), then `compare_runs`'s output
     (`runs`) where given; the CSV is compare_models's output."""
-    lines = [
-        "# Statistics: CASNet against every other entry",
-        "",
-        "Post-processed test predictions of the trained runs (the fold ensemble left out); each test case's "
-        "value averaged over runs; cases where either model's value is undefined (HD95/ASSD with one "
-        "empty mask in every run) dropped pairwise (n = cases used). Paired t-test (scipy ttest_rel, the "
-        "paper's test) and Wilcoxon signed-rank (scipy wilcoxon, zero differences dropped), Holm-corrected "
-        "within each dataset x class x metric over every entry compared with CASNet. diff = CASNet - model "
-        "(points for Dice/IoU; distance unit for HD95/ASSD, where negative favours CASNet) with the t-based "
-        "95% CI of the paired differences.",
-        "",
-    ]
+    lines = ["# Statistics: CASNet against every other entry", "", STATISTICS_HOW, ""]
     if stats.empty:
         lines.append("No comparison: fewer than two models were run.")
     patients_shown = False
     for dataset, group in stats.groupby("dataset", sort=False):
         info = infos.get(dataset, {})
-        patients = "cluster_ci_low" in group and bool(group["cluster_ci_low"].notna().any())
+        patients = "patient_ci_low" in group and bool(group["patient_ci_low"].notna().any())
         patients_shown |= patients
         lines += [
             f"## {info.get('title', dataset)} (`{dataset}`)",
@@ -601,11 +691,11 @@ def statistics_table(
 def _stats_rows(group: pd.DataFrame, info: Mapping, patients: bool) -> list[str]:
     """The per-case test's table of one dataset, with the patient-level columns when `patients`."""
     unit = info.get("distance_unit", "px")
-    extra = " patients | diff [95% CI], patients | p (t, patients) |" if patients else ""
+    extra = " patients | Δ [95% CI], patients | p (t, patients) |" if patients else ""
     lines = [
-        f"| class | metric | model | n | {group['reference'].iloc[0]} | model | diff [95% CI] | t | p (t) "
-        "| p (t, Holm) | W | p (W) | p (W, Holm) |" + extra,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 3 if patients else ""),
+        f"| class | metric | model | n | {group['reference'].iloc[0]} | model | penalised | Δ [95% CI] | t "
+        "| p (t) | p (t, Holm) | W | p (W) | p (W, Holm) |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 3 if patients else ""),
     ]
     for r in group.to_dict("records"):
         metric = r["metric"]
@@ -613,19 +703,25 @@ def _stats_rows(group: pd.DataFrame, info: Mapping, patients: bool) -> list[str]
         t = "n/a" if math.isnan(r["t"]) else f"{r['t']:.3f}"
         w = "n/a" if math.isnan(r["w"]) else f"{r['w']:.1f}"
         cells = [r["class"], name, r["model"], str(r["n_cases"]), _value(metric, r["mean_reference"], unit),
-                 _value(metric, r["mean_model"], unit), _interval(metric, r, unit, "ci"), t, _p(r["p_t"]),
+                 _value(metric, r["mean_model"], unit), _penalised_pair(r),
+                 delta_text(metric, r["delta"], r["delta_ci_low"], r["delta_ci_high"]), t, _p(r["p_t"]),
                  _p(r["p_t_holm"]), w, _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
         if patients:
             n_groups = "n/a" if pd.isna(r["n_groups"]) else str(int(r["n_groups"]))
-            cells += [n_groups, _interval(metric, r, unit, "cluster_ci"), _p(r["p_t_groups"])]
+            method = f" ({r['patient_ci_method']})" if isinstance(r.get("patient_ci_method"), str) and r[
+                "patient_ci_method"] else ""  # fmt: skip
+            interval = delta_text(metric, r["delta"], r["patient_ci_low"], r["patient_ci_high"])
+            cells += [n_groups, interval + method, _p(r["p_t_groups"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _interval(metric: str, r: Mapping, unit: str, prefix: str) -> str:
-    """ "diff [low, high]" with the mean difference and the `prefix`_low / _high bounds."""
-    low, high = (_value(metric, r[f"{prefix}_{end}"], unit) for end in ("low", "high"))
-    return f"{_value(metric, r['mean_diff'], unit)} [{low}, {high}]"
+def _penalised_pair(r: Mapping) -> str:
+    """'k / k'' penalised case x run pairs of the reference and the model (distance metrics), '-' otherwise."""
+    low, high = r.get("penalised_reference", np.nan), r.get("penalised_model", np.nan)
+    if pd.isna(low) or pd.isna(high):
+        return "-"
+    return f"{int(low)} / {int(high)}"
 
 
 def _runs_section(runs: pd.DataFrame, infos: Mapping[str, Mapping]) -> list[str]:
@@ -636,7 +732,7 @@ def _runs_section(runs: pd.DataFrame, infos: Mapping[str, Mapping]) -> list[str]
         lines += [
             f"### {infos.get(dataset, {}).get('title', dataset)} (`{dataset}`)",
             "",
-            f"| class | metric | model | runs | {group['reference'].iloc[0]} | model | diff [95% CI] | p (t) "
+            f"| class | metric | model | runs | {group['reference'].iloc[0]} | model | Δ [95% CI] | p (t) "
             "| p (t, Holm) | p (W) | p (W, Holm) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -644,8 +740,8 @@ def _runs_section(runs: pd.DataFrame, infos: Mapping[str, Mapping]) -> list[str]
             metric = r["metric"]
             cells = [r["class"], NAMES.get(metric, metric), r["model"], str(r["n_runs"]),
                      _value(metric, r["mean_reference"], unit), _value(metric, r["mean_model"], unit),
-                     _interval(metric, r, unit, "ci"), _p(r["p_t"]), _p(r["p_t_holm"]), _p(r["p_wilcoxon"]),
-                     _p(r["p_wilcoxon_holm"])]  # fmt: skip
+                     delta_text(metric, r["delta"], r["delta_ci_low"], r["delta_ci_high"]), _p(r["p_t"]),
+                     _p(r["p_t_holm"]), _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines

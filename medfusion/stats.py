@@ -8,23 +8,35 @@ What is compared (METHOD.md section 3, "statistics"):
 
 - the post-processed rows ("post"; all rows when the table has no `postprocess` column), without
   the "ensemble" run: the ensemble is one more prediction, not a repeat;
-- per dataset, class and metric, each test case's value averaged over the runs (NaN runs skipped, so
-  a case is NaN only when the metric is undefined in every run: HD95/ASSD with one empty mask);
+- per dataset, class and metric, each test case's value averaged over the runs. No value is dropped:
+  HD95/ASSD of a missed or spurious structure are the case's diagonal (`medfusion.metrics`), so a
+  case missed in 14 runs of 15 is averaged with 14 penalties, and a NaN (a table from elsewhere)
+  makes that case's mean NaN and is counted (`n_missing`), never skipped silently;
 - the reference (the first model entry, CASNet) against each other entry (ablations and baselines),
-  on the cases where both have a value: cases where either is NaN are dropped pairwise (`n_cases`);
+  on the cases where both have a value (`n_cases`; `n_missing` the cases left out, 0 for the
+  pipeline's own tables);
 - paired t-test (scipy.stats.ttest_rel, the paper's test) and Wilcoxon signed-rank
   (scipy.stats.wilcoxon, its defaults: two-sided, zero differences dropped), each Holm-corrected
   within a family = one dataset x class x metric (all entries compared with the reference);
-- mean difference reference - model with its t-based 95% CI over the paired differences. For HD95
-  and ASSD lower is better, so a negative difference favours the reference.
+- one direction for every difference in every table: Δ = model - reference (`delta`, with its
+  t-based 95% CI `delta_ci_low/high`), so a worse entry has a negative Δ on Dice/IoU and a positive
+  one on HD95/ASSD (lower is better there). `t` is ttest_rel(model, reference), of Δ's sign.
+- the penalised cases: for HD95/ASSD, `penalised_reference` / `penalised_model` count the case x
+  run pairs of each model whose distance is the diagonal penalty (the per-case table's `penalised`
+  rows), shown beside the means;
 - patients, not cases (METHOD.md section 3): where the table has a `group` column (the patient of
   each case, from the split's cases.json) and some patient gives several cases (CHASE_DB1: two eyes
-  of a child), `cluster_comparison` adds an interval that resamples patients (cluster bootstrap of
-  the mean per-case difference, percentile, 10,000 draws, seeded) and a t-test on the per-patient
-  mean differences (`n_groups`, `cluster_ci_low/high`, `p_t_groups`). Where every case is its own
-  patient these are NaN: the per-case test already is the patient test.
+  of a child), `cluster_comparison` adds an interval and a test over patients (`n_groups`,
+  `patient_ci_low/high`, `patient_ci_method`, `p_t_groups`): with fewer than `MIN_BOOTSTRAP_PATIENTS`
+  (10) patients a t-interval on the per-patient mean differences (df = patients - 1; a bootstrap of
+  4 patients has 35 distinct resamples and covers 0 about 79% of the time at a nominal 95%), above
+  that a cluster bootstrap of the mean per-case difference (percentile, 10,000 draws, seeded); the
+  test is a t-test on the per-patient mean differences. Where every case is its own patient these
+  are NaN: the per-case test already is the patient test.
 - training variance (`compare_runs`): the per-run mean over test cases, reference against model in
   the same run (fold and seed), paired t-test and Wilcoxon over runs, Holm-corrected per family.
+  The runs' training sets overlap (folds of one training part), so this test understates the
+  variance (Nadeau and Bengio 2003); the tables say so and it is not the paper's test.
 """
 
 from __future__ import annotations
@@ -36,15 +48,18 @@ import pandas as pd
 from scipy import stats
 
 from medfusion.common import ENSEMBLE_RUNS
+from medfusion.metrics import DISTANCE_METRICS, PENALISED
 
 DEFAULT_METRICS = ("dice", "iou", "hd95")
 COLUMNS = [
     "dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
-    "mean_diff", "ci_low", "ci_high", "t", "p_t", "p_t_holm", "w", "p_wilcoxon", "p_wilcoxon_holm",
-    "n_groups", "cluster_ci_low", "cluster_ci_high", "p_t_groups",
+    "delta", "delta_ci_low", "delta_ci_high", "t", "p_t", "p_t_holm", "w", "p_wilcoxon", "p_wilcoxon_holm",
+    "n_missing", "penalised_reference", "penalised_model",
+    "n_groups", "patient_ci_low", "patient_ci_high", "patient_ci_method", "p_t_groups",
 ]  # fmt: skip
-RUN_COLUMNS = ["n_runs" if c == "n_cases" else c for c in COLUMNS[:17]]
+RUN_COLUMNS = ["n_runs" if c == "n_cases" else c for c in COLUMNS[:20]]
 BOOTSTRAP_DRAWS = 10_000
+MIN_BOOTSTRAP_PATIENTS = 10  # fewer patients: a t-interval on the per-patient means (METHOD.md section 3)
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -66,32 +81,35 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 def paired_comparison(reference: np.ndarray, other: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    """Paired tests of two per-case vectors (same cases, same order); pairs with a NaN are dropped.
+    """Paired tests of two per-case vectors (same cases, same order); pairs with a NaN are left out
+    and counted (`n_missing`).
 
     Returns:
-        n_cases, mean_reference, mean_model, mean_diff (reference - other), ci_low, ci_high (t-based
-        CI of the mean difference), t and p_t (ttest_rel), w and p_wilcoxon (wilcoxon). t/p_t are NaN
-        with fewer than 2 pairs or constant differences (up to rounding: the t statistic is undefined); w/p_wilcoxon
-        are NaN when every difference is zero (nothing to rank) or there are no pairs.
+        n_cases, n_missing, mean_reference, mean_model, delta (mean of other - reference: the one
+        direction of every table), delta_ci_low, delta_ci_high (t-based CI of delta), t and p_t
+        (ttest_rel(other, reference)), w and p_wilcoxon (wilcoxon). t/p_t are NaN with fewer than 2
+        pairs or constant differences (up to rounding: the t statistic is undefined); w/p_wilcoxon are
+        NaN when every difference is zero (nothing to rank) or there are no pairs.
     """
     a, b = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
     keep = ~(np.isnan(a) | np.isnan(b))
     a, b = a[keep], b[keep]
-    diff = a - b
+    diff = b - a
     n = len(diff)
-    out = dict.fromkeys(COLUMNS[5:11] + ["t", "p_t", "w", "p_wilcoxon"], np.nan)
-    out["n_cases"] = n
+    out = dict.fromkeys(["mean_reference", "mean_model", "delta", "delta_ci_low", "delta_ci_high", "t", "p_t",
+                         "w", "p_wilcoxon"], np.nan)  # fmt: skip
+    out.update(n_cases=n, n_missing=int((~keep).sum()))
     if n == 0:
         return out
-    out.update(mean_reference=float(a.mean()), mean_model=float(b.mean()), mean_diff=float(diff.mean()))
+    out.update(mean_reference=float(a.mean()), mean_model=float(b.mean()), delta=float(diff.mean()))
     if n >= 2:
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n)
-        out.update(ci_low=float(diff.mean() - half), ci_high=float(diff.mean() + half))
+        out.update(delta_ci_low=float(diff.mean() - half), delta_ci_high=float(diff.mean() + half))
         if np.ptp(diff) > 1e-12 * max(1.0, float(np.abs(diff).max())):  # constant up to rounding: no t
-            t, p = stats.ttest_rel(a, b)
+            t, p = stats.ttest_rel(b, a)
             out.update(t=float(t), p_t=float(p))
     if np.any(diff != 0):
-        w, p = stats.wilcoxon(a, b)
+        w, p = stats.wilcoxon(b, a)
         out.update(w=float(w), p_wilcoxon=float(p))
     return out
 
@@ -106,35 +124,46 @@ def cluster_comparison(
 ) -> dict[str, float]:
     """The paired comparison with patients, not cases, as the unit (pairs with a NaN dropped).
 
-    Cluster bootstrap: each of `draws` resamples takes as many patients as there are, with
-    replacement, and all their cases; the statistic is the mean per-case difference reference - other
-    (the per-case mean of `paired_comparison`), and the interval its percentile interval. The test is
-    a one-sample t-test of the per-patient mean differences against 0. Memory: draws x patients
-    indices (80 MB at 1,000 patients).
+    The interval of Δ (other - reference), by the number of patients P (METHOD.md section 3):
+    - P < MIN_BOOTSTRAP_PATIENTS (10): a t-interval on the P per-patient mean differences, df = P - 1,
+      centred on their mean (method "t"). With equal cases per patient (CHASE_DB1: two eyes each) that
+      centre is the per-case mean difference; otherwise it weighs patients equally.
+    - P >= 10: a cluster bootstrap (method "bootstrap"): each of `draws` resamples takes P patients with
+      replacement and all their cases; the statistic is the mean per-case difference, the interval its
+      percentile interval. Memory: draws x patients indices (80 MB at 1,000 patients).
+    The test is a one-sample t-test of the per-patient mean differences against 0 (either way).
 
     Returns:
-        n_groups, cluster_ci_low, cluster_ci_high, p_t_groups; NaN where every patient gives one case
-        (the per-case figures are then the patient figures) or fewer than 2 patients remain; p_t_groups
-        NaN also when the per-patient differences are constant.
+        n_groups, patient_ci_low, patient_ci_high, patient_ci_method, p_t_groups; NaN (method "") where
+        every patient gives one case (the per-case figures are then the patient figures) or fewer than 2
+        patients remain; p_t_groups NaN also when the per-patient differences are constant.
     """
     a, b, g = np.asarray(reference, dtype=float), np.asarray(other, dtype=float), np.asarray(groups)
     keep = ~(np.isnan(a) | np.isnan(b))
     patients, inverse = np.unique(g[keep], return_inverse=True)
     out = {
         "n_groups": len(patients),
-        "cluster_ci_low": np.nan,
-        "cluster_ci_high": np.nan,
+        "patient_ci_low": np.nan,
+        "patient_ci_high": np.nan,
+        "patient_ci_method": "",
         "p_t_groups": np.nan,
     }
     if len(patients) < 2 or len(patients) == int(keep.sum()):
         return out
-    sums = np.bincount(inverse, weights=(a - b)[keep])
+    sums = np.bincount(inverse, weights=(b - a)[keep])
     counts = np.bincount(inverse).astype(float)
-    picks = np.random.default_rng(seed).integers(0, len(patients), size=(draws, len(patients)))
-    boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
-    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-    out.update(cluster_ci_low=float(low), cluster_ci_high=float(high))
     per_patient = sums / counts
+    if len(patients) < MIN_BOOTSTRAP_PATIENTS:
+        n = len(per_patient)
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * per_patient.std(ddof=1) / np.sqrt(n)
+        low, high = per_patient.mean() - half, per_patient.mean() + half
+        out["patient_ci_method"] = "t"
+    else:
+        picks = np.random.default_rng(seed).integers(0, len(patients), size=(draws, len(patients)))
+        boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+        low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+        out["patient_ci_method"] = "bootstrap"
+    out.update(patient_ci_low=float(low), patient_ci_high=float(high))
     if np.ptp(per_patient) > 1e-12 * max(1.0, float(np.abs(per_patient).max())):
         out["p_t_groups"] = float(stats.ttest_1samp(per_patient, 0.0).pvalue)
     return out
@@ -151,22 +180,32 @@ def _trained_rows(per_case: pd.DataFrame, postprocess: str) -> pd.DataFrame:
 def case_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
     """Each test case's value averaged over the trained runs (the ensembles left out).
 
-    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). NaN values
-    are skipped in the mean. Returns columns dataset, class, metric, model, case_id, value, and group
-    where the table has it.
+    Uses the rows with `postprocess == postprocess` (all rows when the column is absent). Every run
+    counts: a NaN value makes the case's mean NaN (no run is skipped to make a case look better; the
+    pipeline's own tables have none: see `medfusion.metrics`). Returns columns dataset, class,
+    metric, model, case_id, value, and group where the table has it.
     """
     rows = _trained_rows(per_case, postprocess)
     keys = ["dataset", "class", "metric", "model", "case_id", *(["group"] if "group" in rows else [])]
-    return rows.groupby(keys, as_index=False, sort=True)["value"].mean()
+    return rows.groupby(keys, as_index=False, sort=True)["value"].mean(skipna=False)
 
 
 def run_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
-    """Each trained run's mean over its test cases (NaN values skipped). Columns dataset, class,
-    metric, model, run, value."""
+    """Each trained run's mean over its test cases (a NaN value makes the run's mean NaN, as in
+    `case_means`). Columns dataset, class, metric, model, run, value."""
     rows = _trained_rows(per_case, postprocess)
     return rows.groupby(["dataset", "class", "metric", "model", "run"], as_index=False, sort=True)[
         "value"
-    ].mean()
+    ].mean(skipna=False)
+
+
+def penalised_counts(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Series:
+    """The number of penalised case x run pairs (HD95/ASSD = the case's diagonal: a missed or
+    spurious structure) of the trained runs, per (dataset, class, model); empty where the table
+    has no `penalised` rows (a table from before they were recorded)."""
+    rows = _trained_rows(per_case, postprocess)
+    rows = rows[rows["metric"] == PENALISED]
+    return rows.groupby(["dataset", "class", "model"], sort=True)["value"].sum().astype(int)
 
 
 def compare_models(
@@ -189,6 +228,7 @@ def compare_models(
         order of `models`. Empty (with the columns) when fewer than two models were run.
     """
     means = case_means(per_case[per_case["metric"].isin(metrics)], postprocess)
+    penalised = penalised_counts(per_case, postprocess)
 
     def by_patient(group: pd.DataFrame, wide: pd.DataFrame):
         if "group" not in group:
@@ -196,7 +236,7 @@ def compare_models(
         patients = group.groupby("case_id")["group"].first().reindex(wide.index).to_numpy()
         return lambda a, b: cluster_comparison(a, b, patients)
 
-    out = pd.DataFrame(_families(means, "case_id", models, by_patient), columns=COLUMNS)
+    out = pd.DataFrame(_families(means, "case_id", models, by_patient, penalised), columns=COLUMNS)
     out["n_cases"] = out["n_cases"].astype(int)
     return _in_model_order(out, models, metrics)
 
@@ -215,7 +255,7 @@ def compare_runs(
     with its t-based 95% CI. Returns columns `RUN_COLUMNS` (n_runs = pairs used).
     """
     means = run_means(per_case[per_case["metric"].isin(metrics)], postprocess)
-    rows = _families(means, "run", models)
+    rows = _families(means, "run", models, penalised=penalised_counts(per_case, postprocess))
     for row in rows:
         row["n_runs"] = row.pop("n_cases")
     out = pd.DataFrame(rows, columns=RUN_COLUMNS)
@@ -223,10 +263,13 @@ def compare_runs(
     return _in_model_order(out, models, metrics)
 
 
-def _families(means: pd.DataFrame, index: str, models: Sequence[str], extra=None) -> list[dict]:
+def _families(
+    means: pd.DataFrame, index: str, models: Sequence[str], extra=None, penalised: pd.Series | None = None
+) -> list[dict]:
     """The reference models[0] against each other entry, per dataset x class x metric (a Holm
     family), paired over `index` (case_id or run); `extra(group, wide)` may return a function of the
-    two paired vectors whose dict is added to each comparison."""
+    two paired vectors whose dict is added to each comparison; `penalised` (`penalised_counts`) fills
+    the penalised columns of the distance metrics."""
     reference = models[0] if models else None
     rows = []
     for (dataset, cls, metric), group in means.groupby(["dataset", "class", "metric"], sort=True):
@@ -238,10 +281,21 @@ def _families(means: pd.DataFrame, index: str, models: Sequence[str], extra=None
         for other in [m for m in models[1:] if m in wide]:
             a, b = wide[reference].to_numpy(), wide[other].to_numpy()
             result = paired_comparison(a, b) | (more(a, b) if more else {})
+            result |= _penalised(penalised, dataset, cls, metric, reference, other)
             family.append({"dataset": dataset, "class": cls, "metric": metric, "reference": reference,
                            "model": other, **result})  # fmt: skip
         rows += _holm_family(family)
     return rows
+
+
+def _penalised(penalised: pd.Series | None, dataset, cls, metric, reference, other) -> dict[str, float]:
+    """penalised_reference / penalised_model of one comparison: counts for HD95/ASSD, NaN otherwise
+    (and where the table does not record them)."""
+    out = {"penalised_reference": np.nan, "penalised_model": np.nan}
+    if metric in DISTANCE_METRICS and penalised is not None and len(penalised):
+        for key, model in (("penalised_reference", reference), ("penalised_model", other)):
+            out[key] = float(penalised.get((dataset, cls, model), np.nan))
+    return out
 
 
 def _holm_family(family: list[dict]) -> list[dict]:

@@ -31,11 +31,12 @@ def test_runs_ensemble_raw_and_post_per_case(tmp_path, dataset, monkeypatch):
     assert set(per_case["run"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
     assert set(per_case["postprocess"]) == {"raw", "post"}
     assert set(per_case["case_id"]) == set(split["test"])  # a volume is one case, not its slices
-    assert set(per_case["metric"]) == {"dice", "iou", "precision", "recall", "f1", "hd95", "assd"}
+    assert set(per_case["metric"]) == {"dice", "iou", "precision", "recall", "f1", "hd95", "assd", "present",
+                                       "penalised"}  # fmt: skip
     overlap = per_case[~per_case["metric"].isin(["hd95", "assd"])]["value"]
-    assert overlap.between(0, 1).all()
+    assert overlap.between(0, 1).all() and per_case["value"].notna().all()  # no NaN: missed = diagonal
     n_classes = 2 if dataset == "synthetic_volumes" else 1
-    assert len(per_case) == 3 * 2 * len(split["test"]) * n_classes * 7
+    assert len(per_case) == 3 * 2 * len(split["test"]) * n_classes * 9
     assert info["distance_unit"] == ("mm" if dataset == "synthetic_volumes" else "px")
     assert set(info["postprocess"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
     for chosen in info["postprocess"].values():  # chosen on validation: never worse there

@@ -12,7 +12,6 @@ from medfusion.metrics import (
     assd,
     case_metrics,
     hd95,
-    mean_defined,
     overlap_metrics,
     processed_spacing,
     surface,
@@ -29,9 +28,6 @@ from medfusion.postprocess import (
     fill_holes,
     remove_small_components,
 )
-
-NAN = float("nan")
-
 
 # ---------------------------------------------------------------- reference implementations
 
@@ -82,8 +78,8 @@ BLOB[2:5, 3:6] = True
     [
         # shape: (8, 8) each; overlap = dice, iou, precision, recall, f1; distance = hd95, assd
         (EMPTY, EMPTY, 1.0, 0.0),  # both empty: perfect
-        (BLOB, EMPTY, 0.0, NAN),  # foreground predicted on an empty target
-        (EMPTY, BLOB, 0.0, NAN),  # target missed
+        (BLOB, EMPTY, 0.0, "diagonal"),  # foreground predicted on an empty target: the worst distance
+        (EMPTY, BLOB, 0.0, "diagonal"),  # target missed: the worst distance
     ],
 )
 def test_empty_rule_for_every_metric(pred, target, overlap, distance):
@@ -91,9 +87,11 @@ def test_empty_rule_for_every_metric(pred, target, overlap, distance):
     assert set(m) == {"dice", "iou", "precision", "recall", "f1", "hd95", "assd"}
     for name in ("dice", "iou", "precision", "recall", "f1"):
         assert m[name] == overlap, name
+    # the diagonal of the 8 x 8 case: in mm at 0.5 mm (sqrt(2) * 4), in pixels without a spacing
+    in_mm, in_px = (8 * 2**0.5 / 2, 8 * 2**0.5) if distance == "diagonal" else (distance, distance)
     for name, fn in (("hd95", hd95), ("assd", assd)):
-        assert m[name] == pytest.approx(distance, nan_ok=True), name
-        assert fn(pred, target) == pytest.approx(distance, nan_ok=True), name
+        assert m[name] == pytest.approx(in_mm), name
+        assert fn(pred, target) == pytest.approx(in_px), name
     assert overlap_metrics(pred, target) == {k: m[k] for k in ("dice", "iou", "precision", "recall", "f1")}
 
 
@@ -276,12 +274,6 @@ def test_surface_distances_of_a_volume_beyond_one_chunk_with_packed_surfaces():
     assert np.array_equal(bits.slab(64, 70), pred[64:])
 
 
-def test_mean_defined_excludes_and_counts_undefined():
-    assert mean_defined([1.0, NAN, 3.0]) == (2.0, 1)
-    mean, undefined = mean_defined([NAN, NAN])
-    assert math.isnan(mean) and undefined == 2
-
-
 def test_processed_spacing():
     # volume: (D, H, W) = (40, 512, 400) at (2.5, 0.8, 0.7) mm, resized in-plane to 256 x 256
     assert processed_spacing((40, 512, 400), (2.5, 0.8, 0.7), 256) == pytest.approx((2.5, 1.6, 1.09375))
@@ -439,7 +431,8 @@ def test_choose_thresholds_picks_the_known_best_per_class():
     assert [apply(sel.postprocess, p).tolist() for p in probs] == [t.tolist() for t in targets]
     assert choose_postprocess(probs, targets) == sel
     record = json.loads(json.dumps(asdict(sel)))
-    assert record["postprocess"] == {"min_size": 0, "fill_holes": False, "thresholds": [0.4, None]}
+    assert record["postprocess"] == {"min_size": 0, "fill_holes": False, "thresholds": [0.4, None],
+                                     "min_fraction": 0.0, "largest": False, "parents": None}  # fmt: skip
     assert apply(PostProcess(**record["postprocess"]), probs[0]).tolist() == targets[0].tolist()
 
 

@@ -89,11 +89,11 @@ def test_holm_on_known_p_values(p, expected):
 
 def test_paired_comparison_against_a_hand_computation():
     d = GAP["casnet_wo_ca"]  # mean 0.15, sd^2 = 0.025 / 4, so sem = sqrt(0.00125) and t = 3 sqrt(2)
-    out = paired_comparison(REF, REF - d)
-    assert out["n_cases"] == 5 and out["mean_diff"] == pytest.approx(0.15)
-    assert out["t"] == pytest.approx(3 * math.sqrt(2))
+    out = paired_comparison(REF, REF - d)  # the model is worse by d: Δ = model - reference < 0
+    assert out["n_cases"] == 5 and out["n_missing"] == 0 and out["delta"] == pytest.approx(-0.15)
+    assert out["t"] == pytest.approx(-3 * math.sqrt(2))
     half = 2.7764451051977934 * math.sqrt(0.00125)  # t(0.975, 4 df) x sem
-    assert (out["ci_low"], out["ci_high"]) == pytest.approx((0.15 - half, 0.15 + half))
+    assert (out["delta_ci_low"], out["delta_ci_high"]) == pytest.approx((-0.15 - half, -0.15 + half))
     assert out["w"] == 0 and out["p_wilcoxon"] == pytest.approx(
         2 / 32
     )  # all 5 signs positive: exact 2 x 2^-5
@@ -108,8 +108,8 @@ def test_compare_models_matches_scipy_on_case_means():
     p_t, p_w = [], []
     for model, row in zip(MODELS[1:], family.to_dict("records"), strict=True):
         other = REF - GAP[model]  # the "post" case means; the ensemble and "raw" rows are left out
-        t = scipy_stats.ttest_rel(REF, other)
-        w = scipy_stats.wilcoxon(REF, other)
+        t = scipy_stats.ttest_rel(other, REF)  # of Δ's sign: model - reference
+        w = scipy_stats.wilcoxon(other, REF)
         assert row["n_cases"] == 5
         assert row["mean_reference"] == pytest.approx(REF.mean()) and row["mean_model"] == pytest.approx(
             other.mean()
@@ -123,12 +123,10 @@ def test_compare_models_matches_scipy_on_case_means():
     hd95 = out[(out["dataset"] == "kvasir_seg") & (out["metric"] == "hd95") & (out["model"] == "medt")].iloc[
         0
     ]
-    assert hd95["mean_diff"] == pytest.approx(
-        -10 * GAP["medt"].mean()
-    )  # lower is better: negative favours CASNet
+    assert hd95["delta"] == pytest.approx(10 * GAP["medt"].mean())  # lower is better: positive, MedT worse
 
 
-def test_nan_cases_are_dropped_pairwise_and_undefined_tests_are_nan():
+def test_a_nan_run_makes_its_case_missing_never_a_better_mean():
     rows = []
     ref = [1.0, 2.0, math.nan, 4.0, 5.0]  # case c2 undefined in every run: dropped
     other = [1.5, 2.5, 3.0, 4.5, 5.0]
@@ -140,39 +138,57 @@ def test_nan_cases_are_dropped_pairwise_and_undefined_tests_are_nan():
         (table["model"] == "unet") & (table["case_id"] == "c0") & (table["run"] == RUNS[0]), "value"
     ] = np.nan
     out = compare_models(table, ["casnet", "unet", "medt"], metrics=("hd95",)).set_index("model")
-    assert out.loc["unet", "n_cases"] == 4  # c0 keeps its other run's value (1.5 - 0.01)
-    assert out.loc["unet", "mean_model"] == pytest.approx((1.49 + 2.5 + 4.5 + 5.0) / 4)
-    assert out.loc["medt", "n_cases"] == 4 and out.loc["medt", "mean_diff"] == 0
+    # c0 is NaN in one run of unet: its mean is NaN (not the other run's value), left out and counted
+    assert out.loc["unet", "n_cases"] == 3 and out.loc["unet", "n_missing"] == 2
+    assert out.loc["unet", "mean_model"] == pytest.approx((2.5 + 4.5 + 5.0) / 3)
+    assert out.loc["medt", "n_cases"] == 4 and out.loc["medt", "delta"] == 0
     assert math.isnan(out.loc["medt", "t"]) and math.isnan(out.loc["medt", "p_wilcoxon"])
     assert math.isnan(out.loc["medt", "p_t_holm"]) and math.isnan(out.loc["medt", "p_wilcoxon_holm"])
     assert out.loc["unet", "p_t_holm"] == pytest.approx(out.loc["unet", "p_t"])  # a family of one valid test
     assert compare_models(table, ["casnet"]).empty
 
 
-def test_cluster_comparison_resamples_patients_not_cases():
-    # 3 patients with 2 eyes each: differences per patient (0.1, 0.3), (0.2, 0.2), (0.0, 0.4)
-    diff = np.array([0.1, 0.3, 0.2, 0.2, 0.0, 0.4])
-    groups = np.array(["p1", "p1", "p2", "p2", "p3", "p3"])
-    out = cluster_comparison(diff, np.zeros(6), groups)
-    assert out["n_groups"] == 3
-    # every patient's mean difference is 0.2 and each gives 2 cases: every resample's mean is 0.2
-    assert (out["cluster_ci_low"], out["cluster_ci_high"]) == pytest.approx((0.2, 0.2))
-    assert math.isnan(out["p_t_groups"])  # constant per-patient differences: no t statistic
-    # unequal patients: the interval is that of a bootstrap over the 3 patients' (sum, count)
+def test_cluster_comparison_t_interval_below_ten_patients():
+    # 3 patients with 2 eyes each: Δ = other - reference per patient (0.1, 0.3), (0.5, 0.2), (0.0, 0.1)
     diff = np.array([0.1, 0.3, 0.5, 0.2, 0.0, 0.1])
     groups = np.array(["p1", "p1", "p2", "p2", "p3", "p3"])
-    out = cluster_comparison(diff, np.zeros(6), groups, draws=20_000)
-    sums, counts = np.array([0.4, 0.7, 0.1]), np.array([2.0, 2.0, 2.0])
-    picks = np.random.default_rng(0).integers(0, 3, size=(20_000, 3))
-    expected = np.quantile(sums[picks].sum(1) / counts[picks].sum(1), [0.025, 0.975])
-    assert (out["cluster_ci_low"], out["cluster_ci_high"]) == pytest.approx(tuple(expected))
-    assert out["cluster_ci_low"] == pytest.approx(0.05)  # the all-p3 draw, (0.1 + 0.1 + 0.1) / 6
-    assert out["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp([0.2, 0.35, 0.05], 0).pvalue)
+    out = cluster_comparison(np.zeros(6), diff, groups)
+    per_patient = np.array([0.2, 0.35, 0.05])
+    half = scipy_stats.t.ppf(0.975, 2) * per_patient.std(ddof=1) / math.sqrt(3)
+    assert out["n_groups"] == 3 and out["patient_ci_method"] == "t"
+    assert (out["patient_ci_low"], out["patient_ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert out["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp(per_patient, 0).pvalue)
     # one case per patient: the per-case test is the patient test, nothing to add
-    single = cluster_comparison(diff, np.zeros(6), np.array(list("abcdef")))
+    single = cluster_comparison(np.zeros(6), diff, np.array(list("abcdef")))
     assert (
-        single["n_groups"] == 6 and math.isnan(single["cluster_ci_low"]) and math.isnan(single["p_t_groups"])
+        single["n_groups"] == 6 and math.isnan(single["patient_ci_low"]) and math.isnan(single["p_t_groups"])
     )
+
+
+def test_cluster_comparison_bootstraps_patients_from_ten_on():
+    rng = np.random.default_rng(3)
+    diff = rng.normal(0.1, 0.05, 24)
+    groups = np.repeat([f"p{i:02d}" for i in range(12)], 2)  # sorted as np.unique sorts
+    out = cluster_comparison(np.zeros(24), diff, groups, draws=20_000)
+    sums, counts = diff.reshape(12, 2).sum(1), np.full(12, 2.0)
+    picks = np.random.default_rng(0).integers(0, 12, size=(20_000, 12))
+    expected = np.quantile(sums[picks].sum(1) / counts[picks].sum(1), [0.025, 0.975])
+    assert out["patient_ci_method"] == "bootstrap"
+    assert (out["patient_ci_low"], out["patient_ci_high"]) == pytest.approx(tuple(expected))
+
+
+def test_patient_interval_covers_at_four_patients():
+    """CHASE_DB1's test set: 4 children x 2 eyes, true Δ 0. The bootstrap's 35 distinct resamples
+    covered 0.79 of the time; the t-interval on per-patient means must reach the nominal level."""
+    rng = np.random.default_rng(7)
+    groups = np.repeat(["a", "b", "c", "d"], 2)
+    covered, trials = 0, 1000
+    for _ in range(trials):
+        patient = np.repeat(rng.normal(0, 0.05, 4), 2)  # a child's effect shared by both eyes
+        diff = patient + rng.normal(0, 0.02, 8)
+        out = cluster_comparison(np.zeros(8), diff, groups)
+        covered += out["patient_ci_low"] <= 0 <= out["patient_ci_high"]
+    assert covered / trials >= 0.93
 
 
 def test_compare_models_adds_patient_columns_from_the_group_column():
@@ -185,12 +201,12 @@ def test_compare_models_adds_patient_columns_from_the_group_column():
     d = GAP["casnet_wo_ca"]  # per-patient mean differences (0.15, 0.2, 0.05)
     assert row["n_groups"] == 3 and row["n_cases"] == 5
     assert row["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp([0.15, 0.2, 0.05], 0).pvalue)
-    assert row["cluster_ci_low"] <= d.mean() <= row["cluster_ci_high"]
+    assert row["patient_ci_low"] <= -d.mean() <= row["patient_ci_high"] and row["patient_ci_method"] == "t"
     markdown = statistics_table(out, INFOS)[0]
-    assert "| patients | diff [95% CI], patients | p (t, patients) |" in markdown
-    assert "resample patients" in markdown
+    assert "| patients | Δ [95% CI], patients | p (t, patients) |" in markdown
+    assert "patients as the unit" in markdown and "(t) |" in markdown  # 3 patients: the t-interval
     plain = statistics_table(compare_models(fixed_table(), MODELS), INFOS)[0]  # no group column
-    assert "patients |" not in plain and "resample patients" not in plain
+    assert "patients |" not in plain and "patients as the unit" not in plain
 
 
 def test_compare_runs_pairs_the_same_fold_and_seed():
@@ -204,7 +220,7 @@ def test_compare_runs_pairs_the_same_fold_and_seed():
     row = out[(out["dataset"] == "kvasir_seg") & (out["model"] == "unet")].iloc[0]
     assert row["n_runs"] == 2
     gap = GAP["unet"].mean()
-    assert row["mean_diff"] == pytest.approx(gap + 0.01)  # differences gap and gap + 0.02
+    assert row["delta"] == pytest.approx(-(gap + 0.01))  # differences -gap and -(gap + 0.02)
     t = scipy_stats.ttest_rel([REF.mean() + 0.01, REF.mean() - 0.01],
                               [REF.mean() + 0.01 - gap, REF.mean() - 0.03 - gap])  # fmt: skip
     assert row["p_t"] == pytest.approx(t.pvalue)
@@ -260,14 +276,16 @@ def test_tables_3_and_4_are_the_ablations_split_like_the_paper(tables):
     assert variant["switched_off"] == "use_attention=False"
     assert variant["delta_dice"] == pytest.approx(-0.15)
     half = 2.7764451051977934 * math.sqrt(0.00125)
-    assert (variant["delta_ci_low"], variant["delta_ci_high"]) == pytest.approx((-0.15 - half, -0.15 + half))
+    assert (variant["delta_dice_ci_low"], variant["delta_dice_ci_high"]) == pytest.approx(
+        (-0.15 - half, -0.15 + half)
+    )
     assert "| casnet_wo_ca | use_attention=False | polyp |" in md3 and "-15.00 [" in md3
     assert "unet" not in md3 + md4
 
 
 def test_statistics_table_and_csv_headers(tables):
     md, frame = tables["statistics"]
-    assert len(frame) == 27 and "Holm" in md and "Wilcoxon" in md and "dropped pairwise" in md
+    assert len(frame) == 27 and "Holm" in md and "Wilcoxon" in md and "none dropped" in md
     assert "| polyp | HD95 (px) | medt | 5 |" in md
     for name, (_, frame) in tables.items():
         text = table_csv(frame)
@@ -467,7 +485,7 @@ def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case)
          "metric": m, "value": v, "postprocess": "none", "resolution": "original", "group": c}
         for c, dice in (("v0", 0.6), ("v1", 0.8))
         for m, v in (("dice", dice), ("iou", dice / (2 - dice)), ("precision", 0.7), ("recall", 0.7),
-                     ("hd95", 3.0 if c == "v0" else np.nan), ("assd", 1.0))
+                     ("hd95", 3.0 if c == "v0" else 50.0), ("assd", 1.0), ("penalised", float(c == "v1")))
     ]  # fmt: skip
     observers = pd.DataFrame(rows)
     out = build_tables(
@@ -478,7 +496,8 @@ def test_the_second_observer_is_the_human_reference_row_of_its_dataset(per_case)
     assert len(human) == 1 and human.iloc[0]["class"] == "liver" and human.iloc[0]["estimate"] == "human"
     assert human.iloc[0]["dice_mean"] == pytest.approx(0.7)
     assert human.iloc[0]["dice_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
-    assert human.iloc[0]["hd95_undefined"] == 1 and human.iloc[0]["cases"] == 2
+    assert human.iloc[0]["penalised"] == 1 and human.iloc[0]["cases"] == 2
+    assert human.iloc[0]["hd95_mean"] == pytest.approx(26.5)  # the penalised image counts, with its diagonal
     assert "| second_observer | liver | over test images (human reference) | 70.00 ± 14.14 |" in md2
     assert "the human reference" in md2.split("(`lits17`)")[1]
     assert "second_observer" not in out["table1"][0]  # kvasir_seg has no second observer
