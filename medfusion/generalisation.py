@@ -12,7 +12,8 @@ import pandas as pd
 from medfusion.common import ENSEMBLE_RUNS
 from medfusion.data.io import read_json
 from medfusion.metrics import PENALISED
-from medfusion.report import delta_text
+from medfusion.report import delta_text, penalised_text
+from medfusion.stats import strict_mean, strict_std
 
 
 def load_results(transfer_dir: Path) -> list[dict]:
@@ -57,7 +58,7 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
             frame = frame[frame["postprocess"] == _kind(frame)]
             for region, by_class in frame.groupby("class"):
                 dice = by_class[by_class["metric"] == "dice"]
-                per_run = dice[~dice["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean(skipna=False)
+                per_run = dice[~dice["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].agg(strict_mean)
                 ens = by_class[
                     by_class["run"]
                     == ("ensemble" if "ensemble" in set(by_class["run"]) else per_run.index[0])
@@ -70,10 +71,10 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
                     "trained_on": result["trained_on"], "target": result["target"], "class": region,
                     "model": entry, "postprocess": _kind(frame), "runs": len(per_run),
                     "cases": dice["case_id"].nunique(), "roi": result["info"].get("roi", "image"),
-                    "dice_mean": per_run.mean(), "dice_std": per_run.std(ddof=1) if len(per_run) > 1 else float("nan"),
+                    "dice_mean": strict_mean(per_run), "dice_std": strict_std(per_run) if len(per_run) > 1 else float("nan"),
                     "ensemble_dice": ens[ens["metric"] == "dice"]["value"].mean(skipna=False),
                     "ensemble_hd95": ens[ens["metric"] == "hd95"]["value"].mean(skipna=False),
-                    "ensemble_penalised": int(ens[ens["metric"] == PENALISED]["value"].sum()),
+                    "ensemble_penalised": _count(ens, PENALISED),
                     "delta": test["delta"].iloc[0] if len(test) else float("nan"),
                     "delta_ci_low": test["delta_ci_low"].iloc[0] if len(test) else float("nan"),
                     "delta_ci_high": test["delta_ci_high"].iloc[0] if len(test) else float("nan"),
@@ -81,6 +82,12 @@ def generalisation_table(results: list[dict], models: list[str]) -> tuple[str, p
                 })  # fmt: skip
     frame = pd.DataFrame(rows)
     return _generalisation_markdown(frame, models[0]), frame
+
+
+def _count(rows: pd.DataFrame, flag: str) -> float:
+    """How many cases of `rows` have the indicator `flag`; NaN where the table does not record it."""
+    found = rows.loc[rows["metric"] == flag, "value"]
+    return float(found.sum()) if len(found) else float("nan")
 
 
 def _pct(v: float) -> str:
@@ -114,7 +121,7 @@ def _generalisation_markdown(frame: pd.DataFrame, reference: str) -> str:
         lines.append(
             f"| `{r['trained_on']}` → `{r['target']}`{where} | {r['class']} | `{r['model']}` | {r['cases']} "
             f"| {_pct(r['dice_mean'])}{spread} ({r['runs']} runs) | {_pct(r['ensemble_dice'])} "
-            f"| {hd95} | {r['ensemble_penalised']}/{r['cases']} | {delta} | {p} |"
+            f"| {hd95} | {penalised_text(r['ensemble_penalised'], r['cases'])} | {delta} | {p} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -129,9 +136,9 @@ def mlflow_transfer_metrics(results: list[dict], trained_on: str, entry: str) ->
             continue
         frame = frame[(frame["postprocess"] == _kind(frame)) & (frame["metric"] == "dice")]
         for region, by_class in frame.groupby("class"):
-            runs = by_class[~by_class["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].mean(skipna=False)
+            runs = by_class[~by_class["run"].isin(ENSEMBLE_RUNS)].groupby("run")["value"].agg(strict_mean)
             ens = by_class[by_class["run"] == "ensemble"]["value"]
-            metrics[f"transfer_{result['target']}_dice_runs_{region}"] = float(runs.mean())
+            metrics[f"transfer_{result['target']}_dice_runs_{region}"] = float(strict_mean(runs))
             if len(ens):
-                metrics[f"transfer_{result['target']}_dice_{region}"] = float(ens.mean())
+                metrics[f"transfer_{result['target']}_dice_{region}"] = float(strict_mean(ens))
     return metrics

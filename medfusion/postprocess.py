@@ -29,16 +29,20 @@ Rules (a case is a 2-D image (H, W) or a whole volume (D, H, W)):
                   them (METHOD.md section 3): t_c to the probability of c's region (its classes'
                   probabilities summed), and a voxel whose inner class is rejected by its threshold
                   falls back to the enclosing class where that region beats background (its threshold,
-                  or p_region > p_0 without one), never to background through a hole in the liver
-                  (`medfusion.resample.ThresholdRule`). An inner region's Dice depends only on the
+                  or p_region > p_0 without one) instead of leaving a hole in the liver
+                  (`medfusion.resample.ThresholdRule`; a voxel the argmax rule itself sends to
+                  background stays there unless the enclosing class has a threshold it passes, so that
+                  all thresholds None stay the plain argmax). An inner region's Dice depends only on the
                   thresholds inside it, so the choice goes from the innermost region outward: each
-                  region's threshold is the best for that region given the ones already chosen inside.
+                  region's threshold is the best for that region given the ones already chosen inside
+                  (greedy by design: the inner region is scored on its own, and its threshold is not
+                  bent to help the outer one).
     resolution    `apply` and `Selector` take probabilities at the model's resolution and a case's
                   shape: the label map is made at that shape (`medfusion.resample`: the probabilities
                   are resized in-plane first), so min_size counts pixels (voxels) of the resolution
                   scored, the original one by default.
     selection     the setting with the highest mean validation Dice (per case, per scored region,
-                  empty masks as in medfusion.metrics); ties go to the smallest change: for binary
+                  nested regions inward-out as above, empty masks as in medfusion.metrics); ties go to the smallest change: for binary
                   no change, then the absolute sizes from the smallest, then the relative ones from
                   the smallest, then the largest component, each without then with filling; for
                   thresholds None (argmax), then the value closest to 0.5. So a setting that cannot
@@ -330,17 +334,23 @@ class Selector:
             raise ValueError(f"probabilities of {probs.shape[0]} classes for a {self.num_classes}-class task")
         n = len(self.candidates)
         counts = {c: np.zeros((3, n ** len(inside))) for c, inside in self.inside.items()}  # tp, pred, truth
+        tables = {c: np.isin(np.arange(self.num_classes), inside) for c, inside in self.inside.items()}
+        lowest = min((t for t in self.candidates if t is not None), default=np.inf)
         slices = [target] if target.ndim == 2 else target
         fovs = [None] * len(slices) if fov is None else ([fov] if fov.ndim == 2 else fov)
         for p, t, inside_fov in zip(slices_at(probs, target.shape), slices, fovs, strict=True):
-            rule = ThresholdRule(p, self.parents)
+            # only voxels that some setting can make foreground are labelled: the foreground's total
+            # probability bounds every region's, so below the lowest threshold and p_0 none can
+            foreground = p[1:].sum(0)
+            live = (foreground >= lowest) | (foreground > p[0])
             if inside_fov is not None:
-                rule.candidate[~inside_fov] = 0  # background outside the field of view: no candidate
+                live &= inside_fov  # background outside the field of view: as `apply` makes it
+            rule = ThresholdRule(p[:, live], self.parents)
+            truth_live = t[live]
             for c, inside in self.inside.items():
-                table = np.zeros(self.num_classes, bool)
-                table[inside] = True
-                truth = table[t]
-                counts[c][2] += np.count_nonzero(truth)
+                table = tables[c]
+                counts[c][2] += np.count_nonzero(table[t])
+                truth = table[truth_live]
                 for j, combo in enumerate(itertools.product(self.candidates, repeat=len(inside))):
                     thresholds = [None] * (self.num_classes - 1)
                     for d, value in zip(inside, combo, strict=True):

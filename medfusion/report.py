@@ -22,6 +22,7 @@ import pandas as pd
 
 from medfusion.common import ENSEMBLE_RUNS, run_name
 from medfusion.metrics import DISTANCE_METRICS, FLAGS, PENALISED, PRESENT
+from medfusion.stats import strict_mean, strict_std
 
 HEADLINE = ("dice", "iou", "hd95")
 TABLE_METRICS = ("dice", "iou", "precision", "recall")  # the paper's columns, in %
@@ -76,41 +77,47 @@ def summarize_runs(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Data
         .rename(columns={"value": "pen"})
     )
     rows = rows.merge(present, on=where, how="left", validate="many_to_one")
-    with_it = rows["value"].where(rows["present"] == 1)
     per_run = (
-        rows.assign(with_it=with_it, missing=rows["value"].isna(), absent=rows["present"] == 0)
+        rows.assign(missing=rows["value"].isna(), absent=rows["present"] == 0)
         .groupby([*keys, "run"], as_index=False, sort=False)
         .agg(
-            value=("value", lambda v: v.mean(skipna=False)),
+            value=("value", strict_mean),
             cases=("case_id", "nunique"),
             missing=("missing", "sum"),
             absent=("absent", "sum"),
-            with_it=("with_it", "mean"),
         )
     )
+    with_it = (  # each run's mean over the cases that contain the structure (a NaN among them: NaN)
+        rows[rows["present"] == 1]
+        .groupby([*keys, "run"], as_index=False, sort=False)["value"]
+        .agg(strict_mean)
+        .rename(columns={"value": "with_it"})
+    )
+    per_run = per_run.merge(with_it, on=[*keys, "run"], how="left", validate="one_to_one")
     per_run = per_run.merge(penalised, on=where[:-1], how="left", validate="many_to_one")
-    per_run["penalised"] = np.where(per_run["metric"].isin(DISTANCE_METRICS), per_run["pen"].fillna(0), 0)
+    recorded = bool((flags["metric"] == PENALISED).any())  # else unknown: NaN, shown as '-'
+    per_run["penalised"] = np.where(
+        per_run["metric"].isin(DISTANCE_METRICS), per_run["pen"].fillna(0) if recorded else np.nan, 0
+    )
     per_run.loc[per_run["absent"] == 0, "with_it"] = np.nan  # every case has it: the plain mean says it all
     per_run["estimate"] = np.where(per_run["run"].isin(ENSEMBLE_RUNS), per_run["run"], "runs")
     out = per_run.groupby([*keys, "estimate"], as_index=False, sort=False).agg(
-        mean=("value", lambda v: v.mean(skipna=False)),
-        std=("value", "std"),
+        mean=("value", strict_mean),
+        std=("value", strict_std),
         runs=("run", "nunique"),
         cases=("cases", "max"),
         missing=("missing", "sum"),
-        penalised=("penalised", "sum"),
+        penalised=("penalised", lambda v: v.sum(min_count=1)),
         absent=("absent", "max"),
-        mean_present=("with_it", "mean"),
-        std_present=("with_it", "std"),
+        mean_present=("with_it", strict_mean),
+        std_present=("with_it", strict_std),
     )
-    for column in ("missing", "penalised", "absent"):
+    for column in ("missing", "absent"):
         out[column] = out[column].astype(int)
-    runs = out["estimate"] == "runs"
-    out.loc[runs, "std"] = out.loc[runs, "std"].fillna(0.0)
-    out.loc[runs & out["mean_present"].notna(), "std_present"] = out.loc[
-        runs & out["mean_present"].notna(), "std_present"
-    ].fillna(0.0)
-    out.loc[~runs, ["std", "std_present"]] = np.nan
+    single = (out["estimate"] == "runs") & (out["runs"] == 1)  # one run: std 0 where its mean is known
+    out.loc[single & out["mean"].notna(), "std"] = 0.0
+    out.loc[single & out["mean_present"].notna(), "std_present"] = 0.0
+    out.loc[out["estimate"] != "runs", ["std", "std_present"]] = np.nan
     return out
 
 
@@ -205,16 +212,16 @@ def mlflow_test_metrics(
         if run.get("mlflow_run_id"):
             name = run_name(run["fold"], run["seed"])
             rows = post[(post["run"] == name) & ~post["metric"].isin(FLAGS)]
-            means = rows.groupby(["class", "metric"])["value"].mean(skipna=False)
+            means = rows.groupby(["class", "metric"])["value"].agg(strict_mean)
             children[run["mlflow_run_id"]] = {f"test_{m}_{c}": v for (c, m), v in means.items()}
             for r in pooled[pooled["run"] == name].itertuples():
                 children[run["mlflow_run_id"]][f"test_global_dice_{r._4}"] = r.value
     trained, ensemble = summary[summary["estimate"] == "runs"], summary[summary["estimate"] == "ensemble"]
     parent = {f"test_{r.metric}_{r._3}": r.mean for r in trained.itertuples()}
     parent |= {f"test_{r.metric}_{r._3}_std": r.std for r in trained.itertuples()}
-    parent |= {
-        f"test_penalised_{r._3}": r.penalised for r in trained[trained["metric"] == "hd95"].itertuples()
-    }
+    for prefix, rows in (("test_penalised", trained), ("test_ensemble_penalised", ensemble)):
+        hd95 = rows[(rows["metric"] == "hd95") & rows["penalised"].notna()]  # pairs given the diagonal
+        parent |= {f"{prefix}_{r._3}": float(r.penalised) for r in hd95.itertuples()}
     parent |= {f"test_ensemble_{r.metric}_{r._3}": r.mean for r in ensemble.itertuples()}
     tta = summary[summary["estimate"] == "ensemble_tta"]
     parent |= {f"test_ensemble_tta_{r.metric}_{r._3}": r.mean for r in tta.itertuples()}
@@ -246,9 +253,10 @@ def _dist(mean: float, std: float = math.nan) -> str:
     return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _penalised(penalised: int, total: int) -> str:
-    """'k/N': the case x run pairs whose HD95/ASSD is the diagonal penalty, of all scored."""
-    return f"{int(penalised)}/{int(total)}" if total else "-"
+def penalised_text(penalised: float, total: int) -> str:
+    """'k/N': the case x run pairs whose HD95/ASSD is the diagonal penalty, of all scored; '-' where the
+    table does not record it (a per-case table from before the `penalised` rows)."""
+    return "-" if not total or pd.isna(penalised) else f"{int(penalised)}/{int(total)}"
 
 
 def delta_text(metric: str, delta: float, low: float, high: float, unit: str = "") -> str:
@@ -403,7 +411,7 @@ def _model_row(summary: pd.DataFrame, raw: pd.DataFrame, estimate: str, unit: st
     dice, hd95 = _cell(summary, "dice", estimate), _cell(summary, "hd95", estimate)
     row["runs"] = 0 if dice is None else int(dice["runs"])
     row["cases"] = 0 if dice is None else int(dice["cases"])
-    row["penalised"] = 0 if hd95 is None else int(hd95["penalised"])
+    row["penalised"] = np.nan if hd95 is None else float(hd95["penalised"])
     row["absent"] = 0 if dice is None else int(dice["absent"])
     row["dice_present_mean"] = np.nan if dice is None else float(dice["mean_present"])
     row["dice_present_std"] = np.nan if dice is None else float(dice["std_present"])
@@ -421,7 +429,7 @@ def _model_md(r: dict, label: str, with_global: bool = False, with_present: bool
     if with_present:
         overlap.insert(1, _pct(r["dice_present_mean"], r["dice_present_std"]))
     dist = [_dist(r[f"{m}_mean"], r[f"{m}_std"]) for m in DISTANCE_METRICS]
-    dist.append(_penalised(r["penalised"], r["runs"] * r["cases"]))
+    dist.append(penalised_text(r["penalised"], r["runs"] * r["cases"]))
     cells = [r["model"], r["class"], label, *overlap, *dist, _pct(r["dice_raw_mean"], r["dice_raw_std"])]
     return "| " + " | ".join([*cells, _p(r["p_dice_t_holm"]), _p(r["p_dice_wilcoxon_holm"])]) + " |"
 
@@ -519,9 +527,10 @@ def _observer_record(observers: pd.DataFrame | None, dataset: str, cls: str, uni
     r: dict = {"dataset": dataset, "class": cls, "model": "second_observer", "estimate": "human"}
     for metric in (*TABLE_METRICS, *DISTANCE_METRICS):
         values = rows.loc[rows["metric"] == metric, "value"]
-        r[f"{metric}_mean"], r[f"{metric}_std"] = float(values.mean(skipna=False)), float(values.std())
+        r[f"{metric}_mean"], r[f"{metric}_std"] = float(strict_mean(values)), float(strict_std(values))
     flag = rows.loc[rows["metric"] == PENALISED, "value"]
-    r.update(runs=1, cases=int(rows["case_id"].nunique()), distance_unit=unit, penalised=int(flag.sum()))
+    penalised = float(flag.sum()) if len(flag) else np.nan
+    r.update(runs=1, cases=int(rows["case_id"].nunique()), distance_unit=unit, penalised=penalised)
     nan = float("nan")
     r.update(absent=0, dice_present_mean=nan, dice_present_std=nan)
     r.update(dice_raw_mean=nan, dice_raw_std=nan, dice_global_mean=nan, dice_global_std=nan)
@@ -609,7 +618,7 @@ def ablation_section_table(
                 if absent:
                     overlap.insert(1, _pct(r["dice_present_mean"], r["dice_present_std"]))
                 cells = [entry, off, cls, *overlap, _dist(r["hd95_mean"], r["hd95_std"]),
-                         _penalised(r["penalised"], r["runs"] * r["cases"]), delta,
+                         penalised_text(r["penalised"], r["runs"] * r["cases"]), delta,
                          "-" if test is None else _p(r["p_t_holm"]),
                          "-" if test is None else _p(r["p_wilcoxon_holm"])]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
@@ -633,7 +642,9 @@ _ABLATION_COLUMNS = [
 PATIENT_NOTE = (
     "Patients: where one patient gives several test cases (CHASE_DB1: two eyes of a child), the "
     "per-case test treats them as independent. The patient columns take patients as the unit: with "
-    "fewer than 10 patients a t-interval on the per-patient mean differences (df = patients - 1; 't'), "
+    "fewer than 10 patients a t-interval on the per-patient mean differences (df = patients - 1; 't'; "
+    "its Δ is the mean of the per-patient means, which is the per-case mean where every patient gives "
+    "as many cases), "
     "from 10 on a cluster bootstrap of the mean per-case difference over patients (10,000 draws, "
     "percentile; 'bootstrap'): a bootstrap of a handful of patients has few distinct resamples and covers "
     "too rarely. p (t, patients): a t-test on the per-patient mean differences. Datasets where every case "
@@ -710,7 +721,7 @@ def _stats_rows(group: pd.DataFrame, info: Mapping, patients: bool) -> list[str]
             n_groups = "n/a" if pd.isna(r["n_groups"]) else str(int(r["n_groups"]))
             method = f" ({r['patient_ci_method']})" if isinstance(r.get("patient_ci_method"), str) and r[
                 "patient_ci_method"] else ""  # fmt: skip
-            interval = delta_text(metric, r["delta"], r["patient_ci_low"], r["patient_ci_high"])
+            interval = delta_text(metric, r["patient_delta"], r["patient_ci_low"], r["patient_ci_high"])
             cells += [n_groups, interval + method, _p(r["p_t_groups"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

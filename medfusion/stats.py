@@ -55,7 +55,7 @@ COLUMNS = [
     "dataset", "class", "metric", "reference", "model", "n_cases", "mean_reference", "mean_model",
     "delta", "delta_ci_low", "delta_ci_high", "t", "p_t", "p_t_holm", "w", "p_wilcoxon", "p_wilcoxon_holm",
     "n_missing", "penalised_reference", "penalised_model",
-    "n_groups", "patient_ci_low", "patient_ci_high", "patient_ci_method", "p_t_groups",
+    "n_groups", "patient_delta", "patient_ci_low", "patient_ci_high", "patient_ci_method", "p_t_groups",
 ]  # fmt: skip
 RUN_COLUMNS = ["n_runs" if c == "n_cases" else c for c in COLUMNS[:20]]
 BOOTSTRAP_DRAWS = 10_000
@@ -134,7 +134,9 @@ def cluster_comparison(
     The test is a one-sample t-test of the per-patient mean differences against 0 (either way).
 
     Returns:
-        n_groups, patient_ci_low, patient_ci_high, patient_ci_method, p_t_groups; NaN (method "") where
+        n_groups, patient_delta (the interval's centre: the mean of the per-patient means for "t", the
+        per-case mean for "bootstrap"), patient_ci_low, patient_ci_high, patient_ci_method, p_t_groups;
+        NaN (method "") where
         every patient gives one case (the per-case figures are then the patient figures) or fewer than 2
         patients remain; p_t_groups NaN also when the per-patient differences are constant.
     """
@@ -143,6 +145,7 @@ def cluster_comparison(
     patients, inverse = np.unique(g[keep], return_inverse=True)
     out = {
         "n_groups": len(patients),
+        "patient_delta": np.nan,
         "patient_ci_low": np.nan,
         "patient_ci_high": np.nan,
         "patient_ci_method": "",
@@ -157,16 +160,27 @@ def cluster_comparison(
         n = len(per_patient)
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * per_patient.std(ddof=1) / np.sqrt(n)
         low, high = per_patient.mean() - half, per_patient.mean() + half
-        out["patient_ci_method"] = "t"
+        out.update(patient_ci_method="t", patient_delta=float(per_patient.mean()))
     else:
         picks = np.random.default_rng(seed).integers(0, len(patients), size=(draws, len(patients)))
         boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
         low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-        out["patient_ci_method"] = "bootstrap"
+        out.update(patient_ci_method="bootstrap", patient_delta=float(sums.sum() / counts.sum()))
     out.update(patient_ci_low=float(low), patient_ci_high=float(high))
     if np.ptp(per_patient) > 1e-12 * max(1.0, float(np.abs(per_patient).max())):
         out["p_t_groups"] = float(stats.ttest_1samp(per_patient, 0.0).pvalue)
     return out
+
+
+def strict_mean(values: pd.Series) -> float:
+    """The mean of `values` where any NaN makes it NaN: no value is skipped to make a mean look better
+    (a groupby reduction's own `skipna` needs pandas 3; this works on 2.x too)."""
+    return values.mean(skipna=False)
+
+
+def strict_std(values: pd.Series) -> float:
+    """The std (ddof=1) of `values`, NaN where any value is NaN (as `strict_mean`)."""
+    return values.std(skipna=False)
 
 
 def _trained_rows(per_case: pd.DataFrame, postprocess: str) -> pd.DataFrame:
@@ -187,7 +201,7 @@ def case_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFram
     """
     rows = _trained_rows(per_case, postprocess)
     keys = ["dataset", "class", "metric", "model", "case_id", *(["group"] if "group" in rows else [])]
-    return rows.groupby(keys, as_index=False, sort=True)["value"].mean(skipna=False)
+    return rows.groupby(keys, as_index=False, sort=True)["value"].agg(strict_mean)
 
 
 def run_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame:
@@ -196,7 +210,7 @@ def run_means(per_case: pd.DataFrame, postprocess: str = "post") -> pd.DataFrame
     rows = _trained_rows(per_case, postprocess)
     return rows.groupby(["dataset", "class", "metric", "model", "run"], as_index=False, sort=True)[
         "value"
-    ].mean(skipna=False)
+    ].agg(strict_mean)
 
 
 def penalised_counts(per_case: pd.DataFrame, postprocess: str = "post") -> pd.Series:

@@ -234,3 +234,15 @@ def test_relative_component_sizes_and_the_largest_component_are_candidates():
 
 def _onehot(mask: np.ndarray) -> np.ndarray:
     return np.stack([1.0 - mask, mask.astype(float)])
+
+
+def test_a_table_without_the_indicator_rows_shows_unknown_not_zero_penalised():
+    """A per-case table written before the `penalised` rows existed: the count is unknown ('-'), not 0."""
+    table = _missed_table()
+    table = table[~table["metric"].isin(["penalised", "present"])]
+    summary = summarize_runs(table)
+    assert summary.loc[summary["metric"] == "hd95", "penalised"].isna().all()
+    stats = compare_models(table, ["casnet", "unet"], metrics=("hd95",))
+    md1 = build_tables(table, {}, ["casnet", "unet"], {"casnet": {}}, stats)["table1"][0]
+    unet = next(line for line in md1.splitlines() if line.startswith("| unet | polyp | mean"))
+    assert "/60" not in unet and "| - |" in unet

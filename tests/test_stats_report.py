@@ -155,7 +155,11 @@ def test_cluster_comparison_t_interval_below_ten_patients():
     out = cluster_comparison(np.zeros(6), diff, groups)
     per_patient = np.array([0.2, 0.35, 0.05])
     half = scipy_stats.t.ppf(0.975, 2) * per_patient.std(ddof=1) / math.sqrt(3)
-    assert out["n_groups"] == 3 and out["patient_ci_method"] == "t"
+    assert (
+        out["n_groups"] == 3
+        and out["patient_ci_method"] == "t"
+        and out["patient_delta"] == pytest.approx(0.2)
+    )
     assert (out["patient_ci_low"], out["patient_ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
     assert out["p_t_groups"] == pytest.approx(scipy_stats.ttest_1samp(per_patient, 0).pvalue)
     # one case per patient: the per-case test is the patient test, nothing to add
