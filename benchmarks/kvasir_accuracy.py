@@ -167,7 +167,7 @@ def main() -> None:
             record["hd95"] = [hd95(p == 1, t == 1) for p, t in zip(preds, targets, strict=True)]
             # one mask empty, the other not: HD95 is the image's diagonal (metrics' rule), counted
             record["penalised"] = sum(
-                (p == 1).any() != (t == 1).any() for p, t in zip(preds, targets, strict=True)
+                bool((p == 1).any()) != bool((t == 1).any()) for p, t in zip(preds, targets, strict=True)
             )
             record["attention"] = attention_summary(model)
             record["history"] = read_history(run_dir / "history.json")
