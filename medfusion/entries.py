@@ -142,8 +142,11 @@ class Entry:
 
     def run_hash(self, data_sha256: str, fold_split: dict, fold: int, seed: int) -> str:
         """What a finished (fold, seed) run depends on: the entry, the processed data (meta.json's
-        sha256) and the fold's cases. Its result.json carries it; a run with another is retrained."""
-        return config_hash(self.config(), data_sha256, fold_split, fold, seed)
+        sha256), the fold's cases and the code that trains it (`provenance.code_fingerprint`: every
+        medfusion module training imports). Its result.json carries it; a run with another is retrained."""
+        from medfusion.provenance import code_fingerprint
+
+        return config_hash(self.config(), data_sha256, fold_split, fold, seed, code_fingerprint()[0])
 
     def tracking_params(self) -> dict[str, Any]:
         """The entry's settings flat ('train.lr', 'model_kwargs.base_channels', ...), for MLflow.

@@ -6,8 +6,10 @@ config hash, best epoch and best validation loss and Dice) and summary.json, eve
 for the evaluate stage.
 
 A run whose result.json carries the current config hash (`run_hash`) is finished and is not redone;
-a run with another hash (the entry's settings, the split or the data changed) is retrained. Runs no
-longer asked for are removed.
+a run with another hash (the entry's settings, the split, the data or the code that trains it
+changed: `provenance.code_fingerprint`) is retrained, and the log says why ("code changed:
+medfusion/models/unet.py"). Its last.pt is keyed by the same hash, so an interrupted run resumes only
+with the same code. Runs no longer asked for are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from medfusion.common import run_name
 from medfusion.config import CVParams, ExecutorParams
 from medfusion.data.io import read_json, write_json
 from medfusion.entries import Entry, Resources
+from medfusion.provenance import changed_files, code_fingerprint
 from medfusion.training.executor import RunJob, RunTracker, run_pending
 
 
@@ -27,6 +30,18 @@ def run_hash(entry: Entry, processed_dir: Path, split: dict, fold: int, seed: in
     """What a finished run depends on: the entry, the processed data and the fold's cases."""
     meta = read_json(Path(processed_dir) / "meta.json")
     return entry.run_hash(meta["sha256"], split["folds"][fold], fold, seed)
+
+
+def retrain_reason(record: dict) -> str:
+    """Why a finished run's result.json no longer counts: the code files that changed since it was
+    trained (`provenance.changed_files`), or else its settings, data or fold."""
+    changed = changed_files(record.get("code_files"), code_fingerprint()[1])
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        return f"code changed: {', '.join(changed[:5])}{more}"
+    if "code_fingerprint" not in record:
+        return "trained before runs recorded their code"
+    return "settings, data or fold changed"
 
 
 def planned_runs(cv: CVParams) -> Iterator[tuple[int, int]]:
@@ -60,10 +75,15 @@ def run_cv(
         run_dir = out_dir / run_name(fold, seed)
         digest = run_hash(entry, processed_dir, split, fold, seed)
         record_path = run_dir / "result.json"
-        if record_path.exists() and read_json(record_path).get("config_hash") == digest:
-            print(f"{entry.dataset}/{entry.name} {run_dir.name}: finished earlier with this config, skipped")
-            results[fold, seed] = read_json(record_path)
+        record = read_json(record_path) if record_path.exists() else None
+        if record is not None and record.get("config_hash") == digest:
+            print(
+                f"{entry.dataset}/{entry.name} {run_dir.name}: finished earlier with this config and code, skipped"
+            )
+            results[fold, seed] = record
             continue
+        if record is not None:
+            print(f"{entry.dataset}/{entry.name} {run_dir.name}: {retrain_reason(record)}, trained again")
         pending.append(
             RunJob(
                 entry,

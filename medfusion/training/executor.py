@@ -36,6 +36,7 @@ from medfusion.common import run_name
 from medfusion.config import ExecutorParams, SlurmParams
 from medfusion.data.io import write_json
 from medfusion.entries import Entry, Resources
+from medfusion.provenance import code_fingerprint, git_state
 from medfusion.training.fold import RESUME_FILE, LogFn, run_fold
 from medfusion.training.tracking import repo_root
 
@@ -94,6 +95,10 @@ def train_run(job: RunJob) -> dict:
             resume_key=job.digest,
         )
         result["config_hash"] = job.digest
+        fingerprint, files = code_fingerprint()
+        git = git_state()
+        result |= {"code_fingerprint": fingerprint, "git_commit": git["commit"], "git_dirty": git["dirty"]}
+        result["code_files"] = files  # per file, so that a retrain can say which changed
         result["mlflow_run_id"] = getattr(log, "run_id", None)
         tag = getattr(log, "tag", None)
         if tag is not None:  # how the run computed, beside its metrics
@@ -106,7 +111,10 @@ def train_run(job: RunJob) -> dict:
     return result
 
 
-HOW_KEYS = ("device", "amp_dtype", "channels_last", "precision_reason", "compile", "compile_reason")
+HOW_KEYS = (
+    "device", "amp_dtype", "channels_last", "precision_reason", "compile", "compile_reason",
+    "code_fingerprint", "git_commit", "git_dirty",
+)  # fmt: skip
 
 
 class TrainRun(Checkpointable):
