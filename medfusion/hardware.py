@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import os
 import platform
+import sys
 import shutil
 import statistics
 import time
@@ -154,7 +155,7 @@ def cpu_bf16_auto() -> tuple[bool, str]:
             on,
             f"auto: {'bf16' if on else 'fp32'}, {isa}; probe bf16 {1000 * bf16:.1f} ms vs fp32 {1000 * fp32:.1f} ms",
         )
-    print(f"precision: {decision[1]} [{cpu_model()}]", flush=True)
+    print(f"precision: {decision[1]} [{cpu_model()}]", file=sys.stderr, flush=True)  # a notice, not data
     return decision
 
 

@@ -36,7 +36,8 @@ def test_without_native_bf16_auto_is_fp32_nchw_and_nothing_is_probed(monkeypatch
     assert (precision.amp_dtype, precision.channels_last) == (None, False) and probes == []
     assert "no native bf16" in precision.reason
     resolve_precision()
-    assert capsys.readouterr().out.count("precision: auto: fp32") == 1  # said once per process
+    said = capsys.readouterr()
+    assert said.err.count("precision: auto: fp32") == 1 and "precision" not in said.out  # once, on stderr
 
 
 @pytest.mark.parametrize(("bf16_s", "on"), [(0.3, True), (0.95, False), (2.0, False)])

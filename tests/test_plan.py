@@ -78,7 +78,7 @@ def test_plan_command_measures_and_prints_json(tmp_path):
            "-S", "model.transformer_dim=32", "-S", "unet.base_channels=4"]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout[out.stdout.index("{") :])
+    result = json.loads(out.stdout)  # the data alone on stdout: `medfusion plan --json | python -m json.tool`
     assert set(result["calibration"]["entries"]) == {"casnet", "unet"}
     assert all(
         e["step_s"] > 0 and e["predict_s_per_sample"] > 0 for e in result["calibration"]["entries"].values()
