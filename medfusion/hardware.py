@@ -30,9 +30,9 @@ import functools
 import importlib.util
 import os
 import platform
-import sys
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -30,8 +30,12 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def rng_states() -> dict:
-    """The global generators' states (Python, numpy, torch CPU and CUDA), for a resumable checkpoint."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global generators' states (Python, numpy, torch CPU and CUDA), for a resumable checkpoint,
+    as tensors and plain Python values only, so that `torch.load(weights_only=True)` reads them (numpy's
+    MT19937 key becomes an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -39,8 +43,10 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     """Restore what `rng_states` saved (CUDA only where both the checkpoint and this machine have it)."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    random.setstate(tuple(states["python"][:1]) + (tuple(states["python"][1]),) + tuple(states["python"][2:]))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

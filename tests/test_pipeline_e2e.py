@@ -223,7 +223,7 @@ def test_settings_that_cannot_change_a_result_retrain_nothing(quickstart_repo):
             assert changed == set(), changed
     (repo / "params.yaml").write_text(yaml.safe_dump(everything, sort_keys=False))
     forced = _run(["dvc", "repro", "-f", "--single-item", "train@synthetic-unet"], repo, env).stdout
-    assert forced.count("finished earlier with this config, skipped") == 2, forced[-2000:]
+    assert forced.count("finished earlier with this config and code, skipped") == 2, forced[-2000:]
 
 
 def test_transfer_stage_onto_a_second_custom_dataset(quickstart_repo, tmp_path):

@@ -149,3 +149,35 @@ def test_an_interrupted_run_resumes_only_with_the_same_code(
     else:
         assert "synthetic/unet fold0_seed0: resumed after epoch 1 of 3" in log
     assert read_json(out / "fold0_seed0" / "result.json")["code_fingerprint"] == code_fingerprint()[0]
+
+
+class _Planted:
+    """What a tampered resume file could hold: unpickling it would create `marker` (run code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_resume_file_with_a_pickled_object_is_refused_not_run(synthetic_processed, tmp_path, capsys):
+    import torch
+    from conftest import train_fold
+
+    from medfusion.training.fold import RESUME_FILE, load_resume_state
+
+    processed, split = synthetic_processed
+    raw = tiny_raw_params()
+    raw["train"].update(epochs=1, patience=1)
+    params = params_from_dict(raw)
+    out = tmp_path / "run"
+    train_fold(params, "synthetic", "unet", processed, split, 0, 0, out, resume_key="k")
+    state = torch.load(out / RESUME_FILE, weights_only=True)  # what the pipeline writes: plain data
+    assert state["key"] == "k" and load_resume_state(out / RESUME_FILE, "k") is not None
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _Planted(marker)}, out / RESUME_FILE)
+    assert load_resume_state(out / RESUME_FILE, "k") is None
+    assert not marker.exists()
+    said = capsys.readouterr().out
+    assert "resume checkpoint refused" in said and "Unsupported global" in said and "from epoch 1" in said

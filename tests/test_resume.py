@@ -128,7 +128,7 @@ def test_sigkill_at_four_points_then_resume_equals_an_uninterrupted_run(syntheti
     final = Training(tmp_path, processed, out).run_to_end()
 
     assert any("resumed after epoch" in log for log in logs[1:] + [final])
-    assert "fold0_seed0: finished earlier with this config, skipped" in final
+    assert "fold0_seed0: finished earlier with this config and code, skipped" in final
     assert "fold1_seed0: resumed after epoch" in final
     assert not (fold0 / "last.pt").exists() and not (fold1 / "last.pt").exists()  # removed when finished
 

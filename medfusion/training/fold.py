@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -73,8 +75,16 @@ def load_resume_state(path: Path, key: str) -> dict | None:
     None (with a message) when it is missing, unreadable, or from other settings: the run starts over."""
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain data only: a resume file from a shared remote must not run code when read
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        what = found[0].split(" was not")[0] if found else type(err).__name__
+        print(
+            f"{path}: resume checkpoint refused: it holds objects other than tensors and plain data "
+            f"({what}), which unpickling would run as code; training this run from epoch 1"
+        )
+        return None
     except Exception as err:  # truncated or corrupt file: only this run's progress is lost
         print(
             f"{path}: unreadable resume checkpoint ({type(err).__name__}: {err}); training this run from epoch 1"
@@ -326,11 +336,21 @@ def save_resume_state(trainer: Trainer, out_dir: Path, key: str, epoch: int, pro
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "objective": objective.state_dict() if isinstance(objective, DRGOObjective) else None,
-            "history": progress.history,
-            "best": progress.best,
+            "history": _plain(progress.history),
+            "best": _plain(progress.best),
             "rng": rng_states(),
         },
     )
+
+
+def _plain(value):
+    """numpy scalars inside lists and dicts made Python numbers: last.pt holds tensors and plain data
+    only (`load_resume_state` reads it with weights_only=True)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def computed_how(trainer: Trainer) -> dict[str, str]:
