@@ -137,3 +137,40 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, object]:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
+
+
+ENVIRONMENT_PACKAGES = ("torch", "numpy", "scipy", "pandas", "albumentations", "opencv-python-headless", "mlflow", "dvc")
+
+
+def installed() -> list[str]:
+    """'name==version' of every distribution installed in this interpreter, sorted: the `pip freeze` of
+    the environment a run ran in (read from the package metadata, without running pip)."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found[name.lower()] = f"{name}=={dist.version}"
+    return [found[k] for k in sorted(found)]
+
+
+def environment() -> dict[str, str | None]:
+    """What a run computed with: Python, the key libraries' versions, CUDA and cuDNN (None without a
+    GPU build), and the sha256 of requirements.lock where the source tree has one."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["cuda"] = torch.version.cuda
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    lock = SOURCE_ROOT / "requirements.lock"
+    out["requirements_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+    return out

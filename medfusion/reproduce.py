@@ -149,6 +149,19 @@ def keep_outputs(root: Path, out_dir: Path, run_record: str, commit: str | None 
     return copied
 
 
+def _environment_line() -> str:
+    """Python, torch and the sha256 of requirements.lock (the exact versions installed from it)."""
+    from medfusion.provenance import environment
+
+    env = environment()
+    lock = env["requirements_lock_sha256"]
+    return (
+        f"Python {env['python']}, torch {env['torch']}; requirements.lock sha256 `{lock}`"
+        if lock
+        else f"Python {env['python']}, torch {env['torch']}; no requirements.lock"
+    )
+
+
 def run_record(profile: dict, command: str, machine: str, minutes: float, commit: str, when: str) -> str:
     """RUN.md: how the outputs beside it were made."""
     lines = [
@@ -158,6 +171,7 @@ def run_record(profile: dict, command: str, machine: str, minutes: float, commit
         f"- Machine: {machine}.",
         f"- Wall time: {minutes:.1f} min for the whole pipeline (fetch to report), finished {when}.",
         f"- Code: git commit `{commit}`.",
+        f"- Environment: {_environment_line()}.",
         f"- Data: {profile['data_root']}.",
         "",
         "Overrides of params.yaml (everything else is the paper protocol of params.yaml):",

@@ -36,7 +36,7 @@ from medfusion.common import run_name
 from medfusion.config import ExecutorParams, SlurmParams
 from medfusion.data.io import write_json
 from medfusion.entries import Entry, Resources
-from medfusion.provenance import code_fingerprint, git_state
+from medfusion.provenance import code_fingerprint, environment, git_state
 from medfusion.training.fold import RESUME_FILE, LogFn, run_fold
 from medfusion.training.tracking import repo_root
 
@@ -99,6 +99,7 @@ def train_run(job: RunJob) -> dict:
         git = git_state()
         result |= {"code_fingerprint": fingerprint, "git_commit": git["commit"], "git_dirty": git["dirty"]}
         result["code_files"] = files  # per file, so that a retrain can say which changed
+        result["environment"] = environment()  # versions; the full list goes to MLflow (environment.txt)
         result["mlflow_run_id"] = getattr(log, "run_id", None)
         tag = getattr(log, "tag", None)
         if tag is not None:  # how the run computed, beside its metrics

@@ -35,6 +35,7 @@ from typing import Any
 
 from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
+from medfusion.provenance import installed
 from medfusion.data.io import file_sha256, read_json, write_json
 
 # flat names (history.json, the report) -> MLflow's grouped ones; the charts group by the prefix
@@ -216,7 +217,8 @@ class _RunLogger:
 
     def files(self, run_dir: Path, config: dict[str, Any]) -> None:
         """The run's own artifacts: history.json, config.json (what it was trained with: the entry's
-        resolved settings, fold, seed, config hash) and checkpoint.json, a link to its weights
+        resolved settings, fold, seed, config hash), environment.txt (every installed package's
+        version: the environment's pip freeze) and checkpoint.json, a link to its weights
         (path in the repository and on this machine, bytes, sha256) instead of a second copy of
         model.pt, which DVC already stores (`dvc pull` fetches it)."""
         if self.run_id is None:
@@ -236,12 +238,14 @@ class _RunLogger:
             with tempfile.TemporaryDirectory() as tmp:
                 write_json(Path(tmp) / "config.json", config)
                 write_json(Path(tmp) / "checkpoint.json", link)
+                (Path(tmp) / "environment.txt").write_text("\n".join(installed()) + "\n")  # pip freeze
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     for path in (
                         run_dir / "history.json",
                         Path(tmp) / "config.json",
                         Path(tmp) / "checkpoint.json",
+                        Path(tmp) / "environment.txt",
                     ):
                         self.client.log_artifact(self.run_id, str(path))
         except Exception as err:
