@@ -139,7 +139,16 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, object]:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-ENVIRONMENT_PACKAGES = ("torch", "numpy", "scipy", "pandas", "albumentations", "opencv-python-headless", "mlflow", "dvc")
+ENVIRONMENT_PACKAGES = (
+    "torch",
+    "numpy",
+    "scipy",
+    "pandas",
+    "albumentations",
+    "opencv-python-headless",
+    "mlflow",
+    "dvc",
+)
 
 
 def installed() -> list[str]:
@@ -172,5 +181,7 @@ def environment() -> dict[str, str | None]:
     out["cuda"] = torch.version.cuda
     out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
     lock = SOURCE_ROOT / "requirements.lock"
-    out["requirements_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+    out["requirements_lock_sha256"] = (
+        hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+    )
     return out

@@ -35,8 +35,8 @@ from typing import Any
 
 from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
-from medfusion.provenance import installed
 from medfusion.data.io import file_sha256, read_json, write_json
+from medfusion.provenance import installed
 
 # flat names (history.json, the report) -> MLflow's grouped ones; the charts group by the prefix
 _GROUPS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_dice": "val/dice", "lr": "train/lr",
