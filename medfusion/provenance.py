@@ -123,20 +123,18 @@ def changed_files(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
 def git_state(root: Path = SOURCE_ROOT) -> dict[str, object]:
     """{"commit": HEAD's sha or "unknown", "dirty": whether tracked files differ from HEAD, or None
     where git or the repository is not there (an installed copy)}."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout
-    except (OSError, subprocess.CalledProcessError):
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": bool(status.strip())}
+    return {"commit": commit or "unknown", "dirty": dirty}
 
 
 ENVIRONMENT_PACKAGES = (

@@ -43,7 +43,7 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     """Restore what `rng_states` saved (CUDA only where both the checkpoint and this machine have it)."""
-    random.setstate(tuple(states["python"][:1]) + (tuple(states["python"][1]),) + tuple(states["python"][2:]))
+    random.setstate(states["python"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
     np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))

@@ -95,7 +95,8 @@ def log_model(params, dataset: str, model: str, runs_dir: Path, eval_json: Path,
         return
     from medfusion.config import protocol_differences
     from medfusion.mlflow_model import log_ensemble_model, model_config
-    from medfusion.training.tracking import _git_commit, repo_root, resolve_tracking_uri
+    from medfusion.provenance import git_state
+    from medfusion.training.tracking import repo_root, resolve_tracking_uri
 
     try:
         images = examples["images"][:1]  # (1, C, S, S) uint8: a test image as the dataset's files hold it
@@ -105,7 +106,7 @@ def log_model(params, dataset: str, model: str, runs_dir: Path, eval_json: Path,
         else:  # a volume's layout (D, H, W) in its stored units; its values do not matter to the schema
             example = np.zeros((2, *images.shape[2:]), np.float32)
         # the folder relative to this workspace (a `dvc exp run --temp` copy or the repository)
-        config = model_config(runs_dir, eval_json, Path.cwd(), _git_commit(repo_root()))
+        config = model_config(runs_dir, eval_json, Path.cwd(), git_state(repo_root())["commit"])
         reference = model == params.model_names[0]
         uri = log_ensemble_model(
             read_json(state)["parent_run_id"], resolve_tracking_uri(params.mlflow.tracking_uri), config,

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -336,21 +335,11 @@ def save_resume_state(trainer: Trainer, out_dir: Path, key: str, epoch: int, pro
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "objective": objective.state_dict() if isinstance(objective, DRGOObjective) else None,
-            "history": _plain(progress.history),
-            "best": _plain(progress.best),
+            "history": progress.history,
+            "best": progress.best,
             "rng": rng_states(),
         },
     )
-
-
-def _plain(value):
-    """numpy scalars inside lists and dicts made Python numbers: last.pt holds tensors and plain data
-    only (`load_resume_state` reads it with weights_only=True)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def computed_how(trainer: Trainer) -> dict[str, str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -36,7 +35,7 @@ from typing import Any
 from medfusion.common import run_name, telemetry_off
 from medfusion.config import config_hash
 from medfusion.data.io import file_sha256, read_json, write_json
-from medfusion.provenance import installed
+from medfusion.provenance import git_state, installed
 
 # flat names (history.json, the report) -> MLflow's grouped ones; the charts group by the prefix
 _GROUPS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_dice": "val/dice", "lr": "train/lr",
@@ -76,16 +75,6 @@ def _anchor_sqlite(uri: str) -> str:
     if not path or path.startswith(":memory:") or Path(path).is_absolute():
         return uri
     return f"{prefix}{repo_root() / path}"
-
-
-def _git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _quiet_mlflow() -> None:
@@ -303,7 +292,7 @@ class Tracker:
             **({"mlflow.note.content": note} if note else {}),
             "mlflow.source.name": source,
             "mlflow.source.type": "LOCAL",
-            "mlflow.source.git.commit": _git_commit(root),
+            "mlflow.source.git.commit": git_state(root)["commit"],
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         }
