@@ -42,8 +42,8 @@ Rules (a case is a 2-D image (H, W) or a whole volume (D, H, W)):
                   are resized in-plane first), so min_size counts pixels (voxels) of the resolution
                   scored, the original one by default.
     selection     the setting with the highest mean validation Dice (per case, per scored region,
-                  nested regions inward-out as above, empty masks as in medfusion.metrics); ties go to the smallest change: for binary
-                  no change, then the absolute sizes from the smallest, then the relative ones from
+                  nested regions inward-out as above, empty masks as in medfusion.metrics); ties go
+                  to the smallest change: for binary no change, then the absolute sizes from the smallest, then the relative ones from
                   the smallest, then the largest component, each without then with filling; for
                   thresholds None (argmax), then the value closest to 0.5. So a setting that cannot
                   help is never chosen.
@@ -158,7 +158,8 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     mask = mask.astype(bool)
     if min_size <= 1:
         return mask
-    return _keep_large(*_components(mask), min_size)
+    labels, sizes = _components(mask)
+    return _kept(sizes, min_size)[labels]
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,20 +168,23 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel())
 
 
-def _keep_large(labels: np.ndarray, sizes: np.ndarray, min_size: int) -> np.ndarray:
-    keep = sizes >= min_size
-    keep[0] = False  # background
-    return keep[labels]
-
-
 def keep_largest(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of a binary mask (full connectivity; ties: the lowest label)."""
-    mask = mask.astype(bool)
-    if not mask.any():
-        return mask
-    labels, sizes = _components(mask)
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    labels, sizes = _components(mask.astype(bool))
+    return _kept(sizes, largest=True)[labels]
+
+
+def _kept(sizes: np.ndarray, least: int = 0, largest: bool = False) -> np.ndarray:
+    """Which component labels a rule keeps (index 0, background, never): the largest only, or every
+    component of at least `least` pixels (voxels). One rule for `apply` and the `Selector`'s scores."""
+    if largest:
+        keep = np.zeros(len(sizes), bool)
+        if len(sizes) > 1:
+            keep[1 + int(np.argmax(sizes[1:]))] = True
+        return keep
+    keep = sizes >= least
+    keep[0] = False
+    return keep
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -310,14 +314,8 @@ class Selector:
         actual = float(np.count_nonzero(target))
         dice, filled = np.zeros((len(self.rules), 2)), {}
         for i, (kind, value) in enumerate(self.rules):
-            if kind == "largest":
-                keep = np.zeros(len(sizes), bool)
-                if len(sizes) > 1:
-                    keep[1 + int(np.argmax(sizes[1:]))] = True
-            else:
-                least = value if kind == "size" else int(np.ceil(value * mask.size))
-                keep = sizes >= least
-                keep[0] = False  # background
+            least = int(np.ceil(value * mask.size)) if kind == "fraction" else value or 0
+            keep = _kept(sizes, least, largest=kind == "largest")
             dice[i, 0] = dice_from_counts(tp[keep].sum(), sizes[keep].sum(), actual)
             key = keep.tobytes()
             if key not in filled:
