@@ -259,7 +259,7 @@ def penalised_text(penalised: float, total: int) -> str:
     return "-" if not total or pd.isna(penalised) else f"{int(penalised)}/{int(total)}"
 
 
-def delta_text(metric: str, delta: float, low: float, high: float, unit: str = "") -> str:
+def delta_text(metric: str, delta: float, low: float, high: float) -> str:
     """'Δ [low, high]' in table units, signed: the one formatter of every table's Δ (`stats`:
     Δ = model - reference, in that one direction everywhere)."""
     if delta is None or math.isnan(delta):

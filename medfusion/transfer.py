@@ -23,8 +23,9 @@ where T's patients give several cases), as the in-dataset statistics are compute
 
 Where T is not one of `datasets` (no fetch stage), its files are read from data.sources.<T> and
 validated as the fetch stage does, into a temporary folder (hard links where possible) that is removed
-afterwards (twice: for the checks, then for the scoring); DVC sees a change of that path (params
-data.sources), not of the files in it.
+afterwards (once per stage: the checks and the scoring read the same copy; every target's copy is
+held until the stage ends, hard links where the filesystem allows); DVC sees a change of that path
+(params data.sources), not of the files in it.
 
 Memory: one case at a time (see `folder_eval`); the rows of one target and entry; the overlap check
 reads files in 1 MiB chunks and holds one size and at most one digest per file.

@@ -7,6 +7,7 @@ transfer.json) and <target>/stats.csv (CASNet against every other entry on that 
 stage turns them into reports/tables/generalisation.md and logs them to MLflow.
 """
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -43,18 +44,19 @@ def main(
     trained, models = params.spec(dataset), params.model_names
     targets = params.eval.transfer.get(dataset, [])
     try:
-        for target in targets:  # every target checked before the first model is loaded
-            check_target(target, params.spec(target), trained)
-            custom, source = params.custom_description(target), params.data.sources.get(target)
-            with target_raw(target, raw_root, source, params.data.synthetic, custom) as raw:
-                check_overlap(target, params.spec(target), raw, trained, raw_root / dataset)
-        with atomic_dir(out_dir) as tmp:
-            for target in targets:
-                spec = params.spec(target)
-                custom = params.custom_description(target)
-                source = params.data.sources.get(target)
-                with target_raw(target, raw_root, source, params.data.synthetic, custom) as raw:
-                    cases = target_cases(spec, raw, custom["group_pattern"] if custom else None)
+        with contextlib.ExitStack() as stack:  # each target's files read (or copied) once, for both steps
+            raws = {}
+            for target in targets:  # every target checked before the first model is loaded
+                check_target(target, params.spec(target), trained)
+                custom, source = params.custom_description(target), params.data.sources.get(target)
+                raws[target] = stack.enter_context(
+                    target_raw(target, raw_root, source, params.data.synthetic, custom)
+                )
+                check_overlap(target, params.spec(target), raws[target], trained, raw_root / dataset)
+            with atomic_dir(out_dir) as tmp:
+                for target in targets:
+                    spec, custom = params.spec(target), params.custom_description(target)
+                    cases = target_cases(spec, raws[target], custom["group_pattern"] if custom else None)
                     per_case = {}
                     for entry in models:
                         out = tmp / target / entry
