@@ -86,7 +86,7 @@ def test_unreachable_mlflow_server_says_so_and_training_runs(
 ):
     from medfusion.training import tracking
 
-    monkeypatch.setattr(tracking, "_git_commit", lambda root: "test")
+    monkeypatch.setattr(tracking, "git_state", lambda root: {"commit": "test", "dirty": False})
     processed, split = synthetic_processed
     write_json(tmp_path / "split.json", split)
     out = tmp_path / "runs"
