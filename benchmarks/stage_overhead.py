@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "preprocess", "split", "train", "evaluate", "stats", "efficiency", "report"]
+STAGES = ["source", "fetch", "preprocess", "split", "train", "evaluate", "stats", "efficiency", "report"]
 LATER = {
     "first torch.optim.Adam (imports torch._dynamo)": (
         "import torch; m = torch.nn.Linear(2, 2); import time; t = time.perf_counter(); "

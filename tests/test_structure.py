@@ -82,7 +82,7 @@ def test_the_data_layer_does_not_import_the_losses():
 @pytest.mark.parametrize(
     "module",
     ["medfusion.config", "medfusion.common", "medfusion.quickstart", "medfusion.cli", "medfusion.report",
-     "medfusion.stats", "pipeline.fetch", "pipeline.preprocess", "pipeline.split", "pipeline.stats",
+     "medfusion.stats", "pipeline.source", "pipeline.fetch", "pipeline.preprocess", "pipeline.split", "pipeline.stats",
      "pipeline.report", "pipeline.efficiency"],
 )  # fmt: skip
 def test_stages_that_do_not_train_import_neither_torch_nor_mlflow(module):
