@@ -43,3 +43,21 @@ def test_the_installed_environment_is_the_locked_one():
     for name, version in _lock().items():
         found = Version(metadata.version(name))
         assert found.public == version.public, f"{name}: installed {found}, locked {version}"
+
+
+def test_the_lock_is_closed_under_requirements():
+    """With --no-deps nothing else is installed: every requirement of a locked package (for this
+    platform, no extras) is locked too, at a version it allows."""
+    from importlib import metadata
+
+    pins = _lock()
+    for name in pins:
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            dep = canonicalize_name(req.name)
+            assert dep in pins, f"requirements.lock has {name} but not its requirement {text}; run .ci/lock"
+            assert req.specifier.contains(pins[dep], prereleases=True), (
+                f"requirements.lock pins {req.name}=={pins[dep]}, outside {name}'s {text}; run .ci/lock"
+            )
