@@ -474,7 +474,7 @@ def evaluate(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo((out / "summary.md").read_text())
-    typer.echo(f"{len(cases)} cases scored -> {out}/per_case.csv, summary.csv, summary.md")
+    typer.echo(f"{len(cases)} cases scored -> {out}/per_case.csv, summary.csv, summary.md", err=True)
 
 
 @app.command()

@@ -89,6 +89,8 @@ def test_per_case_dice_equals_the_predicted_masks_dice(rgb_run, tmp_path):
     out = tmp_path / "scores"
     result = _evaluate(rgb_run, images, masks, out, "--mask-threshold", "127")
     assert result.exit_code == 0, result.output
+    assert result.stdout == (out / "summary.md").read_text() + "\n"  # the data alone; the notice on stderr
+    assert "cases scored" in result.stderr
     per_case = pd.read_csv(out / "per_case.csv")
     assert set(per_case["run"]) == {"fold0_seed0", "fold1_seed0", "ensemble"}
     assert set(per_case["postprocess"]) == {"raw"}  # no eval.json beside the run
