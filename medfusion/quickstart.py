@@ -27,6 +27,7 @@ from pathlib import Path
 
 from medfusion.common import atomic_write
 from medfusion.config import model_sections
+from medfusion.data.sources import restore_links
 from medfusion.reproduce import override_value
 
 STOP_GRACE_S = 60.0  # how long DVC may take to stop after SIGINT before it is killed
@@ -229,6 +230,7 @@ def apply_experiment(
             root / "params.yaml", params_text
         )  # the paper protocol stays the default for `dvc repro`
         restore_committed_since(root, since)
+        restore_links(root)  # data/sources/<name>: neither in git nor cached (medfusion/data/sources.py)
     return True
 
 

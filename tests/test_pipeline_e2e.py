@@ -328,7 +328,8 @@ def test_mlflow_has_a_model_per_parent_and_the_registered_one_predicts_as_medfus
 
 def test_a_colleague_gets_the_experiment_through_git_and_a_dvc_remote(quickstart_repo, tmp_path):
     """The README's sharing round trip with a local-folder DVC remote: push the experiment, clone,
-    pull it, and get the same checkpoints and metrics, with nothing to rerun."""
+    pull it, and get the same checkpoints and metrics, with nothing to rerun once `dvc repro source` has
+    remade the links to the data sources."""
     repo, env, _ = quickstart_repo
     origin, store, clone = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "clone"
     _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
@@ -349,4 +350,9 @@ def test_a_colleague_gets_the_experiment_through_git_and_a_dvc_remote(quickstart
     assert json.loads((clone / "reports" / "metrics.json").read_text()) == json.loads(
         (repo / "reports" / "metrics.json").read_text()
     )
+    # data/sources/<name> is neither in git nor cached (medfusion/data/sources.py): only its links are missing
+    missing = set(json.loads(_run(["dvc", "status", "--json"], clone, env).stdout))
+    assert missing == {f"{s}@{d}" for s in ("source", "fetch") for d in ("synthetic", "synthetic_volumes")}
+    remade = _run(["dvc", "repro", "source"], clone, env).stdout
+    assert "Running stage 'source@synthetic'" in remade and "Running stage 'fetch" not in remade
     assert "up to date" in _run(["dvc", "status"], clone, env).stdout

@@ -18,7 +18,7 @@ import yaml
 from conftest import SHARED_DATASETS, copy_repo
 from PIL import Image
 
-from medfusion.data.sources import SourceError, read_source, write_source
+from medfusion.data.sources import SourceError, read_source, restore_links, write_source
 
 KVASIR = SHARED_DATASETS / "kvasir_seg"
 
@@ -50,6 +50,25 @@ def test_a_missing_copy_names_the_key_and_keeps_the_old_link(tmp_path):
     out.write_text("not json")
     with pytest.raises(SourceError, match="not a source record"):
         read_source(out)
+
+
+def test_links_missing_after_an_applied_experiment_are_remade_from_dvc_lock(tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    lock = {"schema": "2.0", "stages": {
+        f"source@{name}": {"cmd": "...", "params": {"params.yaml": {"data.sources": {"custom": str(copy),
+                                                                                   "gone": str(tmp_path / "gone")}}}}
+        for name in ("custom", "synthetic", "gone", "kept")
+    } | {"fetch@custom": {"cmd": "..."}}}  # fmt: skip
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    kept = tmp_path / "data" / "sources" / "kept"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("mine")
+    assert restore_links(tmp_path) == ["custom", "synthetic"]
+    assert read_source(tmp_path / "data" / "sources" / "custom") == copy
+    assert read_source(tmp_path / "data" / "sources" / "synthetic") is None
+    assert not (tmp_path / "data" / "sources" / "gone").exists() and kept.read_text() == "mine"
+    assert restore_links(tmp_path / "nowhere") == []
 
 
 def _dvc(repo: Path, env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:

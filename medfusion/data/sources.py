@@ -11,6 +11,14 @@ again; the first status of a 28 GB copy reads it once.
 A dataset without a local copy (downloaded, or generated) gets a small JSON file instead, naming
 that route, so that the dependency exists and changes when the route does.
 
+Neither is in git (data/ is ignored: a DVC experiment commit would follow the link and commit the
+copy's files) nor in DVC's cache (it would copy the copy). So where outputs arrive without the
+stage having run here (`dvc exp apply` of a `--temp` experiment, a clone and `dvc pull`), the links
+are missing and `dvc status` shows source@<name> and fetch@<name> until `dvc repro source` remakes
+them from params.yaml (a second; the same files fetch nothing). `restore_links` remakes them from
+dvc.lock instead, which is what the quickstart and `medfusion reproduce` do after applying their
+experiment.
+
 The link is written by the stage `source@<name>` from params.yaml (its only input), as an output
 that DVC neither caches nor removes (`cache: false, persist: true`): DVC never copies, moves or
 deletes the copy's files, and replacing the link (`os.replace` of a new link over the old one)
@@ -24,6 +32,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import yaml
 
 from medfusion.data.io import atomic_write_text
 
@@ -82,3 +92,27 @@ def read_source(out: Path) -> Path | None:
             f"{out}: not a source record ({err}); make it with `dvc repro source@<dataset>`"
         ) from None
     raise SourceError(f"{out}: names a source but is not a link; make it with `dvc repro source@<dataset>`")
+
+
+def restore_links(root: Path) -> list[str]:
+    """Remake, under `root`, each missing data/sources/<name> as dvc.lock's stage source@<name>
+    recorded it (its `data.sources` param). A copy that no longer exists is left missing (`dvc repro`
+    then names it). -> the names remade."""
+    root = Path(root)
+    try:
+        stages = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    remade = []
+    for stage, record in stages.items():
+        kind, _, name = stage.partition("@")
+        out = root / SOURCES_DIR / name
+        if kind != "source" or not name or out.is_symlink() or out.exists():
+            continue
+        sources = ((record.get("params") or {}).get("params.yaml") or {}).get("data.sources") or {}
+        try:
+            write_source(name, sources.get(name), out)
+        except SourceError:
+            continue
+        remade.append(name)
+    return remade
