@@ -9,8 +9,9 @@ Why `auto` (the default of all three CPU keys): bf16 autocast with channels_last
 than fp32 on Xeons with AMX, and 11-26x *slower* on CPUs without native bf16 (AVX2-only EPYC and
 most laptops), where PyTorch emulates bf16 arithmetic. `auto` therefore turns bf16 on only where the
 CPU has native bf16 (AMX tiles or AVX512-BF16, as torch reports them) *and* a short timing probe of a
-convolution training step finds bf16 at least 10% faster than fp32 (`BF16_MARGIN`). The margin
-keeps a borderline machine from flipping between processes. channels_last follows bf16 on the CPU
+convolution training step finds bf16 at least 10% faster than fp32 (`BF16_MARGIN`). The probe runs
+once per machine and its decision is kept (`decision_file()`): every later process reads it, so that
+a probe under load cannot make one process compute in bf16 and the next in fp32. channels_last follows bf16 on the CPU
 (it helps oneDNN's bf16 kernels and is neutral in fp32: 0.99x measured on an AVX2 EPYC) and is on
 with CUDA. `train.compile: auto` compiles the attention regions (CASNet's contextual attention,
 Attention U-Net's gates), whose element-wise chains the compiler fuses, wherever a compiler is there
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -142,19 +145,65 @@ def _probe_seconds(amp_dtype: torch.dtype | None, channels_last: bool, repeats: 
     return statistics.median(step() for _ in range(repeats))
 
 
+def decision_file() -> Path:
+    """Where this machine's `cpu_bf16: auto` decision is kept: one file per CPU model, ISA, thread
+    count and torch version, under $XDG_CACHE_HOME/medfusion (default ~/.cache/medfusion)."""
+    key = f"{cpu_model()}|{cpu_isa()}|{torch.get_num_threads()}|{torch.__version__}"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "medfusion" / f"cpu-bf16-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _kept_decision(path: Path) -> tuple[bool, str] | None:
+    try:
+        kept = json.loads(path.read_text())
+        return bool(kept["bf16"]), str(kept["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _keep_decision(path: Path, decision: tuple[bool, str]) -> tuple[bool, str]:
+    """Publish `decision` at `path` unless another process has published one first; -> the published one.
+    (A link of a complete temp file: never half-written, and exactly one process wins.)"""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"bf16": decision[0], "reason": decision[1]}) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            kept = _kept_decision(path)
+            if kept is None:  # a damaged file: this decision replaces it
+                os.replace(tmp, path)
+            decision = kept or decision
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only home: this process's own probe stands
+    return decision
+
+
 @functools.cache
 def cpu_bf16_auto() -> tuple[bool, str]:
-    """`train.cpu_bf16: auto` on this machine: (on, reason). Probed once per process, and said once."""
+    """`train.cpu_bf16: auto` on this machine: (on, reason), said once per process.
+
+    Where the CPU has native bf16, a timing probe decides, once per machine: the first process to
+    probe keeps its decision in `decision_file()` and every later one (training, evaluation,
+    `medfusion predict`, a logged MLflow model) reads it, so that one machine computes in one
+    precision whatever the load on it when a process starts (a probe under load could decide
+    otherwise, and bf16 and fp32 predictions differ in a few boundary pixels). Delete the file to
+    probe again (after a change of hardware), or set `train.cpu_bf16` to decide yourself."""
     isa = cpu_isa()
     if not native_bf16():
         decision = (False, f"auto: fp32, this CPU has no native bf16 ({isa})")
     else:
-        fp32, bf16 = _probe_seconds(None, False), _probe_seconds(torch.bfloat16, True)
-        on = bf16 <= BF16_MARGIN * fp32
-        decision = (
-            on,
-            f"auto: {'bf16' if on else 'fp32'}, {isa}; probe bf16 {1000 * bf16:.1f} ms vs fp32 {1000 * fp32:.1f} ms",
-        )
+        path = decision_file()
+        decision = _kept_decision(path)
+        if decision is None:
+            fp32, bf16 = _probe_seconds(None, False), _probe_seconds(torch.bfloat16, True)
+            on = bf16 <= BF16_MARGIN * fp32
+            probed = f"{'bf16' if on else 'fp32'}, {isa}; probe bf16 {1000 * bf16:.1f} ms vs fp32 {1000 * fp32:.1f} ms"
+            decision = _keep_decision(path, (on, f"auto: {probed}"))
+        decision = (decision[0], f"{decision[1]} (this machine's decision, {path})")
     print(f"precision: {decision[1]} [{cpu_model()}]", file=sys.stderr, flush=True)  # a notice, not data
     return decision
 

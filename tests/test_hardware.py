@@ -3,6 +3,8 @@ bf16 that a timing probe finds faster, channels_last with it, compiled regions o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from medfusion.hardware import Precision, resolve_compile, resolve_precision
 
 
 @pytest.fixture
-def fresh_decision():
+def fresh_decision(monkeypatch, tmp_path):
+    """A new process on a machine that has decided nothing yet (its own cache folder)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     hardware.cpu_bf16_auto.cache_clear()
     yield
     hardware.cpu_bf16_auto.cache_clear()
@@ -47,6 +51,23 @@ def test_with_native_bf16_the_probe_decides(monkeypatch, fresh_decision, bf16_s,
     precision = resolve_precision("auto", "auto", "auto")
     assert (precision.amp_dtype == torch.bfloat16, precision.channels_last) == (on, on)
     assert set(probes) == {None, torch.bfloat16} and "probe bf16" in precision.reason
+
+
+def test_the_first_probe_decides_for_every_later_process_on_the_machine(monkeypatch, fresh_decision, capsys):
+    """A later process whose probe (under load, say) would decide otherwise computes as the first did."""
+    probes = _cpu(monkeypatch, native=True, fp32_s=1.0, bf16_s=0.3)
+    first = resolve_precision()
+    assert first.amp_dtype == torch.bfloat16 and hardware.decision_file().is_file()
+    hardware.cpu_bf16_auto.cache_clear()  # the next process
+    _cpu(monkeypatch, native=True, fp32_s=1.0, bf16_s=2.0)
+    later = resolve_precision()
+    assert later.amp_dtype == torch.bfloat16 and later.channels_last and len(probes) == 2  # not probed again
+    assert str(hardware.decision_file()) in later.reason and "probe bf16 300.0 ms" in later.reason
+    hardware.decision_file().write_text("{not json")  # a damaged file: probed again, and kept
+    hardware.cpu_bf16_auto.cache_clear()
+    assert resolve_precision().amp_dtype is None and len(probes) == 2  # this probe's fp32 (bf16 2.0 s)
+    assert json.loads(hardware.decision_file().read_text())["bf16"] is False
+    assert "precision:" not in capsys.readouterr().out
 
 
 def test_explicit_settings_win_over_auto(monkeypatch, fresh_decision):
