@@ -517,15 +517,34 @@ def plan(
 
 
 @app.command()
-def check(params_file: Path = typer.Argument(Path("params.yaml"), help="params file to validate")) -> None:
-    """Validate params.yaml: keys, types, dataset and model names, ranges."""
+def check(
+    params_file: Path = typer.Argument(Path("params.yaml"), help="params file to validate"),
+    processed: Path = typer.Option(Path("data/processed"), help="preprocessed datasets, for the split check"),
+) -> None:
+    """Validate params.yaml: keys, types, dataset and model names, ranges; and, for each dataset
+    already preprocessed (PROCESSED/<dataset>/cases.json), that its cases can make the split."""
     from medfusion.config import ConfigError, load_params
+    from medfusion.data.io import DataError, read_json
+    from medfusion.data.splits import SplitError, make_split
 
     try:
         params = load_params(params_file)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
+    cv, failed = params.cv, False
+    for dataset in params.datasets:
+        cases = processed / dataset / "cases.json"
+        if not cases.is_file():
+            continue
+        try:
+            groups = {c["case_id"]: c["group"] for c in read_json(cases)}
+            make_split(groups, params.spec(dataset).test_rule, cv.n_folds, cv.split_seed, cv.test_fraction)
+        except (SplitError, DataError) as err:
+            typer.echo(f"{params_file}: {dataset} ({cases}): {err}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
     typer.echo(f"{params_file}: ok ({len(params.datasets)} datasets x {len(params.model_names)} models)")
 
 

@@ -31,13 +31,29 @@ def telemetry_off(env: dict[str, str] | None = None) -> dict[str, str]:
     return target
 
 
+def plain_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the process's umask. (mkstemp makes
+    its files 0600, which on a shared server hides reports from the other users.)"""
+    try:  # Linux: read without changing it (os.umask sets as it reads, which races with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write `data` (text or bytes) to `path` through a temp file in the same folder and a rename:
-    never half-written, and the previous file stays until the new one is complete."""
+    never half-written, and the previous file stays until the new one is complete. The file gets
+    the mode a plain `open()` would give it (`plain_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, plain_file_mode())
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -56,7 +72,12 @@ def run_name(fold: int, seed: int) -> str:
     return f"fold{fold}_seed{seed}"
 
 
-class TrainingError(RuntimeError):
+class UserError(Exception):
+    """A problem with the user's data, settings or command, stated in one line with what fixes it. A
+    stage (`run_stage`) and the `medfusion` commands print it alone, without a traceback."""
+
+
+class TrainingError(UserError, RuntimeError):
     """A training, evaluation or device problem stated with the setting that fixes it."""
 
 
@@ -78,7 +99,8 @@ def run_stage(main: Callable[..., object]) -> NoReturn:
     multiprocessing child does. Any other ending (an error, a usage error, Ctrl-C) goes through
     Python's normal exit, and so does a stage under a profiler or a tracer (`python -m cProfile -m
     pipeline.train ...` still writes its profile). Files the stages write are closed (and renamed into place) before `main`
-    returns, so nothing written depends on the teardown.
+    returns, so nothing written depends on the teardown. A `UserError` (bad params, bad data: its
+    message names the key or file and the fix) ends the stage with that line alone on stderr.
     """
     import typer
 
@@ -87,6 +109,8 @@ def run_stage(main: Callable[..., object]) -> NoReturn:
     except SystemExit as stop:
         if stop.code not in (0, None):
             raise
+    except UserError as err:  # the one-line message alone, not a traceback before it
+        sys.exit(f"{Path(sys.argv[0]).stem or 'stage'}: {err}")  # `python -m pipeline.train`: train.py
     run_exit_callbacks = getattr(atexit, "_run_exitfuncs", None)
     if run_exit_callbacks is None or sys.getprofile() or sys.gettrace():
         sys.exit(0)  # not CPython, or under a profiler or tracer that writes its data at the end

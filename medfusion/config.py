@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfusion.common import UserError
 from medfusion.data.registry import CUSTOM_MODALITIES, DATASET_NAMES, DATASETS, DatasetSpec, dataset_spec
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params.yaml problem, with the key that caused it."""
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medfusion.common import first_line, run_name
+from medfusion.common import UserError, first_line, run_name
 from medfusion.data.dataset import SegDataset, StoredRows
 from medfusion.data.io import DataError, read_json
 from medfusion.data.preprocess import case_refs, read_fov, read_label
@@ -50,7 +50,7 @@ from medfusion.resample import labels_at
 from medfusion.training.loop import infer_probs, out_of_memory_explained, predict_probs
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A model.pt that cannot be used: names the file and what is wrong with it."""
 
 

@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
+from medfusion.common import plain_file_mode
+
 BAR_METRICS = ("dice", "iou", "precision", "recall")
 NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall"}
 DPI = 100
@@ -35,6 +37,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.fchmod(fd, plain_file_mode())  # readable as a plain open() would make it, not mkstemp's 0600
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})

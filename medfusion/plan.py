@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medfusion.common import UserError
 from medfusion.config import Params, params_from_dict, read_yaml
 
 # Published sizes: labelled cases, 2-D samples (images or slices), the largest case's slice count
@@ -57,7 +58,7 @@ PUBLISHED = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """Settings the plan cannot cost (names the key or dataset and what would fix it)."""
 
 

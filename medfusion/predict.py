@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medfusion.common import UserError
 from medfusion.data.dataset import zscore
 from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, channel_files, file_stem
 from medfusion.data.io import (
@@ -77,7 +78,7 @@ CLASS_COLOURS = np.array(
 )
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """A run or checkpoint that cannot be used for prediction (stops the command)."""
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from medfusion.common import atomic_write
+from medfusion.common import UserError, atomic_write
 from medfusion.config import read_yaml
 from medfusion.data.io import atomic_dir
 
@@ -42,7 +42,7 @@ _REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(?P<name>[^/]+)")  # how 
 _PLAIN = re.compile(r"[A-Za-z0-9_./:+-]+")  # a string Hydra and YAML both read as itself unquoted
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile that does not exist or cannot be run as written."""
 
 

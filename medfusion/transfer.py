@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfusion.common import atomic_write
+from medfusion.common import UserError, atomic_write
 from medfusion.data.fetch import FetchError, channel_files, fetch_dataset, file_digest
 from medfusion.data.io import write_json
 from medfusion.data.preprocess import CaseRef, case_refs
@@ -52,7 +52,7 @@ from medfusion.predict import PredictError, load_ensemble
 from medfusion.stats import compare_models
 
 
-class TransferError(ValueError):
+class TransferError(UserError, ValueError):
     """A transfer target that does not fit the trained models (classes, channels, shared cases, no data)."""
 
 

@@ -7,7 +7,7 @@ import typer
 from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.io import read_json, write_json
-from medfusion.data.splits import make_split
+from medfusion.data.splits import SplitError, make_split
 
 
 def main(
@@ -20,7 +20,10 @@ def main(
     cv = params.cv
     case_groups = {c["case_id"]: c["group"] for c in read_json(processed_dir / "cases.json")}
     rule = params.spec(dataset).test_rule
-    split = make_split(case_groups, rule, cv.n_folds, cv.split_seed, cv.test_fraction)
+    try:
+        split = make_split(case_groups, rule, cv.n_folds, cv.split_seed, cv.test_fraction)
+    except SplitError as err:
+        raise SystemExit(f"split {dataset}: {err}") from None
     write_json(out, {"dataset": dataset, "test_rule": rule, "seed": cv.split_seed, **split})
     print(
         f"split {dataset}: {len(split['test'])} test cases, {cv.n_folds} folds of the other {len(case_groups) - len(split['test'])}"

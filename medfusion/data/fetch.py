@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medfusion.common import UserError
 from medfusion.config import SyntheticParams
 from medfusion.data.io import IMAGE_SUFFIXES, atomic_dir, write_json
 from medfusion.data.registry import CUSTOM_LAYOUT, DatasetSpec, dataset_spec
@@ -36,7 +37,7 @@ FINGERPRINTS = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A dataset could not be had; the message says what to do."""
 
 

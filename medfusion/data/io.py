@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from medfusion.common import atomic_write
+from medfusion.common import UserError, atomic_write
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with an input file, naming the file and what was expected."""
 
 

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import yaml
 
+from medfusion.common import UserError
 from medfusion.data.io import atomic_write_text
 
 SOURCES_DIR = Path("data/sources")
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """data.sources.<name> names nothing usable; the message says which key and what to do."""
 
 

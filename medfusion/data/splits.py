@@ -11,8 +11,10 @@ from collections import Counter
 
 import numpy as np
 
+from medfusion.common import UserError
 
-class SplitError(ValueError):
+
+class SplitError(UserError, ValueError):
     pass
 
 
@@ -57,7 +59,11 @@ def make_split(
     test_groups = set(select_test_groups(list(sizes), test_rule, test_fraction, rng))
     train_groups = [g for g in rng.permutation(sorted(sizes)).tolist() if g not in test_groups]
     if len(train_groups) < n_folds:
-        raise SplitError(f"{len(train_groups)} training groups cannot make {n_folds} folds (cv.n_folds)")
+        raise SplitError(
+            f"cv.n_folds = {n_folds}: the {len(train_groups)} patient groups left for training (after "
+            f"{len(test_groups)} held out for testing) cannot make {n_folds} folds; set cv.n_folds to at "
+            f"most {len(train_groups)}"
+        )
     # The seeded order of the groups is their label: the balancing breaks ties by label, so which
     # groups share a fold depends on `seed`.
     fold_list = balanced_group_folds([sizes[g] for g in train_groups], n_folds)

@@ -41,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medfusion.common import UserError
+
 PRETRAINED_ARCHITECTURES = ("deeplabv3", "segnet", "transunet")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """A pretrained file that does not fit the model (missing, unexpected or mis-shaped keys)."""
 
 

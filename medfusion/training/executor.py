@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from submitit.helpers import Checkpointable
 
-from medfusion.common import run_name
+from medfusion.common import UserError, run_name
 from medfusion.config import ExecutorParams, SlurmParams
 from medfusion.data.io import write_json
 from medfusion.entries import Entry, Resources
@@ -48,7 +48,7 @@ LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 POLL_S = 0.5  # how often the local scheduler looks for a finished job
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(UserError, RuntimeError):
     """A run that could not be trained by the chosen executor, with the key or job that caused it."""
 
 
