@@ -42,7 +42,7 @@ from medfusion.common import atomic_write
 from medfusion.data import preprocess
 from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, stem_pairs
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
-from medfusion.data.preprocess import label_2d, read_label, read_volume_label
+from medfusion.data.preprocess import empty_masks_error, label_2d, read_label, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
 from medfusion.metrics import COUNTS, FLAGS, PENALISED, PRESENT, pooled_dice, region_metrics
 from medfusion.postprocess import PostProcess
@@ -162,15 +162,39 @@ def case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int) -> list[
     return per_model
 
 
-def _target(case: FolderCase, ensemble: Ensemble, mask_threshold, image_shape, spec=None) -> np.ndarray:
+THRESHOLD_OPTION = "--mask-threshold"  # `medfusion evaluate`'s, named in its messages
+
+
+def _read_target(case: FolderCase, ensemble: Ensemble, mask_threshold, spec=None) -> np.ndarray:
     """The case's ground truth: read as the target dataset's preprocessing reads it (`spec`: its
     DatasetSpec, with its mask threshold and label rules), or as a folder of the model's classes."""
     if spec is not None:
-        target = read_label(case.mask, spec.kind, spec.name, spec.class_names, spec.mask_threshold)
-    elif ensemble.preprocessing.kind == "image":
-        target = label_2d(case.mask, ensemble.num_classes, mask_threshold)[0]
-    else:
-        target = read_volume_label(case.mask, ensemble.dataset, ["c"] * ensemble.num_classes)
+        return read_label(case.mask, spec.kind, spec.name, spec.class_names, spec.mask_threshold)
+    if ensemble.preprocessing.kind == "image":
+        return label_2d(case.mask, ensemble.num_classes, mask_threshold, THRESHOLD_OPTION)[0]
+    return read_volume_label(case.mask, ensemble.dataset, ["c"] * ensemble.num_classes)
+
+
+def check_masks(ensemble: Ensemble, cases: list[FolderCase], mask_threshold=None, spec=None) -> None:
+    """Read every 2-D mask before any prediction and refuse a folder whose masks are (nearly) all
+    empty once read (`preprocess.empty_masks_error`: JPEG masks holding 0/1, say). Volumes are not
+    read twice: their masks are checked as each case is scored. Memory: one mask at a time.
+
+    Raises:
+        DataError: a mask that cannot be read as labels, or the refusal."""
+    if (spec.kind if spec is not None else ensemble.preprocessing.kind) != "image" or not cases:
+        return
+    empty = sum(not _read_target(case, ensemble, mask_threshold, spec).any() for case in cases)
+    threshold = spec.mask_threshold if spec is not None else mask_threshold
+    option = THRESHOLD_OPTION if spec is None else "data.custom.mask_threshold"
+    refused = empty_masks_error(empty, len(cases), cases[0].mask, threshold, option)
+    if refused is not None:
+        raise refused
+
+
+def _target(case: FolderCase, ensemble: Ensemble, mask_threshold, image_shape, spec=None) -> np.ndarray:
+    """The case's ground truth (`_read_target`), checked against its image's size."""
+    target = _read_target(case, ensemble, mask_threshold, spec)
     if target.shape != tuple(image_shape):
         raise DataError(
             f"{case.mask}: mask size {target.shape} differs from image {case.image.name} {image_shape}"
@@ -251,6 +275,7 @@ def evaluate_folder(
     """Score `ensemble` on `cases` and write per_case.csv, summary.csv and summary.md into `out_dir`
     (module docstring); `spec`: the target dataset's, when the cases are a dataset's (transfer).
     -> (per_case without the voxel counts, summary)."""
+    check_masks(ensemble, cases, mask_threshold, spec)
     regions = run_regions(ensemble)
     recorded = chosen_postprocess(ensemble, eval_json)
     post = {run: recorded[run] for run in run_names(ensemble) if run in recorded}

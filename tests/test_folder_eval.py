@@ -85,7 +85,9 @@ def _evaluate(run: Path, images: Path, masks: Path, out: Path, *extra: str):
 def test_per_case_dice_equals_the_predicted_masks_dice(rgb_run, tmp_path):
     images, masks, truth = _folder(tmp_path)
     refused = _evaluate(rgb_run, images, masks, tmp_path / "refused")
-    assert refused.exit_code == 1 and "data.custom.mask_threshold" in refused.output
+    assert (
+        refused.exit_code == 1 and "--mask-threshold (e.g. 127)" in refused.output
+    )  # the option of this command
     out = tmp_path / "scores"
     result = _evaluate(rgb_run, images, masks, out, "--mask-threshold", "127")
     assert result.exit_code == 0, result.output

@@ -205,7 +205,14 @@ def read_label_2d(path: Path, num_classes: int, mask_threshold: int | None = Non
     return label_2d(path, num_classes, mask_threshold)[0]
 
 
-def label_2d(path: Path, num_classes: int, mask_threshold: int | None = None) -> tuple[np.ndarray, float]:
+THRESHOLD_KEY = (
+    "data.custom.mask_threshold"  # how the pipeline's user sets it; `medfusion evaluate`: --mask-threshold
+)
+
+
+def label_2d(
+    path: Path, num_classes: int, mask_threshold: int | None = None, option: str = THRESHOLD_KEY
+) -> tuple[np.ndarray, float]:
     """A 2-D label image as (H, W) uint8 class indices, validated, and the fraction of its pixels that
     were grey (neither 0 nor 255; 0.0 unless `mask_threshold` is set).
 
@@ -217,7 +224,7 @@ def label_2d(path: Path, num_classes: int, mask_threshold: int | None = None) ->
 
     Raises:
         DataError: unreadable, or values that are not labels of this dataset (naming the values and,
-            for a binary task, data.custom.mask_threshold).
+            for a binary task, the threshold's setting `option` of the command that reads it).
     """
     grey, palette = read_label_image(path, with_palette=True)
     if mask_threshold is not None and num_classes == 2 and not palette:
@@ -225,10 +232,12 @@ def label_2d(path: Path, num_classes: int, mask_threshold: int | None = None) ->
             return grey.astype(np.uint8), 0.0
         grey_fraction = float(np.count_nonzero((grey != 0) & (grey != 255))) / max(grey.size, 1)
         return (grey > mask_threshold).astype(np.uint8), grey_fraction
-    return _label_2d_strict(path, grey, num_classes), 0.0
+    return _label_2d_strict(path, grey, num_classes, option), 0.0
 
 
-def _label_2d_strict(path: Path, grey: np.ndarray, num_classes: int) -> np.ndarray:
+def _label_2d_strict(
+    path: Path, grey: np.ndarray, num_classes: int, option: str = THRESHOLD_KEY
+) -> np.ndarray:
     if path.suffix.lower() in (".jpg", ".jpeg"):
         mid = float(((grey > 32) & (grey < 223)).mean())
         if num_classes != 2 or mid > JPEG_MASK_MAX_GREY:
@@ -246,11 +255,53 @@ def _label_2d_strict(path: Path, grey: np.ndarray, num_classes: int) -> np.ndarr
     expected = "{0, 255} or {0, 1}" if num_classes == 2 else f"class indices 0..{num_classes - 1}"
     shown = values[:10].tolist() + (["..."] if values.size > 10 else [])
     way_out = (
-        "; grey values from a lossy export? data.custom.mask_threshold (e.g. 127) binarises masks at > it"
+        f"; grey values from a lossy export? {option} (e.g. 127) binarises masks at > it"
         if num_classes == 2
         else ""
     )
     raise DataError(f"{path}: mask values {shown}; expected {expected} (a non-binary mask?){way_out}")
+
+
+MAX_EMPTY_FRACTION = 0.9  # more cases than this with no foreground after reading: refused
+EMPTY_CHECK_FROM = 20  # preprocessing stops at the 20th case already when every case so far was empty
+
+
+def empty_masks_error(
+    n_empty: int, n_cases: int, example: Path, threshold: int | None, option: str = THRESHOLD_KEY
+) -> DataError | None:
+    """The refusal of a dataset whose masks are all, or nearly all, empty once read, or None.
+
+    The rule: refused when more than 90% of the cases (a 2-D image, or a whole volume) have no
+    foreground. Segmentation datasets have a structure in (nearly) every case: Kvasir-SEG's and
+    CHASE_DB1's every image, every LiTS volume (its liver). A dataset that reads as empty is almost
+    always read wrongly, most often label values 0/1 saved as JPEG, which the > 127 binarisation of
+    JPEG masks turns into nothing; training on it would run and report Dice 0. `example`: one mask
+    file, to say how the masks were read; `option`: the threshold's setting of the command."""
+    if n_cases == 0 or n_empty <= MAX_EMPTY_FRACTION * n_cases:
+        return None
+    lossy = Path(example).suffix.lower() in (".jpg", ".jpeg")
+    how = (
+        f"binarised at > {threshold}"
+        if threshold is not None
+        else ("JPEG masks binarised at > 127" if lossy else "read as class indices (0/255 or 0..K-1)")
+    )
+    return DataError(
+        f"{n_empty} of {n_cases} cases have an empty mask once read ({how}; e.g. {example}). Likely label "
+        f"values 0/1 saved in a lossy format (JPEG): set {option} 0 (foreground = any value above 0), or "
+        f"save the masks losslessly (PNG). A dataset is refused when more than "
+        f"{MAX_EMPTY_FRACTION:.0%} of its cases have no foreground."
+    )
+
+
+def _count_empty(empty: int, masks: np.ndarray, done: int, refs: list, threshold: int | None) -> int:
+    """The count of empty cases with this one's `masks` added; raises `empty_masks_error` as cases come:
+    early when the first EMPTY_CHECK_FROM cases are all empty, else once all `refs` are read."""
+    empty += not masks.any()
+    if (done == EMPTY_CHECK_FROM and empty == done) or done == len(refs):
+        refused = empty_masks_error(empty, done, refs[0].label, threshold)
+        if refused is not None:
+            raise refused
+    return empty
 
 
 def read_volume_label(path: Path, dataset: str, class_names: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -648,8 +699,8 @@ def preprocess_dataset(
                 per_case[case_id] = {**info, "label": label_files[case_id]}
                 if case_id in fov_files:  # scored inside it (evaluation reads it from the raw copy)
                     per_case[case_id]["fov"] = fov_files[case_id]
-                empty_cases += not msks.any()
                 bar.update()
+                empty_cases = _count_empty(empty_cases, msks, len(per_case), refs, spec.mask_threshold)
         digest = hashlib.sha256()
         for writer in writers.values():
             writer.close(digest)
