@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -284,25 +286,66 @@ def stem_pairs(
     `keep`: only these images, and a case given as channel files is matched by its case name
     (`channel_case`: 'c1_0000.png' <-> 'c1.png').
 
+    Stems are compared in Unicode NFC, so that 'pólipo7' written precomposed (Windows, Linux) and
+    decomposed (macOS) is one stem. Two files with one stem in either folder are refused, all of
+    them listed, before anything is paired. A `what` without an image (an orphan) is named on stderr
+    (up to 10); more than ORPHAN_MAX_FRACTION of them is refused as the naming mismatch it usually is.
+
     Raises:
-        FetchError: an image of another type, an image without its `what`, or no images.
+        FetchError: an image of another type, an image without its `what`, duplicate stems, too many
+            orphans, or no images.
     """
-    others = {file_stem(m): m for m in _visible(Path(other_dir).iterdir())}
+    images = [i for i in _visible(Path(image_dir).iterdir()) if keep is None or i in keep]
+    others = _by_stem(_visible(Path(other_dir).iterdir()), lambda f: file_stem(f), f"{what}s")
+    stems = _by_stem(
+        images, lambda i: (channel_case(i) if keep is not None else None) or file_stem(i), "images"
+    )
     pairs = []
-    for image in _visible(Path(image_dir).iterdir()):
-        if keep is not None and image not in keep:
-            continue
+    for stem, image in stems.items():
         if not image.name.lower().endswith(wanted):
             kind = "NIfTI volume" if wanted == NIFTI_SUFFIXES else "2-D image"
             raise FetchError(f"{image}: not a {kind} ({', '.join(wanted)}), as {expects} expects")
-        stem = (channel_case(image) if keep is not None else None) or file_stem(image)
         other = others.get(stem)
         if other is None:
             raise FetchError(f"{image}: no {what} with stem {stem!r} in {other_dir}")
         pairs.append((image, other))
     if not pairs:
         raise FetchError(f"{image_dir}: no images found")
-    return pairs
+    if keep is None:
+        _check_orphans([others[s] for s in sorted(set(others) - set(stems))], len(others), image_dir, what)
+    return sorted(pairs)
+
+
+ORPHAN_MAX_FRACTION = 0.1  # more masks than this without an image: refused (a naming mismatch)
+
+
+def _by_stem(files: list[Path], stem_of: Callable[[Path], str], what: str) -> dict[str, Path]:
+    """{NFC stem: file}; refuses two files with one stem, listing every such group."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(unicodedata.normalize("NFC", stem_of(f)), []).append(f)
+    clashes = [sorted(g) for g in groups.values() if len(g) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(p.name for p in g) for g in clashes[:10])
+        raise FetchError(
+            f"{clashes[0][0].parent}: {len(clashes)} stem(s) name more than one of the {what} ({shown}"
+            f"{'; ...' if len(clashes) > 10 else ''}): keep one file per case, or rename the others"
+        )
+    return {stem: g[0] for stem, g in groups.items()}
+
+
+def _check_orphans(orphans: list[Path], total: int, image_dir: Path, what: str) -> None:
+    """Name the `what` files that have no image (stderr, up to 10); refuse more than ORPHAN_MAX_FRACTION."""
+    if not orphans:
+        return
+    shown = ", ".join(p.name for p in orphans[:10]) + (", ..." if len(orphans) > 10 else "")
+    said = f"{len(orphans)} of {total} {what}s in {orphans[0].parent} have no image in {image_dir} ({shown})"
+    if len(orphans) > ORPHAN_MAX_FRACTION * total:
+        raise FetchError(
+            f"{said}: more than {ORPHAN_MAX_FRACTION:.0%} unpaired, usually file names that differ between "
+            f"the folders (a prefix, a suffix, the case): name each {what} as its image"
+        )
+    print(f"warning: {said}; they are not used", file=sys.stderr)
 
 
 def msd_pairs(root: Path, prefix: str) -> list[tuple[Path, Path]]:
