@@ -376,6 +376,9 @@ def predict(
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
+    max_image_pixels: int | None = typer.Option(
+        None, min=1, help="refuse 2-D files with more pixels (default 89478485, about 9459 x 9459)"
+    ),
 ) -> None:
     """Segment new images with a trained model: the mean softmax of every fold and seed of the run.
 
@@ -385,7 +388,7 @@ def predict(
     keep the input's shape and affine. A bad input is reported and skipped; the exit code is then 1.
     """
     from medfusion.common import TrainingError
-    from medfusion.data.io import DataError
+    from medfusion.data.io import DataError, set_max_image_pixels, writable_dir
     from medfusion.hardware import resolve_precision
     from medfusion.predict import (
         Outputs,
@@ -397,7 +400,9 @@ def predict(
         predict_files,
     )
 
+    set_max_image_pixels(max_image_pixels)
     try:
+        writable_dir(out, "--out")  # before any work
         precision = resolve_precision(device)  # auto: the same choice as training and evaluation
         ensemble = load_ensemble(run, precision, processed_meta, _folds_option(folds), tta)
         chosen = (
@@ -448,6 +453,9 @@ def evaluate(
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     batch_size: int = typer.Option(16, min=1, help="images or slices per forward pass"),
+    max_image_pixels: int | None = typer.Option(
+        None, min=1, help="refuse 2-D files with more pixels (default 89478485, about 9459 x 9459)"
+    ),
 ) -> None:
     """Score a trained run on a folder of images and masks, without retraining (e.g. another centre's data).
 
@@ -456,12 +464,14 @@ def evaluate(
     Writes per_case.csv (one row per case, class and metric, as the pipeline's) and a summary.
     """
     from medfusion.common import TrainingError
-    from medfusion.data.io import DataError
+    from medfusion.data.io import DataError, set_max_image_pixels, writable_dir
     from medfusion.folder_eval import evaluate_folder, folder_cases
     from medfusion.hardware import resolve_precision
     from medfusion.predict import PredictError, load_ensemble
 
+    set_max_image_pixels(max_image_pixels)
     try:
+        writable_dir(out, "--out")  # before any work
         precision = resolve_precision(device)
         ensemble = load_ensemble(run, precision, processed_meta, _folds_option(folds), tta)
         if mask_threshold is not None and ensemble.num_classes != 2:

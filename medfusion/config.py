@@ -82,6 +82,7 @@ class DataParams:
     # name is a dataset of its own, listed in `datasets` and read from data.sources.<name>)
     custom: CustomDataParams | dict[str, CustomDataParams]
     patch_size: int | None = None  # with image_size: native, the side of the training patches and windows
+    max_image_pixels: int | None = None  # 2-D files with more pixels are refused (null: Pillow's 89,478,485)
 
     @property
     def native(self) -> bool:
@@ -722,6 +723,8 @@ def _check_values(p: Params, source: str) -> None:
             fail("data.image_size", p.data.image_size, "a multiple of 16, at least 16, or native")
         if p.data.patch_size is not None:
             fail("data.patch_size", p.data.patch_size, "null unless data.image_size is native")
+    if p.data.max_image_pixels is not None and p.data.max_image_pixels < 1:
+        fail("data.max_image_pixels", p.data.max_image_pixels, "null or a number of pixels >= 1")
     synthetic = p.data.synthetic
     for key in ("num_images", "num_volumes", "slices_per_volume"):
         if getattr(synthetic, key) < 1:

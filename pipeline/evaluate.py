@@ -21,7 +21,7 @@ import typer
 
 from medfusion.common import run_stage
 from medfusion.config import load_params
-from medfusion.data.io import atomic_dir, read_json, write_json
+from medfusion.data.io import atomic_dir, read_json, set_max_image_pixels, write_json
 from medfusion.evaluation import evaluate_model, score_second_observer
 from medfusion.hardware import resolve_precision
 from medfusion.report import stage_metrics, summarize_runs
@@ -39,6 +39,7 @@ def main(
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
+    set_max_image_pixels(params.data.max_image_pixels)  # larger 2-D files are refused, named
     precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
     runs = read_json(runs_dir / "summary.json")["runs"]
     per_case, info, examples = evaluate_model(

@@ -7,7 +7,7 @@ import typer
 
 from medfusion.common import run_stage
 from medfusion.config import load_params
-from medfusion.data.io import DataError
+from medfusion.data.io import DataError, set_max_image_pixels
 from medfusion.data.preprocess import PreprocessSettings, preprocess_dataset
 
 
@@ -18,6 +18,7 @@ def main(
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
+    set_max_image_pixels(params.data.max_image_pixels)  # larger 2-D files are refused, named
     d, custom = params.data, params.custom_description(dataset)
     settings = PreprocessSettings(
         image_size=d.image_size,

@@ -15,7 +15,7 @@ import typer
 from medfusion.common import run_stage
 from medfusion.config import load_params
 from medfusion.data.fetch import FetchError
-from medfusion.data.io import DataError, atomic_dir
+from medfusion.data.io import DataError, atomic_dir, set_max_image_pixels
 from medfusion.hardware import resolve_precision
 from medfusion.transfer import (
     TransferError,
@@ -40,6 +40,7 @@ def main(
     params_file: Path = Path("params.yaml"),
 ):
     params = load_params(params_file)
+    set_max_image_pixels(params.data.max_image_pixels)  # larger 2-D files are refused, named
     precision = resolve_precision(params.train.device, params.train.cpu_bf16, params.train.channels_last)
     trained, models = params.spec(dataset), params.model_names
     targets = params.eval.transfer.get(dataset, [])

@@ -16,6 +16,8 @@ import errno
 import hashlib
 import json
 import shutil
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,20 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 
 class _Refused(Exception):
     """A readable file that is not one 2-D image (the message says why); becomes a DataError."""
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own limit (about 9459 x 9459)
+MAX_PIXELS_HOW = (
+    "if the image is genuine, raise the limit: data.max_image_pixels in params.yaml, "
+    "--max-image-pixels for medfusion predict and evaluate"
+)
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """The most pixels a 2-D file may have (None: DEFAULT_MAX_IMAGE_PIXELS). Larger files are refused
+    when opened, before their pixels are decoded: Pillow's guard against decompression bombs (a small
+    file that unpacks to gigabytes), made a refusal at the limit itself rather than at twice it."""
+    Image.MAX_IMAGE_PIXELS = int(limit) if limit else DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -94,27 +110,36 @@ def _open_2d(path: Path, what: str):
     16-bit values (grey TIFF/PNG with more than 8 bits, before scaling). `what` names it in errors."""
     path = Path(path)
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            arr = _tiff_by_tifffile(path)
-            if arr is not None:
-                if arr.ndim == 2 and arr.dtype.kind in "ui":
-                    return arr  # one 16-bit channel: the caller scales an image, checks a mask's values
-                return _array_image(arr)
-        with Image.open(path) as img:
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1:
-                raise _Refused(f"{frames} frames (a multi-page or animated file); expected one 2-D image")
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(img)
-        if img.mode == "F":
-            return _array_image(np.asarray(img))
-        return img
+        with warnings.catch_warnings():  # over the limit is refused (Pillow only warns below twice it)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _open_2d_file(path)
     except _Refused as err:
         raise DataError(f"{path}: {err}") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: {err} ({MAX_PIXELS_HOW})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read {what} ({err})") from err
+
+
+def _open_2d_file(path: Path):
+    """`_open_2d` without its error handling."""
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        arr = _tiff_by_tifffile(path)
+        if arr is not None:
+            if arr.ndim == 2 and arr.dtype.kind in "ui":
+                return arr  # one 16-bit channel: the caller scales an image, checks a mask's values
+            return _array_image(arr)
+    with Image.open(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            raise _Refused(f"{frames} frames (a multi-page or animated file); expected one 2-D image")
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(img)
+    if img.mode == "F":
+        return _array_image(np.asarray(img))
+    return img
 
 
 def read_image(path: Path, gray: bool = False) -> np.ndarray:
@@ -351,6 +376,31 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writable_dir(path: Path, option: str) -> Path:
+    """Check, before any work, that files can be written in the output folder `path`: create it (with
+    its parents), write and remove a file in it, and remove again the folders it had to create, so
+    that an output that cannot be written is said at once, not after every prediction, and a check
+    leaves nothing behind.
+
+    Raises:
+        DataError: naming the command's `option`, the folder and the system's reason."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"{option} {path}: cannot write there ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -75,6 +75,7 @@ from medfusion.data.fetch import (
     msd_pairs,
 )
 from medfusion.data.io import (
+    MAX_PIXELS_HOW,
     DataError,
     atomic_dir,
     is_metaimage,
@@ -602,6 +603,8 @@ def native_canvas(refs: list[CaseRef]) -> tuple[int, int]:
         try:
             with Image.open(ref.image) as im:
                 width, height = im.size
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{ref.image}: {err} ({MAX_PIXELS_HOW})") from None
         except OSError as err:
             raise DataError(f"{ref.image}: unreadable image ({err})") from err
         h, w = max(h, -(-height // 16) * 16), max(w, -(-width // 16) * 16)
