@@ -54,8 +54,16 @@ def _pipeline_env(root: Path) -> dict[str, str]:
 def _run_experiment(root: Path, cmd: list[str], name: str, what: str) -> str:
     """Run the `dvc exp run --temp` command `cmd` guarded (interrupted: the workspace as it was), then
     apply experiment `name` to the workspace with params.yaml put back. -> the commit it ran from."""
+    from medfusion.config import ConfigError, params_from_dict, read_yaml
+    from medfusion.plan import PlanError, apply_overrides
     from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
 
+    overrides = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "-S"]
+    try:  # the names and values checked before DVC expands the stages (it would say "missing params")
+        params_from_dict(apply_overrides(read_yaml(root / "params.yaml"), overrides), "params.yaml with -S")
+    except (ConfigError, PlanError) as err:
+        typer.echo(f"{what}: {err}", err=True)
+        raise typer.Exit(1) from None
     saved = (root / "params.yaml").read_bytes()
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True

@@ -57,3 +57,20 @@ def test_more_folds_than_patients_is_refused_by_the_stage_and_by_check(tmp_path)
     fine = CliRunner().invoke(app, ["check", str(_params(tmp_path, "cv.n_folds", 5)), "--processed",
                                     str(processed.parent)])  # fmt: skip
     assert fine.exit_code == 0, fine.output
+
+
+def test_quickstart_refuses_an_unknown_entry_before_dvc_expands_the_stages(monkeypatch):
+    """`-S models.baselines=[unett]`: DVC would say only "Parameters 'unett' are missing"; the command
+    names the entries there are, and starts nothing."""
+    import medfusion.quickstart
+
+    def started(*args, **kwargs):
+        raise AssertionError("the experiment was started")
+
+    monkeypatch.setattr(medfusion.quickstart, "run_guarded", started)
+    result = CliRunner().invoke(app, ["quickstart", "-S", "models.baselines=[unett]"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        "quickstart: params.yaml with -S: models.baselines[0] = 'unett'; expected one of [" in result.stderr
+    )
+    assert "'unet'" in result.stderr
