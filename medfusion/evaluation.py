@@ -41,13 +41,13 @@ from medfusion.data.dataset import SegDataset, StoredRows
 from medfusion.data.io import DataError, read_json
 from medfusion.data.preprocess import case_refs, read_fov, read_label
 from medfusion.data.registry import dataset_spec, scored_regions
-from medfusion.hardware import Precision
+from medfusion.hardware import Precision, out_of_memory_explained
+from medfusion.inference.window import infer_probs, predict_probs
 from medfusion.metrics import COUNTS, pooled_dice, processed_spacing, region_metrics
 from medfusion.models import build_model
 from medfusion.postprocess import PostProcess, Selector, nesting
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.resample import labels_at
-from medfusion.training.loop import infer_probs, out_of_memory_explained, predict_probs
 
 
 class CheckpointError(UserError, ValueError):
@@ -226,7 +226,7 @@ def iter_case_probs(
     one batch plus the case being assembled, written slice by slice into one array of the case's size
     (no list of slices stacked at the end, which would hold the case twice). Native images (the model's `patch`): one image at a
     time by sliding window, cropped to the image's own size. `tta` "flip": each batch's probabilities
-    are the mean over its four mirrorings (`training.loop.infer_probs`)."""
+    are the mean over its four mirrorings (`inference.window.infer_probs`)."""
     if dataset.native:
         for case_id, (i,) in case_positions(dataset).items():
             image = dataset[i]["image"][None]
@@ -549,7 +549,7 @@ def evaluate_model(
             or "processed" (data.image_size).
         raw_dir: where the raw ground truth is (default: the raw_dir preprocessing recorded).
         tta: "flip" (eval.tta): the fold ensemble is also scored with every run's probabilities
-            averaged over the four mirrorings of each test image (`training.loop.infer_probs`), as
+            averaged over the four mirrorings of each test image (`inference.window.infer_probs`), as
             run "ensemble_tta", raw and with the ensemble's post-processing (chosen on validation
             without TTA: our choice, so that TTA costs 4x the test inference only, not the
             validation's too). Each run stays scored without it.

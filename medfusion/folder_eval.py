@@ -44,6 +44,7 @@ from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, stem_
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
 from medfusion.data.preprocess import empty_masks_error, label_2d, read_label, read_volume_label
 from medfusion.data.registry import DATASETS, scored_regions
+from medfusion.hardware import out_of_memory_explained
 from medfusion.metrics import COUNTS, FLAGS, PENALISED, PRESENT, pooled_dice, region_metrics
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
@@ -60,7 +61,6 @@ from medfusion.predict import (
     takes_channel_files,
 )
 from medfusion.resample import labels_at
-from medfusion.training.loop import out_of_memory_explained
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,12 +37,14 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from medfusion.common import TrainingError
+from medfusion.common import TrainingError, first_line
 
 AUTO = "auto"
 BF16_MARGIN = 0.9  # bf16 must take at most this fraction of fp32's time in the probe
@@ -252,3 +254,61 @@ def resolve_compile(setting: str, precision: Precision) -> tuple[str, str]:
     if not found:
         return "off", f"auto: off ({what})"
     return "regions", f"auto: regions ({precision.dtype_name} on {precision.device.type}; {what})"
+
+
+# The messages of PyTorch's allocators when memory runs out (CUDA raises torch.OutOfMemoryError).
+OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return (
+        isinstance(err, RuntimeError)
+        and not isinstance(err, TrainingError)
+        and any(marker in str(err) for marker in OOM_MARKERS)
+    )
+
+
+def smaller_image_size(size: int) -> int:
+    """Half of `size`, still a multiple of 16 (data.image_size's rule)."""
+    return max(16, size // 2 // 16 * 16)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(
+    where: str,
+    images: Tensor,
+    model: nn.Module,
+    device: torch.device,
+    batch_option: str = "-S train.batch_size",
+    image_option: str | None = "-S data.image_size",
+    device_option: str = "-S train.device",
+) -> Iterator[None]:
+    """Turn running out of memory on `images` (B, C, H, W) into a TrainingError that says what to lower.
+
+    The options are how the user changes the batch size, the image size (None: not at this step, e.g.
+    prediction, where the model fixes it) and the device; the original error stays as __cause__.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        batch, channels, height, width = tuple(images.shape)
+        first = first_line(err)
+        remedies = [f"lower the batch size (`{batch_option}={batch // 2}`)"] if batch > 1 else []
+        if image_option:
+            remedies.append(
+                f"the image size (`{image_option}={smaller_image_size(height)}`; the data is preprocessed again)"
+            )
+        if device.type == "cuda":
+            remedies.append(f"free the GPU of other jobs, or run on the CPU (`{device_option}=cpu`, slower)")
+        else:
+            remedies.append(f"close other programs, or use a GPU (`{device_option}=cuda`)")
+        raise TrainingError(
+            f"{where}: out of memory on {device.type} with a batch of {batch} images of "
+            f"{channels}x{height}x{width} through {type(model).__name__} ({first}). "
+            f"To fit: {'; or '.join(remedies)}."
+        ) from err

@@ -143,7 +143,7 @@ def calibrate(params: Params, entry: str, in_channels: int, num_classes: int, ba
     from medfusion.efficiency import train_step_seconds
     from medfusion.entries import resolve_model
     from medfusion.hardware import resolve_precision
-    from medfusion.training.loop import predict_probs
+    from medfusion.inference.window import predict_probs
 
     t = params.train
     precision = resolve_precision(t.device, t.cpu_bf16, t.channels_last)

@@ -66,11 +66,11 @@ from medfusion.data.preprocess import (
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
 from medfusion.evaluation import load_checkpoint, postprocess_of
-from medfusion.hardware import Precision
+from medfusion.hardware import Precision, out_of_memory_explained
+from medfusion.inference.window import infer_probs
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess
 from medfusion.resample import labels_at, slices_at
-from medfusion.training.loop import infer_probs, out_of_memory_explained
 
 # overlay colours of classes 1, 2, ... (RGB); background is left as is
 CLASS_COLOURS = np.array(
@@ -468,7 +468,7 @@ def ensemble_probs(
     tta: str = "none",
 ) -> torch.Tensor:
     """Mean softmax probabilities (B, K, S, S) of `models` on `images` (B, C, S, S); by sliding
-    window of `patch` for native images (`training.loop.infer_probs`, as evaluation predicts).
+    window of `patch` for native images (`inference.window.infer_probs`, as evaluation predicts).
     `tta` "flip": each model also sees the images flipped left-right, up-down and both (the group of
     the two mirrorings, so the result is equivariant to either flip), its outputs flipped back, and
     the four are averaged (before the mean over models)."""

@@ -12,7 +12,7 @@ from medfusion.data.io import read_json, write_png
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
 from medfusion.evaluation import evaluate_model
-from medfusion.training.loop import gaussian_weights, sliding_window_probs, window_starts
+from medfusion.inference.window import gaussian_weights, sliding_window_probs, window_starts
 
 FP32 = fp32()
 CUSTOM = {"kind": "image", "modality": "rgb", "class_names": ["background", "lesion"], "title": "sizes",

@@ -20,11 +20,11 @@ from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_history, write_json
 from medfusion.entries import resolve_entry
 from medfusion.evaluation import load_checkpoint
-from medfusion.hardware import resolve_precision
+from medfusion.hardware import out_of_memory_explained, resolve_precision
 from medfusion.models import build_model
 from medfusion.models.unet import UNet
 from medfusion.training.fold import run_fold
-from medfusion.training.loop import out_of_memory_explained, train_one_epoch, validate
+from medfusion.training.loop import train_one_epoch, validate
 
 FP32 = fp32()
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
