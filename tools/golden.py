@@ -86,9 +86,13 @@ def main() -> None:
     parser.add_argument("--after", default="HEAD", help="the revision after it (default HEAD)")
     parser.add_argument("--keep", type=Path, help="keep the two clones under this folder")
     args = parser.parse_args()
-    revs = {label: subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True,
-                                  text=True, check=True).stdout.strip()
-            for label, rev in (("before", args.before), ("after", args.after))}  # fmt: skip
+    revs = {}
+    for label, rev in (("before", args.before), ("after", args.after)):
+        found = subprocess.run(["git", "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"], cwd=REPO,
+                               capture_output=True, text=True)  # fmt: skip
+        if found.returncode:
+            sys.exit(f"golden: --{label} {rev}: not a revision of {REPO}")
+        revs[label] = found.stdout.strip()
     base = Path(tempfile.mkdtemp(prefix="golden-")) if args.keep is None else args.keep
     try:
         found = {label: make(rev, base / label) for label, rev in revs.items()}
