@@ -49,8 +49,9 @@ from medfusion.data.io import read_history, read_json, write_json
 from medfusion.data.preprocess import preprocess_dataset
 from medfusion.data.splits import make_split
 from medfusion.entries import resolve_entry, resources
-from medfusion.evaluation import load_checkpoint, predict_dataset
+from medfusion.evaluation import predict_dataset
 from medfusion.hardware import machine_summary, resolve_precision
+from medfusion.inference.checkpoint import load_checkpoint
 from medfusion.metrics import hd95, overlap_metrics
 from medfusion.models.casnet import CASNet
 from medfusion.training.fold import run_fold

@@ -65,8 +65,9 @@ from medfusion.data.preprocess import (
     to_uint8,
 )
 from medfusion.data.registry import DATASETS, DatasetSpec
-from medfusion.evaluation import load_checkpoint, postprocess_of
+from medfusion.evaluation import postprocess_of
 from medfusion.hardware import Precision, out_of_memory_explained
+from medfusion.inference.checkpoint import load_checkpoint
 from medfusion.inference.window import infer_probs
 from medfusion.postprocess import PostProcess
 from medfusion.postprocess import apply as apply_postprocess

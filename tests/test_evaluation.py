@@ -94,7 +94,7 @@ def test_eval_tta_scores_the_flipped_ensemble_as_its_own_row(tmp_path, synthetic
     import torch
 
     from medfusion.data.dataset import SegDataset
-    from medfusion.evaluation import load_checkpoint
+    from medfusion.inference.checkpoint import load_checkpoint
     from medfusion.metrics import overlap_metrics
     from medfusion.stats import case_means
 

@@ -17,7 +17,6 @@ the dataset.
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import shutil
 import time
@@ -36,6 +35,7 @@ from medfusion.data.dataset import EpochSampler, SegDataset
 from medfusion.data.io import write_json
 from medfusion.entries import Entry, Resources
 from medfusion.hardware import Precision, resolve_compile, resolve_precision
+from medfusion.inference.checkpoint import save_checkpoint
 from medfusion.losses import segmentation_loss
 from medfusion.losses.drgo import class_frequencies, smoothed_frequencies
 from medfusion.models import compile_model
@@ -51,22 +51,6 @@ from medfusion.training.loop import (
 
 LogFn = Callable[[dict[str, float], int], None]
 RESUME_FILE = "last.pt"  # the state after the last finished epoch; removed when the run finishes
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """torch.save through a temp file and a rename: a crash (or a full disk) never leaves a half-written
-    checkpoint, and the previous one stays in place until the new one is complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(
-                err.errno, f"cannot write checkpoint {path} ({err.strerror or err}); the previous one is kept"
-            ) from err
-        raise
 
 
 def load_resume_state(path: Path, key: str) -> dict | None:

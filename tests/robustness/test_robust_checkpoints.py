@@ -17,8 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medfusion.cli import app
-from medfusion.evaluation import CheckpointError, evaluate_model, evaluate_run, load_checkpoint
+from medfusion.evaluation import evaluate_model, evaluate_run
 from medfusion.hardware import Precision
+from medfusion.inference.checkpoint import CheckpointError, load_checkpoint
 from medfusion.models import build_model
 from medfusion.models.unet import UNet
 

@@ -19,8 +19,8 @@ from medfusion.common import TrainingError
 from medfusion.data.dataset import SegDataset
 from medfusion.data.io import read_history, write_json
 from medfusion.entries import resolve_entry
-from medfusion.evaluation import load_checkpoint
 from medfusion.hardware import out_of_memory_explained, resolve_precision
+from medfusion.inference.checkpoint import load_checkpoint
 from medfusion.models import build_model
 from medfusion.models.unet import UNet
 from medfusion.training.fold import run_fold
