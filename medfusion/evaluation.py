@@ -57,20 +57,6 @@ def predict_dataset(
     return predict_dataset_probs(model, dataset, batch_size, precision, np.float32).argmax(1).astype(np.uint8)
 
 
-def group_cases(dataset: SegDataset, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per test case: the 2-D array of an image, or the slices of a volume stacked in slice order (D, ...)."""
-    by_case: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for sample, label in zip(dataset.samples, labels, strict=True):
-        by_case[sample["case_id"]].append((sample["slice"], label))
-    out = {}
-    for case_id, items in by_case.items():
-        if items[0][0] is None:  # a 2-D image: one sample
-            out[case_id] = items[0][1]
-        else:
-            out[case_id] = np.stack([m for _, m in sorted(items, key=lambda t: t[0])])
-    return out
-
-
 def predict_dataset_probs(
     model: torch.nn.Module,
     dataset: SegDataset,
@@ -87,11 +73,6 @@ def predict_dataset_probs(
         with out_of_memory_explained(where, images, model, precision.device, "-S eval.batch_size", None):
             out.append(predict_probs(model, images, precision).numpy())
     return np.concatenate(out).astype(dtype)
-
-
-def group_probs(dataset: SegDataset, probs: np.ndarray) -> dict[str, np.ndarray]:
-    """Per test case, class first: (K, S, S) for an image, (K, D, S, S) for a volume's stacked slices."""
-    return {c: p if p.ndim == 3 else p.transpose(1, 0, 2, 3) for c, p in group_cases(dataset, probs).items()}
 
 
 RESOLUTIONS = ("original", "processed")

@@ -20,9 +20,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from medfusion.common import plain_file_mode
+from medfusion.metrics import METRIC_NAMES
 
 BAR_METRICS = ("dice", "iou", "precision", "recall")
-NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall"}
 DPI = 100
 
 
@@ -83,7 +83,7 @@ def metric_bars(
             std = [100 * cell["std"].get(m, np.nan) for m in metrics]
             ax.bar(x + (i - (len(present) - 1) / 2) * width, mean, width, yerr=std, capsize=2,
                    color=color, label=model)  # fmt: skip
-        ax.set_xticks(x, [NAMES.get(m, m) for m in metrics])
+        ax.set_xticks(x, [METRIC_NAMES.get(m, m) for m in metrics])
         ax.set_ylim(0, 100)
         ax.set_ylabel("%  (mean ± std over runs)")
         ax.set_title(f"{title or dataset}: {cls}", fontsize=10)

@@ -40,7 +40,9 @@ import numpy as np
 from scipy import ndimage
 
 METRICS = ("dice", "iou", "precision", "recall")  # the overlap metrics of the report tables
-OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "f1")
+# how a metric is named in tables and figures
+METRIC_NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "f1": "F1",
+                "hd95": "HD95", "assd": "ASSD"}  # fmt: skip
 DISTANCE_METRICS = ("hd95", "assd")
 COUNTS = ("tp", "fp", "fn")  # voxel counts per case and region, for pooled_dice
 PENALISED, PRESENT = "penalised", "present"

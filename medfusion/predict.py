@@ -498,11 +498,6 @@ def predict_case_probs(ensemble: Ensemble, images: np.ndarray, batch_size: int =
     return np.concatenate(probs).transpose(1, 0, 2, 3)
 
 
-def predict_labels(ensemble: Ensemble, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Argmax of the ensemble's mean probabilities at the model's size: (n, C, S, S) -> (n, S, S) uint8."""
-    return predict_case_probs(ensemble, images, batch_size).argmax(0).astype(np.uint8)
-
-
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) or (H, W) uint8 image with class c > 0 of `mask` (H, W) blended in colour c."""
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from medfusion.common import ENSEMBLE_RUNS, run_name
-from medfusion.metrics import DISTANCE_METRICS, FLAGS, PENALISED, PRESENT
+from medfusion.metrics import DISTANCE_METRICS, FLAGS, METRIC_NAMES, PENALISED, PRESENT
 from medfusion.stats import strict_mean, strict_std
 
 HEADLINE = ("dice", "iou", "hd95")
@@ -40,8 +40,6 @@ TABLE_TITLES = {
     "table3": "Table 3: CASNet ablations on Kvasir-SEG and PROMISE12 (the paper's Table 3)",
     "table4": "Table 4: CASNet ablations on CHASE_DB1 and LiTS17 (the paper's Table 4)",
 }
-NAMES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "f1": "F1",
-         "hd95": "HD95", "assd": "ASSD"}  # fmt: skip
 
 
 # --- summaries ---------------------------------------------------------------------------------
@@ -710,7 +708,7 @@ def _stats_rows(group: pd.DataFrame, info: Mapping, patients: bool) -> list[str]
     ]
     for r in group.to_dict("records"):
         metric = r["metric"]
-        name = NAMES.get(metric, metric) + (f" ({unit})" if metric in DISTANCE_METRICS else " (%)")
+        name = METRIC_NAMES.get(metric, metric) + (f" ({unit})" if metric in DISTANCE_METRICS else " (%)")
         t = "n/a" if math.isnan(r["t"]) else f"{r['t']:.3f}"
         w = "n/a" if math.isnan(r["w"]) else f"{r['w']:.1f}"
         cells = [r["class"], name, r["model"], str(r["n_cases"]), _value(metric, r["mean_reference"], unit),
@@ -749,7 +747,7 @@ def _runs_section(runs: pd.DataFrame, infos: Mapping[str, Mapping]) -> list[str]
         ]
         for r in group.to_dict("records"):
             metric = r["metric"]
-            cells = [r["class"], NAMES.get(metric, metric), r["model"], str(r["n_runs"]),
+            cells = [r["class"], METRIC_NAMES.get(metric, metric), r["model"], str(r["n_runs"]),
                      _value(metric, r["mean_reference"], unit), _value(metric, r["mean_model"], unit),
                      delta_text(metric, r["delta"], r["delta_ci_low"], r["delta_ci_high"]), _p(r["p_t"]),
                      _p(r["p_t_holm"]), _p(r["p_wilcoxon"]), _p(r["p_wilcoxon_holm"])]  # fmt: skip
