@@ -51,14 +51,15 @@ def _pipeline_env(root: Path) -> dict[str, str]:
     return env
 
 
-def _run_experiment(root: Path, cmd: list[str], name: str, what: str) -> str:
-    """Run the `dvc exp run --temp` command `cmd` guarded (interrupted: the workspace as it was), then
-    apply experiment `name` to the workspace with params.yaml put back. -> the commit it ran from."""
+def _run_experiment(root: Path, overrides: list[str], name: str, what: str) -> str:
+    """Run `dvc exp run --temp -n NAME -S ...` with `overrides` guarded (interrupted: the workspace as
+    it was), then apply experiment `name` to the workspace with params.yaml put back. -> the commit it
+    ran from."""
     from medfusion.config import ConfigError, params_from_dict, read_yaml
     from medfusion.plan import PlanError, apply_overrides
     from medfusion.quickstart import Interrupted, apply_experiment, run_guarded
 
-    overrides = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "-S"]
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
     try:  # the names and values checked before DVC expands the stages (it would say "missing params")
         params_from_dict(apply_overrides(read_yaml(root / "params.yaml"), overrides), "params.yaml with -S")
     except (ConfigError, PlanError) as err:
@@ -104,9 +105,8 @@ def quickstart(
     root = _repo_root()
     name = name or time.strftime("quickstart-%Y%m%d-%H%M%S")
     overrides = quickstart_overrides(None if all_models else DEFAULT_MODELS) + list(set_param)
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
     start = time.perf_counter()
-    _run_experiment(root, cmd, name, "quickstart")
+    _run_experiment(root, overrides, name, "quickstart")
     _print_quickstart_results(root, name, (time.perf_counter() - start) / 60)
 
 
@@ -179,9 +179,8 @@ def reproduce(
     stem = chosen["path"].stem
     name = name or time.strftime(f"{stem}-%Y%m%d-%H%M%S")
     overrides = chosen["overrides"] + list(set_param)
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name] + [a for o in overrides for a in ("-S", o)]
     start = time.perf_counter()
-    commit = _run_experiment(root, cmd, name, "reproduce")
+    commit = _run_experiment(root, overrides, name, "reproduce")
     minutes = (time.perf_counter() - start) / 60
     shown = shlex.join(
         ["medfusion", "reproduce", "--profile", profile, *[a for o in set_param for a in ("-S", o)]]

@@ -42,7 +42,13 @@ from medfusion.common import atomic_write
 from medfusion.data import preprocess
 from medfusion.data.fetch import NIFTI_SUFFIXES, FetchError, channel_case, stem_pairs
 from medfusion.data.io import IMAGE_SUFFIXES, DataError, read_json
-from medfusion.data.preprocess import empty_masks_error, label_2d, read_label, read_volume_label
+from medfusion.data.preprocess import (
+    THRESHOLD_KEY,
+    empty_masks_error,
+    label_2d,
+    read_label,
+    read_volume_label,
+)
 from medfusion.data.registry import DATASETS, scored_regions
 from medfusion.hardware import out_of_memory_explained
 from medfusion.metrics import COUNTS, FLAGS, PENALISED, PRESENT, pooled_dice, region_metrics
@@ -186,7 +192,7 @@ def check_masks(ensemble: Ensemble, cases: list[FolderCase], mask_threshold=None
         return
     empty = sum(not _read_target(case, ensemble, mask_threshold, spec).any() for case in cases)
     threshold = spec.mask_threshold if spec is not None else mask_threshold
-    option = THRESHOLD_OPTION if spec is None else "data.custom.mask_threshold"
+    option = THRESHOLD_OPTION if spec is None else THRESHOLD_KEY
     refused = empty_masks_error(empty, len(cases), cases[0].mask, threshold, option)
     if refused is not None:
         raise refused

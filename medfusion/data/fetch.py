@@ -296,7 +296,7 @@ def stem_pairs(
             orphans, or no images.
     """
     images = [i for i in _visible(Path(image_dir).iterdir()) if keep is None or i in keep]
-    others = _by_stem(_visible(Path(other_dir).iterdir()), lambda f: file_stem(f), f"{what}s")
+    others = _by_stem(_visible(Path(other_dir).iterdir()), file_stem, f"{what}s")
     stems = _by_stem(
         images, lambda i: (channel_case(i) if keep is not None else None) or file_stem(i), "images"
     )
@@ -313,7 +313,7 @@ def stem_pairs(
         raise FetchError(f"{image_dir}: no images found")
     if keep is None:
         _check_orphans([others[s] for s in sorted(set(others) - set(stems))], len(others), image_dir, what)
-    return sorted(pairs)
+    return pairs
 
 
 ORPHAN_MAX_FRACTION = 0.1  # more masks than this without an image: refused (a naming mismatch)
